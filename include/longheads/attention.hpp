@@ -1,0 +1,391 @@
+// SPDX-License-Identifier: MIT
+// LongHeads attention composed from its five policies, with dense and sink+window baselines.
+//
+// Per call (a prefill block of T tokens, or decode with T = 1):
+//   1. validate every argument (throws; the cache is untouched)
+//   2. allocate whatever the call needs (cache capacity, scratch; strong guarantee)
+//   3. append: keys rotated at local positions t mod w, values, queries of the open chunk;
+//      every chunk that fills is encoded into one representation per query head
+//   4. per query head, per block of queries: score the full chunks (one GEMM), then per query
+//      select chunks, remap positions, rotate the query per slot and run the kernel over the
+//      selected chunks in place.
+// Step 4 of query p depends only on tokens <= p and chunks that were full before p's chunk,
+// so any split of a sequence into calls gives the same result as token-by-token decode.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "attention_config.hpp"
+#include "attention_kernel.hpp"
+#include "chunk_encoder.hpp"
+#include "chunk_scorer.hpp"
+#include "errors.hpp"
+#include "executor.hpp"
+#include "head_selector.hpp"
+#include "kv_cache.hpp"
+#include "rope.hpp"
+#include "rope_remapper.hpp"
+#include "views.hpp"
+
+namespace longheads {
+
+/// The paper's policies. Swap one by inheriting:
+///   struct my_policies : paper_policies { using scorer = rotated_query_scorer; };
+struct paper_policies {
+  using encoder = attention_pooled_encoder;
+  using scorer = raw_query_scorer;
+  using selector = sink_local_topk_selector;
+  using remapper = contiguous_slot_remapper;
+  using kernel = online_softmax_kernel;
+  using executor = serial_executor;
+};
+
+template <class Policies = paper_policies>
+class attention {
+ public:
+  using encoder_type = typename Policies::encoder;
+  using scorer_type = typename Policies::scorer;
+  using selector_type = typename Policies::selector;
+  using remapper_type = typename Policies::remapper;
+  using kernel_type = typename Policies::kernel;
+  using executor_type = typename Policies::executor;
+  static_assert(chunk_encoder<encoder_type>, "Policies::encoder must model longheads::chunk_encoder (chunk_encoder.hpp)");
+  static_assert(chunk_scorer<scorer_type>, "Policies::scorer must model longheads::chunk_scorer (chunk_scorer.hpp)");
+  static_assert(head_selector<selector_type>, "Policies::selector must model longheads::head_selector (head_selector.hpp)");
+  static_assert(rope_remapper<remapper_type>, "Policies::remapper must model longheads::rope_remapper (rope_remapper.hpp)");
+  static_assert(attention_kernel<kernel_type>, "Policies::kernel must model longheads::attention_kernel (attention_kernel.hpp)");
+  static_assert(executor<executor_type>, "Policies::executor must model longheads::executor (executor.hpp)");
+
+  /// Policy values, for policies with state (e.g. a thread pool, a scorer's offset).
+  struct policy_set {
+    encoder_type encoder{};
+    scorer_type scorer{};
+    selector_type selector{};
+    remapper_type remapper{};
+    kernel_type kernel{};
+    executor_type executor{};
+  };
+
+  /// @throws config_error if the configuration, the RoPE or a policy rejects the setting.
+  attention(const attention_config& config, const rope& rotary, policy_set policies = {})
+      : config_(config), rope_(rotary), policies_(std::move(policies)) {
+    config_.validate();
+    if (rope_.head_dim() != config_.head_dim)
+      detail::fail<config_error>("attention: rope head_dim " + std::to_string(rope_.head_dim()) +
+                                 " does not match config head_dim " + std::to_string(config_.head_dim));
+    policies_.encoder.validate(config_);
+    policies_.scorer.validate(config_);
+    // Every rotation LongHeads and sink+window make per token is by a delta in [0, L + w).
+    rope_.tabulate(config_.budget_tokens() + config_.chunk_size);
+    lanes_.resize(policies_.executor.lanes());
+  }
+
+  const attention_config& config() const noexcept { return config_; }
+  const rope& rotary() const noexcept { return rope_; }
+  const policy_set& policies() const noexcept { return policies_; }
+
+  cache_shape shape() const noexcept {
+    return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size,
+            config_.method == attention_method::longheads ? policies_.encoder.representation_floats(config_) : 0};
+  }
+
+  /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens.
+  kv_cache make_cache(std::int64_t reserve_tokens = 0) const {
+    kv_cache cache(shape());
+    cache.reserve(reserve_tokens);
+    return cache;
+  }
+
+  /// Sizes the scratch for contexts up to `context_tokens` and prefill blocks up to
+  /// `block_tokens`, so calls within those sizes never allocate.
+  void reserve(std::int64_t context_tokens, std::int64_t block_tokens = 1) {
+    if (context_tokens < 0 || context_tokens > max_sequence_tokens)
+      detail::fail<limit_error>("attention::reserve: " + std::to_string(context_tokens) + " tokens is beyond the limit of " +
+                                std::to_string(max_sequence_tokens));
+    prepare_scratch(context_tokens, std::max<std::int64_t>(1, block_tokens));
+  }
+
+  /// Appends T tokens to the sequence and computes their attention.
+  /// @param q   [T, H_q, d] pre-RoPE queries    (host buffer, read in place)
+  /// @param k   [T, H_kv, d] pre-RoPE keys
+  /// @param v   [T, H_kv, d] values
+  /// @param out [T, H_q, d] attention output; must not overlap q, k or v
+  /// @param selections optional [T, H_q, budget_chunks] chunk ids read by each query, ascending,
+  ///        -1 padded (longheads only)
+  /// @throws shape_error, config_error, value_error, limit_error; the cache is then unchanged.
+  void prefill(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
+               tensor_view<float> out, std::span<std::int32_t> selections = {}) {
+    validate_call("prefill", cache, q, k, v, out, selections);
+    const std::int64_t end = cache.tokens() + q.tokens();
+    cache.reserve(end);
+    cache.reserve_selections(static_cast<std::size_t>(max_segments(end)));
+    prepare_scratch(end, q.tokens());
+    // Nothing below throws: the call commits.
+    append(cache, q, k, v);
+    attend(cache, q, out, selections);
+  }
+
+  /// prefill() of exactly one token.
+  void decode(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
+              tensor_view<float> out, std::span<std::int32_t> selections = {}) {
+    if (q.tokens() != 1) detail::fail<shape_error>("decode: q has " + std::to_string(q.tokens()) + " tokens, expected 1");
+    prefill(cache, q, k, v, out, selections);
+  }
+
+ private:
+  struct lane_scratch {
+    std::vector<float> scores;             // [block, chunks]
+    std::vector<float> scorer;             // scorer's own
+    std::vector<float> encoder;            // encoder's own
+    std::vector<float> kernel;             // kernel's own
+    std::vector<float> rotated_queries;    // [segments, d]
+    std::vector<std::int32_t> selected;    // [segments]
+    std::vector<std::int32_t> candidates;  // [chunks]
+    std::vector<std::int64_t> slot_starts; // [segments]
+    std::vector<kv_segment> segments;      // [segments]
+  };
+
+  std::int64_t max_segments(std::int64_t context) const noexcept {
+    const std::int64_t chunks = (context + config_.chunk_size - 1) / config_.chunk_size;
+    switch (config_.method) {
+      case attention_method::longheads: return config_.budget_chunks;
+      case attention_method::dense: return std::max<std::int64_t>(chunks, 1);
+      case attention_method::sink_window: return std::max<std::int64_t>(chunks <= config_.budget_chunks ? chunks : config_.budget_chunks + 2, 1);
+    }
+    return chunks;
+  }
+  static std::int64_t query_block(std::int64_t tokens) noexcept { return std::min<std::int64_t>(tokens, 64); }
+
+  template <class T>
+  static void grow(std::vector<T>& v, std::size_t n) {
+    if (v.size() < n) v.resize(std::max(n, v.size() + v.size() / 2));
+  }
+
+  void prepare_scratch(std::int64_t context, std::int64_t tokens) {
+    const auto d = static_cast<std::size_t>(config_.head_dim);
+    const auto chunks = static_cast<std::size_t>((context + config_.chunk_size - 1) / config_.chunk_size);
+    const auto block = static_cast<std::size_t>(query_block(tokens));
+    const auto segments = static_cast<std::size_t>(max_segments(context));
+    const bool selects = config_.method == attention_method::longheads;
+    for (lane_scratch& s : lanes_) {
+      if (selects) {
+        grow(s.scores, block * chunks);
+        grow(s.scorer, policies_.scorer.scratch_floats(config_, static_cast<std::ptrdiff_t>(block)));
+        grow(s.encoder, policies_.encoder.scratch_floats(config_));
+        grow(s.candidates, chunks);
+      }
+      grow(s.kernel, policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
+      grow(s.rotated_queries, segments * d);
+      grow(s.selected, segments);
+      grow(s.slot_starts, segments);
+      grow(s.segments, segments);
+    }
+  }
+
+  template <class T>
+  static bool overlaps(const tensor_view<T>& a, const float* b_begin, const float* b_end) noexcept {
+    if (a.tokens() == 0) return false;
+    const float* a_begin = a.data();
+    const float* a_end = a.at(a.tokens() - 1, a.heads() - 1) + a.head_dim();
+    return std::less<const float*>{}(a_begin, b_end) && std::less<const float*>{}(b_begin, a_end);
+  }
+
+  void validate_call(const char* call, const kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k,
+                     tensor_view<const float> v, tensor_view<float> out, std::span<std::int32_t> selections) const {
+    const std::string where = call;
+    auto shape_of = [](auto t) {
+      return "[" + std::to_string(t.tokens()) + ", " + std::to_string(t.heads()) + ", " + std::to_string(t.head_dim()) + "]";
+    };
+    if (cache.shape() != shape())
+      detail::fail<shape_error>(where + ": cache has shape " + to_string(cache.shape()) + ", this attention expects " +
+                                to_string(shape()));
+    const std::ptrdiff_t T = q.tokens();
+    if (T <= 0) detail::fail<shape_error>(where + ": q has " + std::to_string(T) + " tokens, expected at least 1");
+    auto check = [&](const char* name, auto t, std::ptrdiff_t heads) {
+      if (t.data() == nullptr) detail::fail<shape_error>(where + ": " + name + " has no data (null pointer)");
+      if (t.tokens() != T || t.heads() != heads || t.head_dim() != config_.head_dim)
+        detail::fail<shape_error>(where + ": " + name + " has shape " + shape_of(t) + ", expected [" + std::to_string(T) + ", " +
+                                  std::to_string(heads) + ", " + std::to_string(config_.head_dim) + "]");
+      if (t.token_stride() < heads * config_.head_dim)
+        detail::fail<shape_error>(where + ": " + name + " token stride " + std::to_string(t.token_stride()) +
+                                  " is smaller than heads * head_dim = " + std::to_string(heads * config_.head_dim));
+    };
+    check("q", q, config_.n_q_heads);
+    check("k", k, config_.n_kv_heads);
+    check("v", v, config_.n_kv_heads);
+    check("out", out, config_.n_q_heads);
+    for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}}) {
+      const float* begin = t.data();
+      const float* end = t.at(T - 1, t.heads() - 1) + t.head_dim();
+      if (overlaps(out, begin, end)) detail::fail<shape_error>(where + ": out overlaps " + name + "; attention cannot run in place");
+    }
+    if (cache.tokens() + T > max_sequence_tokens)
+      detail::fail<limit_error>(where + ": " + std::to_string(cache.tokens()) + " cached + " + std::to_string(T) +
+                                " new tokens exceed the limit of " + std::to_string(max_sequence_tokens) + " positions");
+    if (!selections.empty()) {
+      if (config_.method != attention_method::longheads)
+        detail::fail<config_error>(where + ": selections are only recorded by the longheads method, not " +
+                                   to_string(config_.method));
+      const auto expected = static_cast<std::size_t>(T) * static_cast<std::size_t>(config_.n_q_heads) *
+                            static_cast<std::size_t>(config_.budget_chunks);
+      if (selections.size() != expected)
+        detail::fail<shape_error>(where + ": selections has " + std::to_string(selections.size()) + " entries, expected T*H_q*budget_chunks = " +
+                                  std::to_string(expected));
+    }
+    if (config_.reject_nonfinite) {
+      for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}})
+        for (std::ptrdiff_t tok = 0; tok < T; ++tok)
+          for (std::ptrdiff_t h = 0; h < t.heads(); ++h) {
+            const float* x = t.at(tok, h);
+            for (std::ptrdiff_t i = 0; i < t.head_dim(); ++i)
+              if (!std::isfinite(x[i]))
+                detail::fail<value_error>(where + ": " + name + "[token " + std::to_string(tok) + ", head " + std::to_string(h) +
+                                          ", dim " + std::to_string(i) + "] is " + std::to_string(x[i]) +
+                                          " (non-finite input is rejected; see attention_config::reject_nonfinite)");
+          }
+    }
+  }
+
+  void append(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) noexcept {
+    const int w = config_.chunk_size;
+    const std::ptrdiff_t d = config_.head_dim;
+    const bool encodes = config_.method == attention_method::longheads;
+    for (std::ptrdiff_t t = 0; t < q.tokens(); ++t) {
+      const std::int64_t position = cache.tokens_ + t;
+      const std::int64_t chunk = position / w, offset = position % w;
+      for (int g = 0; g < config_.n_kv_heads; ++g) {
+        rope_.rotate(k.at(t, g), cache.mutable_keys(chunk, g) + offset * d, offset);
+        std::copy_n(v.at(t, g), d, cache.mutable_values(chunk, g) + offset * d);
+      }
+      if (!encodes) continue;
+      for (int h = 0; h < config_.n_q_heads; ++h) rope_.rotate(q.at(t, h), cache.open_query(offset, h), offset);
+      if (offset == w - 1) encode_chunk(cache, chunk);
+    }
+    cache.tokens_ += q.tokens();
+  }
+
+  void encode_chunk(kv_cache& cache, std::int64_t chunk) noexcept {
+    const int w = config_.chunk_size;
+    const std::ptrdiff_t d = config_.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    auto encode_head = [&](std::size_t h, std::size_t lane) {
+      const int g = static_cast<int>(h) / config_.group_size();
+      const chunk_inputs in{{cache.open_query(0, static_cast<int>(h)), w, d, config_.n_q_heads * d},
+                            {cache.keys(chunk, g), w, d},
+                            {cache.values(chunk, g), w, d},
+                            scale};
+      policies_.encoder.encode(in, {cache.mutable_representation(chunk, static_cast<int>(h)), cache.shape().representation_floats},
+                               lanes_[lane].encoder);
+    };
+    run_parallel(static_cast<std::size_t>(config_.n_q_heads), encode_head);
+  }
+
+  template <class F>
+  void run_parallel(std::size_t n, F& f) noexcept {
+    // index_task never throws itself; the work items are noexcept.
+    policies_.executor.parallel_for(n, index_task(f));
+  }
+
+  void attend(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections) noexcept {
+    const std::int64_t first = cache.tokens_ - q.tokens();
+    const std::int64_t block = query_block(q.tokens());
+    auto head_work = [&](std::size_t h, std::size_t lane) {
+      for (std::int64_t t0 = 0; t0 < q.tokens(); t0 += block)
+        attend_block(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(h), lanes_[lane]);
+    };
+    run_parallel(static_cast<std::size_t>(config_.n_q_heads), head_work);
+  }
+
+  void attend_block(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
+                    std::int64_t first, std::int64_t t0, std::int64_t count, int h, lane_scratch& s) noexcept {
+    const int w = config_.chunk_size;
+    const int g = h / config_.group_size();
+    const std::int64_t last_query_chunk = (first + t0 + count - 1) / w;
+    // Score only when some query of the block has more context than the budget.
+    const std::int64_t scored_chunks =
+        config_.method == attention_method::longheads && last_query_chunk + 1 > config_.budget_chunks ? last_query_chunk : 0;
+    if (scored_chunks > 0) {
+      const scoring_inputs in{q.head(h).slice_rows(t0, count), first + t0,
+                              cache.representations(h).first_rows(scored_chunks), &rope_, w};
+      policies_.scorer.score(in, {s.scores.data(), count, scored_chunks}, s.scorer);
+    }
+    for (std::int64_t r = 0; r < count; ++r) {
+      const std::int64_t t = t0 + r, p = first + t;
+      const std::size_t n = build_segments(cache, q.at(t, h), p, g, {s.scores.data() + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s);
+      policies_.kernel.attend(std::span<const kv_segment>(s.segments.data(), n), config_.head_dim, config_.scale(), out.at(t, h), s.kernel);
+      if (config_.method != attention_method::longheads) {
+        if (t == q.tokens() - 1) record_chunks(cache, h, s, n);
+        continue;
+      }
+      if (!selections.empty()) {
+        std::int32_t* row = selections.data() + (t * config_.n_q_heads + h) * config_.budget_chunks;
+        std::fill_n(std::copy_n(s.selected.begin(), n, row), config_.budget_chunks - static_cast<std::ptrdiff_t>(n), -1);
+      }
+      if (t == q.tokens() - 1) {
+        std::copy_n(s.selected.begin(), n, cache.selection_slot(h).begin());
+        cache.selection_counts_[static_cast<std::size_t>(h)] = static_cast<std::int32_t>(n);
+      }
+    }
+  }
+
+  // Baselines record the chunks their segments came from, for the same read-back.
+  void record_chunks(kv_cache& cache, int h, const lane_scratch& s, std::size_t n) noexcept {
+    auto slot = cache.selection_slot(h);
+    std::int32_t count = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+      const auto chunk = static_cast<std::int32_t>((s.segments[j].keys - cache.keys(0, 0)) /
+                                                   static_cast<std::ptrdiff_t>(cache.kv_floats_per_chunk()));
+      if (count == 0 || slot[static_cast<std::size_t>(count - 1)] != chunk) slot[static_cast<std::size_t>(count++)] = chunk;
+    }
+    cache.selection_counts_[static_cast<std::size_t>(h)] = count;
+  }
+
+  /// Fills s.segments for query position p of query head h (kv head g); returns how many.
+  std::size_t build_segments(const kv_cache& cache, const float* q_raw, std::int64_t p, int g, std::span<const float> scores,
+                             lane_scratch& s) const noexcept {
+    const int w = config_.chunk_size;
+    const std::ptrdiff_t d = config_.head_dim;
+    const std::int64_t i = p / w;
+    std::size_t n = 0;
+    // One segment: tokens [begin, end) of chunk c, with the query rotated by `delta`.
+    auto add = [&](std::int64_t c, std::int64_t begin, std::int64_t end, std::int64_t delta) {
+      float* rotated = s.rotated_queries.data() + static_cast<std::ptrdiff_t>(n) * d;
+      rope_.rotate(q_raw, rotated, delta);
+      s.segments[n++] = {rotated, cache.keys(c, g) + begin * d, cache.values(c, g) + begin * d, static_cast<std::int32_t>(end - begin)};
+    };
+    auto tokens_in = [&](std::int64_t c) { return c == i ? p % w + 1 : std::int64_t{w}; };
+    const std::int64_t budget = config_.budget_tokens();
+    if (config_.method == attention_method::dense || (config_.method == attention_method::sink_window && p < budget)) {
+      for (std::int64_t c = 0; c <= i; ++c) add(c, 0, tokens_in(c), p - c * w);
+    } else if (config_.method == attention_method::sink_window) {
+      // Sinks at positions 0..S-1, the recent tokens at S..L-1, the query at L-1.
+      const std::int64_t sinks = config_.sink_tokens, recent_first = p - (budget - sinks) + 1;
+      for (std::int64_t c = 0; c * w < sinks; ++c) add(c, 0, std::min<std::int64_t>(w, sinks - c * w), budget - 1 - c * w);
+      for (std::int64_t c = recent_first / w; c <= i; ++c)
+        add(c, c == recent_first / w ? recent_first % w : 0, tokens_in(c), p - c * w);
+    } else {
+      const selection_request request{i, config_.budget_chunks, config_.sink_chunks, config_.local_chunks};
+      const std::size_t count = policies_.selector.select(request, scores, s.selected, s.candidates);
+      const std::span<const std::int32_t> selected(s.selected.data(), count);
+      const std::int64_t query_position = policies_.remapper.remap(selected, p, w, s.slot_starts);
+      for (std::size_t slot = 0; slot < count; ++slot) {
+        const std::int64_t c = selected[slot];
+        add(c, 0, tokens_in(c), query_position - s.slot_starts[slot]);
+      }
+    }
+    return n;
+  }
+
+  attention_config config_;
+  rope rope_;
+  policy_set policies_;
+  std::vector<lane_scratch> lanes_;
+};
+
+}  // namespace longheads

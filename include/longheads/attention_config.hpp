@@ -1,0 +1,81 @@
+// SPDX-License-Identifier: MIT
+// The shape and knobs of one attention layer, shared by every policy's validate().
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "errors.hpp"
+
+namespace longheads {
+
+/// Which attention the composed layer computes. The baselines share the cache, the kernel and
+/// the budget, so they can be compared with LongHeads through one interface.
+enum class attention_method {
+  longheads,    ///< per-head chunk selection with contiguous RoPE remapping (the paper)
+  dense,        ///< ordinary causal attention over the whole context at true positions
+  sink_window,  ///< StreamingLLM: first sink_tokens + most recent (L - sink_tokens), re-indexed 0..L-1
+};
+
+inline const char* to_string(attention_method m) noexcept {
+  switch (m) {
+    case attention_method::longheads: return "longheads";
+    case attention_method::dense: return "dense";
+    case attention_method::sink_window: return "sink-window";
+  }
+  return "?";
+}
+
+struct attention_config {
+  int n_q_heads = 0;      ///< H_q
+  int n_kv_heads = 0;     ///< H_kv; must divide H_q (MHA, GQA, MQA)
+  int head_dim = 0;       ///< d, even (RoPE rotates pairs)
+  int chunk_size = 256;   ///< w, tokens per chunk
+  int budget_chunks = 16; ///< k, chunks attended per head per query; L = k*w
+  int sink_chunks = 1;    ///< always-selected chunks at the start (attention sink)
+  int local_chunks = 2;   ///< always-selected most recent chunks, the current one included
+  int sink_tokens = 4;    ///< sink_window method only
+  attention_method method = attention_method::longheads;
+  /// Softmax temperature; 0 means 1/sqrt(head_dim).
+  float softmax_scale = 0.0f;
+  /// Reject NaN/Inf in q/k/v with value_error (the cache stays clean); when false they are
+  /// the caller's responsibility and propagate into outputs.
+  bool reject_nonfinite = true;
+
+  std::int64_t budget_tokens() const noexcept { return std::int64_t{budget_chunks} * chunk_size; }
+  float scale() const noexcept;
+  int group_size() const noexcept { return n_kv_heads > 0 ? n_q_heads / n_kv_heads : 0; }
+
+  /// @throws config_error naming the first impossible setting.
+  void validate() const {
+    auto need = [](bool ok, const std::string& what) {
+      if (!ok) detail::fail<config_error>("attention_config: " + what);
+    };
+    need(n_q_heads > 0, "n_q_heads must be > 0, got " + std::to_string(n_q_heads));
+    need(n_kv_heads > 0, "n_kv_heads must be > 0, got " + std::to_string(n_kv_heads));
+    need(n_q_heads % n_kv_heads == 0, "n_q_heads (" + std::to_string(n_q_heads) +
+                                          ") must be a multiple of n_kv_heads (" + std::to_string(n_kv_heads) + ")");
+    need(head_dim > 0 && head_dim % 2 == 0, "head_dim must be a positive even number, got " + std::to_string(head_dim));
+    need(chunk_size > 0, "chunk_size must be > 0, got " + std::to_string(chunk_size));
+    need(budget_chunks > 0, "budget_chunks must be > 0, got " + std::to_string(budget_chunks));
+    need(budget_tokens() <= (std::int64_t{1} << 30),
+         "budget_chunks * chunk_size must be <= 2^30 tokens, got " + std::to_string(budget_tokens()));
+    need(sink_chunks >= 0, "sink_chunks must be >= 0, got " + std::to_string(sink_chunks));
+    need(local_chunks >= 1, "local_chunks must be >= 1 (the current chunk holds the query), got " +
+                                std::to_string(local_chunks));
+    need(sink_chunks + local_chunks <= budget_chunks,
+         "budget_chunks (" + std::to_string(budget_chunks) + ") must be >= sink_chunks + local_chunks (" +
+             std::to_string(sink_chunks) + " + " + std::to_string(local_chunks) + ")");
+    need(sink_tokens >= 0 && sink_tokens < budget_tokens(),
+         "sink_tokens must be in [0, budget_chunks*chunk_size = " + std::to_string(budget_tokens()) + "), got " +
+             std::to_string(sink_tokens));
+    need(softmax_scale >= 0.0f && softmax_scale < 1e30f, "softmax_scale must be >= 0 and finite (0 = 1/sqrt(head_dim))");
+  }
+};
+
+}  // namespace longheads
+
+#include <cmath>
+inline float longheads::attention_config::scale() const noexcept {
+  return softmax_scale > 0.0f ? softmax_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+}

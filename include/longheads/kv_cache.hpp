@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: MIT
+// The per-layer, per-sequence cache of LongHeads attention.
+//
+// Holds, chunk-major so that one chunk of one kv head is w*d contiguous floats the kernel
+// streams through in place:
+//   keys             [chunk][H_kv][w][d]   rotated once, at local positions t mod w
+//   values           [chunk][H_kv][w][d]
+//   representations  [chunk][H_q][r]      one per full chunk and query head (the encoder's output)
+//   open queries     [w][H_q][d]          queries of the open chunk, locally rotated, until it is encoded
+// plus what every head selected for the last query. Filled only by longheads::attention.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "errors.hpp"
+#include "views.hpp"
+
+namespace longheads {
+
+struct cache_shape {
+  int n_q_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int chunk_size = 0;
+  std::size_t representation_floats = 0;
+  friend bool operator==(const cache_shape&, const cache_shape&) = default;
+};
+
+inline std::string to_string(const cache_shape& s) {
+  return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
+         std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
+         std::to_string(s.representation_floats) + "}";
+}
+
+/// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
+inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int32_t>::max();
+
+class kv_cache {
+ public:
+  explicit kv_cache(const cache_shape& shape) : shape_(shape) {
+    if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0)
+      detail::fail<shape_error>("kv_cache: every dimension must be > 0, got " + to_string(shape));
+    open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
+                         static_cast<std::size_t>(shape.head_dim));
+    selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
+  }
+
+  const cache_shape& shape() const noexcept { return shape_; }
+  std::int64_t tokens() const noexcept { return tokens_; }
+  std::int64_t full_chunks() const noexcept { return tokens_ / shape_.chunk_size; }
+  std::int64_t capacity_tokens() const noexcept { return capacity_chunks_ * shape_.chunk_size; }
+
+  /// Allocates room for `tokens` tokens now, so later calls up to that length do not allocate.
+  /// @throws limit_error beyond max_sequence_tokens or addressable memory; strong guarantee.
+  void reserve(std::int64_t tokens) {
+    if (tokens < 0 || tokens > max_sequence_tokens)
+      detail::fail<limit_error>("kv_cache: " + std::to_string(tokens) + " tokens is beyond the limit of " +
+                                std::to_string(max_sequence_tokens));
+    const std::int64_t chunks = (tokens + shape_.chunk_size - 1) / shape_.chunk_size;
+    if (chunks <= capacity_chunks_) return;
+    const std::size_t per_chunk = std::max(kv_floats_per_chunk(), representation_floats_per_chunk());
+    if (static_cast<std::size_t>(chunks) > std::numeric_limits<std::ptrdiff_t>::max() / sizeof(float) / 4 / per_chunk)
+      detail::fail<limit_error>("kv_cache: " + std::to_string(tokens) + " tokens of shape " + to_string(shape_) +
+                                " do not fit in addressable memory");
+    grow(std::max(chunks, capacity_chunks_ + capacity_chunks_ / 2));
+  }
+
+  /// Forgets the sequence, keeps the memory.
+  void clear() noexcept {
+    tokens_ = 0;
+    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
+  }
+
+  /// [w, d] keys of one chunk of one kv head, rotated at local positions.
+  const float* keys(std::int64_t chunk, int kv_head) const noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
+  const float* values(std::int64_t chunk, int kv_head) const noexcept { return values_.data() + kv_offset(chunk, kv_head); }
+  /// The representations of one query head's full chunks, [full_chunks, r].
+  matrix_view<const float> representations(int q_head) const noexcept {
+    const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
+    return {representations_.data() + q_head * r, full_chunks(), r, shape_.n_q_heads * r};
+  }
+  /// Chunk ids query head `q_head` read for the last query of the last call, ascending.
+  std::span<const std::int32_t> last_selection(int q_head) const noexcept {
+    return std::span<const std::int32_t>(selections_).subspan(static_cast<std::size_t>(q_head) * selection_stride_,
+                                                              static_cast<std::size_t>(selection_counts_[static_cast<std::size_t>(q_head)]));
+  }
+  /// Bytes held (capacity), all buffers included.
+  std::size_t bytes() const noexcept {
+    return (keys_.capacity() + values_.capacity() + representations_.capacity() + open_queries_.capacity()) * sizeof(float) +
+           (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t);
+  }
+
+  /// Same shape and same logical content (capacity is not content).
+  friend bool operator==(const kv_cache& a, const kv_cache& b) {
+    if (a.shape_ != b.shape_ || a.tokens_ != b.tokens_ || a.selection_counts_ != b.selection_counts_) return false;
+    const std::size_t chunks = static_cast<std::size_t>((a.tokens_ + a.shape_.chunk_size - 1) / a.shape_.chunk_size);
+    const std::size_t kv = chunks * a.kv_floats_per_chunk();
+    const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.representation_floats_per_chunk();
+    const std::size_t open = static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
+                             static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
+    auto same = [](const auto& x, const auto& y, std::size_t n) { return std::equal(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(n), y.begin()); };
+    for (std::size_t h = 0; h < a.selection_counts_.size(); ++h) {
+      auto sa = a.last_selection(static_cast<int>(h)), sb = b.last_selection(static_cast<int>(h));
+      if (!std::equal(sa.begin(), sa.end(), sb.begin(), sb.end())) return false;
+    }
+    return same(a.keys_, b.keys_, kv) && same(a.values_, b.values_, kv) &&
+           same(a.representations_, b.representations_, reps) && same(a.open_queries_, b.open_queries_, open);
+  }
+
+ private:
+  template <class>
+  friend class attention;
+
+  std::size_t kv_floats_per_chunk() const noexcept {
+    return static_cast<std::size_t>(shape_.n_kv_heads) * static_cast<std::size_t>(shape_.chunk_size) *
+           static_cast<std::size_t>(shape_.head_dim);
+  }
+  std::size_t representation_floats_per_chunk() const noexcept {
+    return static_cast<std::size_t>(shape_.n_q_heads) * shape_.representation_floats;
+  }
+  std::size_t kv_offset(std::int64_t chunk, int kv_head) const noexcept {
+    return (static_cast<std::size_t>(chunk) * static_cast<std::size_t>(shape_.n_kv_heads) + static_cast<std::size_t>(kv_head)) *
+           static_cast<std::size_t>(shape_.chunk_size) * static_cast<std::size_t>(shape_.head_dim);
+  }
+  float* mutable_keys(std::int64_t chunk, int kv_head) noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
+  float* mutable_values(std::int64_t chunk, int kv_head) noexcept { return values_.data() + kv_offset(chunk, kv_head); }
+  float* mutable_representation(std::int64_t chunk, int q_head) noexcept {
+    return representations_.data() + static_cast<std::size_t>(chunk) * representation_floats_per_chunk() +
+           static_cast<std::size_t>(q_head) * shape_.representation_floats;
+  }
+  float* open_query(std::int64_t offset, int q_head) noexcept {
+    return open_queries_.data() + (static_cast<std::size_t>(offset) * static_cast<std::size_t>(shape_.n_q_heads) +
+                                   static_cast<std::size_t>(q_head)) * static_cast<std::size_t>(shape_.head_dim);
+  }
+  void reserve_selections(std::size_t per_head) {
+    if (per_head <= selection_stride_) return;
+    std::vector<std::int32_t> grown(per_head * static_cast<std::size_t>(shape_.n_q_heads));
+    for (std::size_t h = 0; h < selection_counts_.size(); ++h)
+      std::copy_n(selections_.begin() + static_cast<std::ptrdiff_t>(h * selection_stride_), selection_counts_[h],
+                  grown.begin() + static_cast<std::ptrdiff_t>(h * per_head));
+    selections_ = std::move(grown);
+    selection_stride_ = per_head;
+  }
+  std::span<std::int32_t> selection_slot(int q_head) noexcept {
+    return std::span<std::int32_t>(selections_).subspan(static_cast<std::size_t>(q_head) * selection_stride_, selection_stride_);
+  }
+
+  // Geometric growth (see reserve) keeps appends amortised O(1). The copies leave *this
+  // untouched until the final swaps, which cannot throw: a failed allocation changes nothing.
+  void grow(std::int64_t chunks) {
+    const std::size_t kv_floats = static_cast<std::size_t>(chunks) * kv_floats_per_chunk();
+    const std::size_t rep_floats = static_cast<std::size_t>(chunks) * representation_floats_per_chunk();
+    std::vector<float> keys(kv_floats), values(kv_floats), reps(rep_floats);
+    const auto used_chunks = static_cast<std::size_t>((tokens_ + shape_.chunk_size - 1) / shape_.chunk_size);
+    std::copy_n(keys_.begin(), used_chunks * kv_floats_per_chunk(), keys.begin());
+    std::copy_n(values_.begin(), used_chunks * kv_floats_per_chunk(), values.begin());
+    std::copy_n(representations_.begin(), static_cast<std::size_t>(full_chunks()) * representation_floats_per_chunk(), reps.begin());
+    keys_.swap(keys);
+    values_.swap(values);
+    representations_.swap(reps);
+    capacity_chunks_ = chunks;
+  }
+
+  cache_shape shape_;
+  std::int64_t tokens_ = 0;
+  std::int64_t capacity_chunks_ = 0;
+  std::vector<float> keys_, values_, representations_, open_queries_;
+  std::vector<std::int32_t> selections_, selection_counts_;
+  std::size_t selection_stride_ = 0;
+};
+
+}  // namespace longheads

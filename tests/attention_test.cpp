@@ -1,0 +1,327 @@
+// The composed attention against the naive references and the contract's properties.
+#include <doctest/doctest.h>
+
+#include "test_support.hpp"
+
+#include <map>
+
+using namespace longheads;
+
+namespace {
+constexpr double tolerance = 1e-5;
+
+struct head_layout {
+  int hq, hkv;
+};
+constexpr head_layout mha{4, 4}, gqa{4, 2}, mqa{4, 1};
+}  // namespace
+
+TEST_CASE("within the budget LongHeads is exactly dense causal attention") {
+  for (rope_layout layout : {rope_layout::half, rope_layout::interleaved})
+    for (head_layout heads : {mha, gqa, mqa}) {
+      CAPTURE(heads.hkv);
+      const int w = 8, budget = 6, d = 16;
+      rope r(d, 10000.0, layout);
+      attention<> lh(test::make_config(heads.hq, heads.hkv, d, w, budget), r);
+      const test::sequence seq(w * budget, heads.hq, heads.hkv, d, 100 + heads.hkv);
+      const auto expected = reference::dense_causal(seq.problem(r));
+      CHECK(test::max_abs_diff(seq.run(lh), expected) <= tolerance);
+      attention<> dense(test::make_config(heads.hq, heads.hkv, d, w, budget, attention_method::dense), r);
+      CHECK(test::max_abs_diff(seq.run(dense), expected) <= tolerance);
+    }
+}
+
+TEST_CASE("past the budget LongHeads equals the naive algorithm that re-rotates keys at slot positions") {
+  for (rope_layout layout : {rope_layout::half, rope_layout::interleaved})
+    for (head_layout heads : {mha, gqa}) {
+      const int w = 8, budget = 4, d = 16, T = 5 * w * budget + 3;
+      rope r(d, 10000.0, layout);
+      attention<> lh(test::make_config(heads.hq, heads.hkv, d, w, budget), r);
+      const test::sequence seq(T, heads.hq, heads.hkv, d, 200 + heads.hkv);
+      std::vector<std::int32_t> selections, expected_selections;
+      const auto out = seq.run(lh, 0, &selections);
+      const auto expected = reference::longheads(seq.problem(r), {.chunk_size = w, .budget_chunks = budget}, &expected_selections);
+      CHECK(selections == expected_selections);
+      CHECK(test::max_abs_diff(out, expected) <= tolerance);
+    }
+}
+
+TEST_CASE("generalised knobs: other sink and local counts match the naive algorithm") {
+  const int w = 4, d = 8, T = 90;
+  rope r(d);
+  for (auto [sinks, locals, budget] : {std::tuple{0, 1, 3}, {2, 1, 5}, {1, 3, 4}, {2, 2, 4}}) {
+    attention_config c = test::make_config(2, 1, d, w, budget);
+    c.sink_chunks = sinks;
+    c.local_chunks = locals;
+    attention<> lh(c, r);
+    const test::sequence seq(T, 2, 1, d, 300);
+    std::vector<std::int32_t> sel, expected_sel;
+    const auto out = seq.run(lh, 0, &sel);
+    const auto expected = reference::longheads(
+        seq.problem(r), {.chunk_size = w, .budget_chunks = budget, .sink_chunks = sinks, .local_chunks = locals}, &expected_sel);
+    CHECK(sel == expected_sel);
+    CHECK(test::max_abs_diff(out, expected) <= tolerance);
+  }
+}
+
+TEST_CASE("dense and sink+window baselines equal their naive references past the budget") {
+  const int w = 8, budget = 4, d = 16, T = 150;
+  for (rope_layout layout : {rope_layout::half, rope_layout::interleaved}) {
+    rope r(d, 10000.0, layout);
+    const test::sequence seq(T, 4, 2, d, 400);
+    attention<> dense(test::make_config(4, 2, d, w, budget, attention_method::dense), r);
+    CHECK(test::max_abs_diff(seq.run(dense), reference::dense_causal(seq.problem(r))) <= tolerance);
+    for (int sink_tokens : {0, 1, 4, 9, 31}) {
+      attention_config c = test::make_config(4, 2, d, w, budget, attention_method::sink_window);
+      c.sink_tokens = sink_tokens;
+      attention<> sw(c, r);
+      CHECK(test::max_abs_diff(seq.run(sw), reference::sink_window(seq.problem(r), w * budget, sink_tokens)) <= tolerance);
+    }
+  }
+}
+
+TEST_CASE("prefill, token-by-token decode and any split give the same outputs") {
+  for (attention_method method : {attention_method::longheads, attention_method::dense, attention_method::sink_window})
+    for (head_layout heads : {mha, gqa, mqa}) {
+      CAPTURE(to_string(method));
+      const int w = 7, budget = 3, d = 12, T = 6 * w * budget + 5;  // T not a multiple of w
+      rope r(d, 10000.0, rope_layout::interleaved);
+      attention<> a(test::make_config(heads.hq, heads.hkv, d, w, budget, method), r);
+      const test::sequence seq(T, heads.hq, heads.hkv, d, 500);
+      const auto whole = seq.run(a);
+      for (int split : {1, 2, 5, 7, 8, 21, 64}) {
+        CAPTURE(split);
+        CHECK(test::max_abs_diff(seq.run(a, split), whole) <= tolerance);
+      }
+      // An irregular split crossing chunk boundaries at odd places.
+      auto cache = a.make_cache();
+      std::vector<float> out(whole.size());
+      int first = 0;
+      for (int count : {1, 13, 6, 30, 2, 100, 1000}) {
+        count = std::min(count, T - first);
+        if (count == 0) break;
+        a.prefill(cache, seq.qv(first, count), seq.kv(first, count), seq.vv(first, count),
+                  {out.data() + first * heads.hq * d, count, heads.hq, d});
+        first += count;
+      }
+      CHECK(test::max_abs_diff(out, whole) <= tolerance);
+    }
+}
+
+TEST_CASE("appending tokens never changes earlier outputs") {
+  const int w = 8, budget = 3, d = 16;
+  rope r(d);
+  attention<> a(test::make_config(4, 2, d, w, budget), r);
+  const test::sequence longer(200, 4, 2, d, 600);
+  const auto all = longer.run(a);
+  for (int prefix : {1, 23, 24, 25, 97}) {
+    test::sequence shorter = longer;
+    shorter.tokens = prefix;
+    const auto part = shorter.run(a);
+    CHECK(test::max_abs_diff(part, std::vector<float>(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(part.size()))) == 0.0);
+  }
+}
+
+TEST_CASE("selections: right count, sorted, sinks and locals present, nothing from the future") {
+  const int w = 4, budget = 5, d = 8, T = 300;
+  attention_config c = test::make_config(4, 2, d, w, budget);
+  attention<> a(c, rope(d));
+  const test::sequence seq(T, 4, 2, d, 700);
+  std::vector<std::int32_t> sel;
+  auto cache = a.make_cache();
+  seq.run(a, cache, 0, &sel);
+  for (int p = 0; p < T; ++p)
+    for (int h = 0; h < 4; ++h) {
+      const std::int32_t* row = sel.data() + (p * 4 + h) * budget;
+      const int i = p / w;
+      const int n = std::min(i + 1, budget);
+      for (int s = 0; s < budget; ++s) CHECK((s < n ? row[s] >= 0 : row[s] == -1));
+      CHECK(std::is_sorted(row, row + n));
+      CHECK(std::adjacent_find(row, row + n) == row + n);
+      CHECK(row[n - 1] == i);
+      if (i + 1 > budget) {
+        CHECK(row[0] == 0);
+        CHECK(row[n - 2] == i - 1);
+      } else {
+        for (int s = 0; s < n; ++s) CHECK(row[s] == s);
+      }
+    }
+  // The cache keeps the last query's selection per head.
+  for (int h = 0; h < 4; ++h) {
+    auto last = cache.last_selection(h);
+    CHECK(std::equal(last.begin(), last.end(), sel.data() + ((T - 1) * 4 + h) * budget));
+  }
+}
+
+TEST_CASE("planted needle: at 64x the budget every head whose query matches the needle selects its chunk") {
+  const int w = 16, budget = 4, d = 32, hq = 4, hkv = 2;
+  const int T = 64 * w * budget;  // 4096 tokens, 256 chunks
+  const int needle_chunk = 37;
+  test::sequence seq(T, hq, hkv, d, 800);
+  // A direction in the slowly rotating pairs (half layout: the upper indices of each half),
+  // so locally rotated needle keys still point along it.
+  std::vector<float> direction(d, 0.0f);
+  for (int i = d / 4; i < d / 2; ++i) direction[i] = direction[i + d / 2] = 1.0f;
+  for (int t = needle_chunk * w; t < (needle_chunk + 1) * w; ++t)
+    for (int i = 0; i < d; ++i) seq.k[(t * hkv + 0) * d + i] = 3.0f * direction[i];
+  for (int h = 0; h < 2; ++h)  // query heads 0 and 1 read kv head 0
+    for (int i = 0; i < d; ++i) seq.q[((T - 1) * hq + h) * d + i] = direction[i];
+  for (rope_layout layout : {rope_layout::half}) {
+    attention<> a(test::make_config(hq, hkv, d, w, budget), rope(d, 10000.0, layout));
+    auto cache = a.make_cache();
+    seq.run(a, cache, 1000);
+    for (int h = 0; h < 2; ++h) {
+      auto s = cache.last_selection(h);
+      CAPTURE(h);
+      CHECK(std::find(s.begin(), s.end(), needle_chunk) != s.end());
+    }
+  }
+}
+
+TEST_CASE("bad input throws a message naming the problem and leaves the cache unchanged") {
+  const int w = 4, budget = 3, d = 8;
+  attention<> a(test::make_config(4, 2, d, w, budget), rope(d));
+  const test::sequence seq(40, 4, 2, d, 900);
+  auto cache = a.make_cache();
+  std::vector<float> out(40 * 4 * d);
+  a.prefill(cache, seq.qv(0, 30), seq.kv(0, 30), seq.vv(0, 30), {out.data(), 30, 4, d});
+  const kv_cache before = cache;
+  std::vector<float> o(10 * 4 * d);
+  const tensor_view<float> out10(o.data(), 10, 4, d);
+
+  auto check_rejected = [&](auto call, const char* words) {
+    CHECK_THROWS_WITH(call(), doctest::Contains(words));
+    CHECK(cache == before);
+  };
+  check_rejected([&] { a.prefill(cache, seq.qv(30, 10), {seq.k.data(), 10, 3, d}, seq.vv(30, 10), out10); },
+                 "k has shape [10, 3, 8], expected [10, 2, 8]");
+  check_rejected([&] { a.prefill(cache, seq.qv(30, 10), seq.kv(30, 10), seq.vv(30, 9), out10); }, "v has shape [9, 2, 8]");
+  check_rejected([&] { a.prefill(cache, {seq.q.data(), 10, 4, 6}, seq.kv(30, 10), seq.vv(30, 10), out10); }, "q has shape");
+  check_rejected([&] { a.prefill(cache, seq.qv(30, 10), seq.kv(30, 10), seq.vv(30, 10), {o.data(), 10, 2, d}); }, "out has shape");
+  check_rejected([&] { a.prefill(cache, seq.qv(30, 0), seq.kv(30, 0), seq.vv(30, 0), {o.data(), 0, 4, d}); }, "q has 0 tokens");
+  check_rejected([&] { a.decode(cache, seq.qv(30, 2), seq.kv(30, 2), seq.vv(30, 2), {o.data(), 2, 4, d}); }, "decode: q has 2 tokens");
+  check_rejected([&] {
+    a.prefill(cache, seq.qv(30, 10), seq.kv(30, 10), seq.vv(30, 10), {const_cast<float*>(seq.q.data()) + 30 * 4 * d, 10, 4, d});
+  }, "out overlaps q");
+  std::vector<std::int32_t> short_selections(5);
+  check_rejected([&] { a.prefill(cache, seq.qv(30, 10), seq.kv(30, 10), seq.vv(30, 10), out10, short_selections); },
+                 "selections has 5 entries");
+  test::sequence poisoned = seq;
+  poisoned.k[(35 * 2 + 1) * d + 3] = std::nanf("");
+  check_rejected([&] { a.prefill(cache, poisoned.qv(30, 10), poisoned.kv(30, 10), poisoned.vv(30, 10), out10); },
+                 "k[token 5, head 1, dim 3] is nan");
+  poisoned.v[(32 * 2) * d] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_AS(a.prefill(cache, seq.qv(30, 10), seq.kv(30, 10), poisoned.vv(30, 10), out10), value_error);
+  CHECK(cache == before);
+
+  SUBCASE("a cache of another shape") {
+    attention<> other(test::make_config(4, 4, d, w, budget), rope(d));
+    auto foreign = other.make_cache();
+    const kv_cache foreign_before = foreign;
+    CHECK_THROWS_WITH_AS(a.decode(foreign, seq.qv(0, 1), seq.kv(0, 1), seq.vv(0, 1), {o.data(), 1, 4, d}),
+                         doctest::Contains("cache has shape {q_heads 4, kv_heads 4"), shape_error);
+    CHECK(foreign == foreign_before);
+  }
+  SUBCASE("impossible configurations") {
+    auto rejects = [](attention_config c, const char* words) {
+      CHECK_THROWS_WITH_AS(attention<>(c, rope(c.head_dim > 0 && c.head_dim % 2 == 0 ? c.head_dim : 8)), doctest::Contains(words),
+                           config_error);
+    };
+    attention_config c = test::make_config(4, 2, 8, 4, 3);
+    c.head_dim = 7;
+    rejects(c, "head_dim must be a positive even number, got 7");
+    c = test::make_config(4, 2, 8, 4, 2);
+    rejects(c, "budget_chunks (2) must be >= sink_chunks + local_chunks (1 + 2)");
+    c = test::make_config(4, 3, 8, 4, 3);
+    rejects(c, "n_q_heads (4) must be a multiple of n_kv_heads (3)");
+    rejects(test::make_config(0, 1, 8, 4, 3), "n_q_heads must be > 0");
+    rejects(test::make_config(4, 2, 8, 0, 3), "chunk_size must be > 0");
+    rejects(test::make_config(4, 2, 8, 4, 0), "budget_chunks must be > 0");
+    c = test::make_config(4, 2, 8, 4, 3);
+    c.local_chunks = 0;
+    rejects(c, "local_chunks must be >= 1");
+    c = test::make_config(4, 2, 8, 4, 3, attention_method::sink_window);
+    c.sink_tokens = 12;
+    rejects(c, "sink_tokens must be in [0, budget_chunks*chunk_size = 12)");
+    CHECK_THROWS_WITH_AS(attention<>(test::make_config(4, 2, 8, 4, 3), rope(16)), doctest::Contains("rope head_dim 16"), config_error);
+  }
+  SUBCASE("limits are checked before anything is allocated") {
+    CHECK_THROWS_AS(cache.reserve(std::int64_t{1} << 40), limit_error);
+    CHECK_THROWS_AS(a.reserve(std::int64_t{1} << 40), limit_error);
+    CHECK(cache == before);
+  }
+}
+
+TEST_CASE("non-finite input can be let through when the caller asks, confined to its own head") {
+  const int w = 4, budget = 3, d = 8;
+  attention_config c = test::make_config(2, 2, d, w, budget, attention_method::dense);
+  c.reject_nonfinite = false;
+  attention<> a(c, rope(d));
+  test::sequence seq(6, 2, 2, d, 950);
+  seq.q[(5 * 2 + 1) * d] = std::nanf("");  // last token, head 1
+  const auto out = seq.run(a);
+  for (int t = 0; t < 6; ++t)
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < d; ++i) CHECK(std::isfinite(out[(t * 2 + h) * d + i]) == !(t == 5 && h == 1));
+}
+
+TEST_CASE("views with a token stride read a fused QKV buffer in place") {
+  const int w = 4, budget = 3, d = 8, hq = 4, hkv = 2, T = 50, stride = (hq + 2 * hkv) * d;
+  rope r(d);
+  attention<> a(test::make_config(hq, hkv, d, w, budget), r);
+  const test::sequence seq(T, hq, hkv, d, 1000);
+  std::vector<float> fused(static_cast<std::size_t>(T) * stride);
+  for (int t = 0; t < T; ++t) {
+    std::copy_n(seq.q.begin() + t * hq * d, hq * d, fused.begin() + t * stride);
+    std::copy_n(seq.k.begin() + t * hkv * d, hkv * d, fused.begin() + t * stride + hq * d);
+    std::copy_n(seq.v.begin() + t * hkv * d, hkv * d, fused.begin() + t * stride + (hq + hkv) * d);
+  }
+  auto cache = a.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(T) * hq * d);
+  a.prefill(cache, {fused.data(), T, hq, d, stride}, {fused.data() + hq * d, T, hkv, d, stride},
+            {fused.data() + (hq + hkv) * d, T, hkv, d, stride}, {out.data(), T, hq, d});
+  CHECK(test::max_abs_diff(out, seq.run(a)) == 0.0);
+}
+
+namespace {
+struct threaded_policies : paper_policies {
+  using executor = thread_pool_executor;
+};
+struct alternative_policies : paper_policies {
+  using encoder = mean_key_encoder;
+  using scorer = rotated_query_scorer;
+  using kernel = scalar_online_softmax_kernel;
+};
+}  // namespace
+
+TEST_CASE("results are bit-identical whatever the thread count") {
+  const int w = 8, budget = 4, d = 32;
+  rope r(d);
+  const test::sequence seq(400, 8, 2, d, 1100);
+  attention<> serial(test::make_config(8, 2, d, w, budget), r);
+  const auto expected = seq.run(serial, 37);
+  for (std::size_t threads : {2, 3}) {
+    attention<threaded_policies> pooled(test::make_config(8, 2, d, w, budget), r, {.executor = thread_pool_executor(threads)});
+    CHECK(seq.run(pooled, 37) == expected);
+    CHECK(seq.run(pooled, 1) == seq.run(serial, 1));
+  }
+}
+
+TEST_CASE("swapped policies compose and match the naive algorithm given the same policies") {
+  const int w = 8, budget = 4, d = 16, T = 170;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  const test::sequence seq(T, 4, 2, d, 1200);
+  attention<alternative_policies> a(test::make_config(4, 2, d, w, budget), r, {.scorer = rotated_query_scorer{2}});
+  std::vector<std::int32_t> sel, expected_sel;
+  const auto out = seq.run(a, 0, &sel);
+  const auto ref_problem = seq.problem(r);
+  reference::longheads_settings s{.chunk_size = w, .budget_chunks = budget};
+  s.encode = [](const reference::matrix&, const reference::matrix& k, const reference::matrix&) { return reference::mean_key(k); };
+  s.score = [&](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {
+    return reference::dot(ref_problem.rotated(q, static_cast<double>(p % w + 2 * w)), rep);
+  };
+  const auto expected = reference::longheads(ref_problem, s, &expected_sel);
+  CHECK(sel == expected_sel);
+  CHECK(test::max_abs_diff(out, expected) <= tolerance);
+  CHECK(test::max_abs_diff(seq.run(a, 1), out) <= tolerance);
+}

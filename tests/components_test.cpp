@@ -1,0 +1,121 @@
+// Encoder, scorer, selector, remapper: each against its naive reference, and the concept
+// contract run over every shipped implementation.
+#include <doctest/doctest.h>
+
+#include "test_support.hpp"
+
+#include <longheads/reference/components.hpp>
+#include <longheads/reference/rope.hpp>
+
+using namespace longheads;
+
+namespace {
+reference::matrix to_matrix(const std::vector<float>& x, int rows, int cols, int row_stride, int offset = 0) {
+  reference::matrix m(static_cast<std::size_t>(rows));
+  for (int r = 0; r < rows; ++r)
+    m[r].assign(x.begin() + offset + r * row_stride, x.begin() + offset + r * row_stride + cols);
+  return m;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("chunk encoders match their naive references", Encoder, attention_pooled_encoder, mean_key_encoder) {
+  static_assert(chunk_encoder<Encoder>);
+  for (auto [w, d] : {std::pair{1, 2}, {4, 8}, {16, 32}, {33, 18}, {64, 64}}) {
+    CAPTURE(w);
+    CAPTURE(d);
+    attention_config cfg = test::make_config(3, 1, d, w, 4);
+    const Encoder encoder{};
+    // Queries strided as in the cache ([w][H_q][d], head 1 of 3), keys and values dense.
+    const auto q = test::random_floats(static_cast<std::size_t>(w) * 3 * d, 11);
+    const auto k = test::random_floats(static_cast<std::size_t>(w) * d, 12);
+    const auto v = test::random_floats(static_cast<std::size_t>(w) * d, 13);
+    std::vector<float> rep(encoder.representation_floats(cfg)), scratch(encoder.scratch_floats(cfg));
+    const chunk_inputs in{{q.data() + d, w, d, 3 * d}, {k.data(), w, d}, {v.data(), w, d}, 1.0f / std::sqrt(float(d))};
+    encoder.encode(in, rep, scratch);
+    const auto Q = to_matrix(q, w, d, 3 * d, d), K = to_matrix(k, w, d, d), V = to_matrix(v, w, d, d);
+    const auto expected = std::is_same_v<Encoder, mean_key_encoder> ? reference::mean_key(K) : reference::attention_pooled_key(Q, K, V);
+    CHECK(test::max_abs_diff(rep, expected) <= 1e-5);
+  }
+}
+
+TEST_CASE_TEMPLATE("chunk scorers match a naive dot product", Scorer, raw_query_scorer, rotated_query_scorer) {
+  static_assert(chunk_scorer<Scorer>);
+  const int d = 24, m = 5, n = 7, w = 8, hq = 2;
+  attention_config cfg = test::make_config(hq, 1, d, w, 4);
+  rope r(d, 10000.0, rope_layout::interleaved);
+  const Scorer scorer{};
+  const auto q = test::random_floats(static_cast<std::size_t>(m) * hq * d, 21);   // [m][H_q][d], head 0
+  const auto reps = test::random_floats(static_cast<std::size_t>(n) * hq * d, 22);  // [n][H_q][d], head 0
+  std::vector<float> scores(static_cast<std::size_t>(m) * n), scratch(scorer.scratch_floats(cfg, m));
+  const std::int64_t first = 37;
+  scorer.score({{q.data(), m, d, hq * d}, first, {reps.data(), n, d, hq * d}, &r, w}, {scores.data(), m, n}, scratch);
+  for (int i = 0; i < m; ++i) {
+    std::vector<double> query(q.begin() + i * hq * d, q.begin() + i * hq * d + d);
+    if constexpr (std::is_same_v<Scorer, rotated_query_scorer>)
+      query = reference::rotate(query, static_cast<double>((first + i) % w + w), reference::inverse_frequencies(d, 10000.0),
+                                rope_layout::interleaved);
+    for (int c = 0; c < n; ++c) {
+      std::vector<double> rep(reps.begin() + c * hq * d, reps.begin() + c * hq * d + d);
+      CHECK(scores[i * n + c] == doctest::Approx(reference::dot(query, rep)).epsilon(1e-5));
+    }
+  }
+}
+
+TEST_CASE("the paper's selector matches a full sort, ties going to the lower chunk") {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int budget = 1 + static_cast<int>(rng() % 9);
+    const int locals = 1 + static_cast<int>(rng() % budget);
+    const int sinks = static_cast<int>(rng() % (budget - locals + 1));
+    const std::int64_t i = static_cast<std::int64_t>(rng() % 40);
+    // Few distinct values so ties are common.
+    std::vector<float> scores(static_cast<std::size_t>(i));
+    for (float& s : scores) s = static_cast<float>(rng() % 4);
+    std::vector<std::int32_t> selected(static_cast<std::size_t>(budget)), scratch(static_cast<std::size_t>(i));
+    const std::size_t n = sink_local_topk_selector{}.select({i, budget, sinks, locals}, scores, selected, scratch);
+    const auto expected =
+        reference::select_sink_local_topk(i, budget, sinks, locals, std::vector<double>(scores.begin(), scores.end()));
+    REQUIRE(n == expected.size());
+    CHECK(std::equal(expected.begin(), expected.end(), selected.begin()));
+    // The properties, stated on their own.
+    CHECK(n == static_cast<std::size_t>(std::min<std::int64_t>(i + 1, budget)));
+    CHECK(std::is_sorted(selected.begin(), selected.begin() + static_cast<std::ptrdiff_t>(n)));
+    CHECK(std::adjacent_find(selected.begin(), selected.begin() + static_cast<std::ptrdiff_t>(n)) == selected.begin() + static_cast<std::ptrdiff_t>(n));
+    CHECK(selected[n - 1] == i);
+    for (std::size_t s = 0; s < n; ++s) CHECK(selected[s] <= i);
+    if (i + 1 > budget) {
+      for (int c = 0; c < sinks; ++c) CHECK(selected[static_cast<std::size_t>(c)] == c);
+      for (int l = 0; l < locals; ++l) CHECK(selected[n - 1 - static_cast<std::size_t>(l)] == i - l);
+    }
+  }
+}
+
+TEST_CASE("the selector ranks NaN scores last instead of breaking its sort") {
+  std::vector<float> scores = {0, std::nanf(""), 3, std::nanf(""), 1, 2, std::nanf(""), 0};
+  std::vector<std::int32_t> selected(4), scratch(8);
+  const std::size_t n = sink_local_topk_selector{}.select({8, 4, 1, 2}, scores, selected, scratch);
+  CHECK(n == 4);
+  CHECK(selected == std::vector<std::int32_t>{0, 2, 7, 8});
+}
+
+TEST_CASE("the recent-chunks selector keeps sinks and the newest chunks") {
+  std::vector<float> scores(20, 0.0f);
+  std::vector<std::int32_t> selected(5), scratch(20);
+  CHECK(recent_chunks_selector{}.select({20, 5, 1, 2}, scores, selected, scratch) == 5);
+  CHECK(selected == std::vector<std::int32_t>{0, 17, 18, 19, 20});
+  CHECK(recent_chunks_selector{}.select({3, 5, 1, 2}, scores, selected, scratch) == 4);
+  CHECK(std::vector<std::int32_t>(selected.begin(), selected.begin() + 4) == std::vector<std::int32_t>{0, 1, 2, 3});
+}
+
+TEST_CASE("the contiguous remapper lays selected chunks side by side, the query in the last slot") {
+  const std::vector<std::int32_t> selected = {0, 7, 12, 30, 31};
+  std::vector<std::int64_t> starts(5);
+  const std::int64_t p = 31 * 16 + 5;
+  CHECK(contiguous_slot_remapper{}.remap(selected, p, 16, starts) == 4 * 16 + 5);
+  CHECK(starts == std::vector<std::int64_t>{0, 16, 32, 48, 64});
+  // Fits the budget: slots are chunk ids, positions the true ones.
+  const std::vector<std::int32_t> all = {0, 1, 2};
+  CHECK(contiguous_slot_remapper{}.remap(all, 2 * 16 + 9, 16, starts) == 2 * 16 + 9);
+  CHECK(original_position_remapper{}.remap(selected, p, 16, starts) == p);
+  CHECK(starts == std::vector<std::int64_t>{0, 7 * 16, 12 * 16, 30 * 16, 31 * 16});
+}
