@@ -119,3 +119,59 @@ TEST_CASE("the contiguous remapper lays selected chunks side by side, the query 
   CHECK(original_position_remapper{}.remap(selected, p, 16, starts) == p);
   CHECK(starts == std::vector<std::int64_t>{0, 7 * 16, 12 * 16, 30 * 16, 31 * 16});
 }
+
+TEST_CASE("matmul_nt matches a naive product and gives a row the same bits whatever shares the call") {
+  for (auto [m, n, k] : {std::tuple{1, 1, 1}, {5, 7, 24}, {9, 130, 8}, {17, 33, 128}, {4, 3, 37}}) {
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(k);
+    const auto a = test::random_floats(static_cast<std::size_t>(m) * (k + 3), 31);  // row stride k + 3
+    const auto b = test::random_floats(static_cast<std::size_t>(n) * k, 32);
+    std::vector<float> c(static_cast<std::size_t>(m) * n);
+    matmul_nt({a.data(), m, k, k + 3}, {b.data(), n, k, k}, {c.data(), m, n});
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        double expected = 0;
+        for (int t = 0; t < k; ++t) expected += double(a[i * (k + 3) + t]) * b[j * k + t];
+        CHECK(c[i * n + j] == doctest::Approx(expected).epsilon(1e-5).scale(1.0));
+      }
+    // Every row alone, and every column range alone, gives identical bits: the property
+    // prefill == decode rests on.
+    for (int i = 0; i < m; ++i) {
+      std::vector<float> row(static_cast<std::size_t>(n));
+      matmul_nt({a.data() + i * (k + 3), 1, k, k + 3}, {b.data(), n, k, k}, {row.data(), 1, n});
+      CHECK(std::equal(row.begin(), row.end(), c.begin() + i * n));
+    }
+    std::vector<float> halves(c.size(), -1.0f);
+    matmul_nt({a.data(), m, k, k + 3}, {b.data(), n, k, k}, {halves.data(), m, n}, 0, n / 2);
+    matmul_nt({a.data(), m, k, k + 3}, {b.data(), n, k, k}, {halves.data(), m, n}, n / 2, n);
+    CHECK(halves == c);
+  }
+}
+
+TEST_CASE_TEMPLATE("a chunk's representation does not depend on buffer alignment", Encoder, attention_pooled_encoder, mean_key_encoder) {
+  // Threads use different scratch buffers and caches sit at different addresses: a vectorised
+  // reduction that peels by alignment would make the bits (and so the selection) vary.
+  const int w = 24, d = 40;
+  attention_config cfg = test::make_config(1, 1, d, w, 4);
+  const Encoder encoder{};
+  const auto q = test::random_floats(static_cast<std::size_t>(w) * d + 16, 41);
+  const auto k = test::random_floats(static_cast<std::size_t>(w) * d + 16, 42);
+  const auto v = test::random_floats(static_cast<std::size_t>(w) * d + 16, 43);
+  std::vector<float> first;
+  for (int shift = 0; shift < 16; ++shift) {
+    CAPTURE(shift);
+    // Same values at a different address and with a differently aligned scratch.
+    std::vector<float> qs(q.size()), ks(k.size()), vs(v.size());
+    std::copy_n(q.begin(), w * d, qs.begin() + shift);
+    std::copy_n(k.begin(), w * d, ks.begin() + shift);
+    std::copy_n(v.begin(), w * d, vs.begin() + shift);
+    std::vector<float> rep(encoder.representation_floats(cfg) + 16), scratch(encoder.scratch_floats(cfg) + 16);
+    const chunk_inputs in{{qs.data() + shift, w, d}, {ks.data() + shift, w, d}, {vs.data() + shift, w, d}, 1.0f / std::sqrt(float(d))};
+    encoder.encode(in, std::span<float>(rep).subspan(static_cast<std::size_t>(shift), static_cast<std::size_t>(d)),
+                   std::span<float>(scratch).subspan(static_cast<std::size_t>(15 - shift)));
+    std::vector<float> got(rep.begin() + shift, rep.begin() + shift + d);
+    if (shift == 0) first = got;
+    CHECK(got == first);
+  }
+}

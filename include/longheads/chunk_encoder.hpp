@@ -15,9 +15,9 @@
 #include <cstddef>
 #include <span>
 
-#include <Eigen/Core>
-
 #include "attention_config.hpp"
+#include "detail/simd.hpp"
+#include "matmul.hpp"
 #include "views.hpp"
 
 namespace longheads {
@@ -43,18 +43,20 @@ concept chunk_encoder = requires(const E& e, const attention_config& cfg, const 
 };
 
 namespace detail {
-using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using const_matrix_map = Eigen::Map<const row_matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
-using matrix_map = Eigen::Map<row_matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
-inline const_matrix_map eigen_map(matrix_view<const float> m) {
-  return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.row_stride())};
-}
-inline matrix_map eigen_map(matrix_view<float> m) {
-  return {m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.row_stride())};
+/// Softmax of x in place, in a fixed order: a representation must not depend on where its
+/// scratch happens to be aligned (vectorised reductions that peel by address would).
+inline void softmax_in_place(float* x, std::ptrdiff_t n) noexcept {
+  float top = x[0];
+  for (std::ptrdiff_t i = 1; i < n; ++i) top = std::max(top, x[i]);
+  float sum = 0.0f;
+  for (std::ptrdiff_t i = 0; i < n; ++i) sum += x[i] = std::exp(x[i] - top);
+  scale(1.0f / sum, x, n);
 }
 }  // namespace detail
 
-/// The paper's encoder (see the file comment). Cost per chunk: two w x w x d products.
+/// The paper's encoder (see the file comment). Cost per chunk: a w x w x d product plus
+/// O(w d). Every step is a fixed-order loop, so the bits of a representation depend only on
+/// the chunk, never on the thread, the buffer addresses or how the sequence was split.
 struct attention_pooled_encoder {
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(cfg.head_dim);
@@ -67,26 +69,24 @@ struct attention_pooled_encoder {
 
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
-    auto q = detail::eigen_map(in.queries);
-    auto k = detail::eigen_map(in.keys);
-    auto v = detail::eigen_map(in.values);
-    Eigen::Map<detail::row_matrix> probs(scratch.data(), w, w);
-    Eigen::Map<Eigen::RowVectorXf> column_mean(scratch.data() + w * w, w);
-    Eigen::Map<Eigen::RowVectorXf> key_weights(scratch.data() + w * w + w, w);
-    Eigen::Map<Eigen::RowVectorXf> summary(scratch.data() + w * w + 2 * w, d);
-    probs.noalias() = (q * k.transpose()) * in.scale;
+    const matrix_view<float> probs(scratch.data(), w, w);
+    float* column_mean = scratch.data() + w * w;
+    float* key_weights = column_mean + w;
+    float* summary = key_weights + w;
+    matmul_nt(in.queries, in.keys, probs);  // Q K^T
     for (std::ptrdiff_t r = 0; r < w; ++r) {
-      auto row = probs.row(r);
-      row = (row.array() - row.maxCoeff()).exp().matrix();
-      row /= row.sum();
+      detail::scale(in.scale, probs.row(r), w);
+      detail::softmax_in_place(probs.row(r), w);
     }
     // mean_i (P V)_i = (mean_i P_i) V: one w-vector times V instead of a w x w x d product.
-    column_mean.noalias() = probs.colwise().mean();
-    summary.noalias() = column_mean * v;
-    key_weights.noalias() = (summary * k.transpose()) * in.scale;
-    key_weights = (key_weights.array() - key_weights.maxCoeff()).exp().matrix();
-    key_weights /= key_weights.sum();
-    Eigen::Map<Eigen::RowVectorXf>(representation.data(), d).noalias() = key_weights * k;
+    std::fill_n(column_mean, w, 0.0f);
+    for (std::ptrdiff_t r = 0; r < w; ++r) detail::axpy(1.0f, probs.row(r), column_mean, w);
+    std::fill_n(summary, d, 0.0f);
+    for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(column_mean[j] / static_cast<float>(w), in.values.row(j), summary, d);
+    for (std::ptrdiff_t j = 0; j < w; ++j) key_weights[j] = in.scale * detail::dot(summary, in.keys.row(j), d);
+    detail::softmax_in_place(key_weights, w);
+    std::fill_n(representation.data(), d, 0.0f);
+    for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(key_weights[j], in.keys.row(j), representation.data(), d);
   }
 };
 
@@ -98,8 +98,10 @@ struct mean_key_encoder {
   std::size_t scratch_floats(const attention_config&) const noexcept { return 0; }
   void validate(const attention_config&) const {}
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
-    auto k = detail::eigen_map(in.keys);
-    Eigen::Map<Eigen::RowVectorXf>(representation.data(), k.cols()).noalias() = k.colwise().mean();
+    const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
+    std::fill_n(representation.data(), d, 0.0f);
+    for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(1.0f, in.keys.row(j), representation.data(), d);
+    detail::scale(1.0f / static_cast<float>(w), representation.data(), d);
   }
 };
 

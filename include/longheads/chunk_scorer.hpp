@@ -3,7 +3,8 @@
 //
 // Paper (raw_query_scorer): score(q, c) = q_raw . r_c, the query *before* RoPE against the
 // chunk key built from locally rotated keys (what the authors' code does). For a block of m
-// queries and n chunks this is one GEMM, Q_raw [m, d] x R^T [d, n].
+// queries and n chunks this is a GEMM, Q_raw [m, d] x R^T [d, n], computed tile by tile with
+// one fixed-order dot product per score (see matmul.hpp for why not Eigen's GEMM).
 #pragma once
 
 #include <concepts>
@@ -13,6 +14,7 @@
 
 #include "attention_config.hpp"
 #include "chunk_encoder.hpp"
+#include "matmul.hpp"
 #include "rope.hpp"
 #include "views.hpp"
 
@@ -41,8 +43,7 @@ struct raw_query_scorer {
   std::size_t scratch_floats(const attention_config&, std::ptrdiff_t) const noexcept { return 0; }
   void validate(const attention_config&) const {}
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float>) const noexcept {
-    detail::eigen_map(scores).noalias() =
-        detail::eigen_map(in.queries) * detail::eigen_map(in.representations).transpose();
+    matmul_nt(in.queries, in.representations, scores);
   }
 };
 
@@ -67,8 +68,7 @@ struct rotated_query_scorer {
       const std::int64_t p = in.first_position + r;
       in.rotary->rotate(in.queries.row(r), rotated.row(r), p % in.chunk_size + std::int64_t{offset_chunks} * in.chunk_size);
     }
-    detail::eigen_map(scores).noalias() =
-        detail::eigen_map(matrix_view<const float>(rotated)) * detail::eigen_map(in.representations).transpose();
+    matmul_nt(rotated, in.representations, scores);
   }
 };
 

@@ -13,6 +13,7 @@
 #include "executor.hpp"
 #include "head_selector.hpp"
 #include "kv_cache.hpp"
+#include "matmul.hpp"
 #include "rope.hpp"
 #include "rope_remapper.hpp"
 #include "views.hpp"

@@ -2,6 +2,7 @@
 // Small xsimd loops shared by the kernels: dot product, y += a*x, y *= a.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <xsimd/xsimd.hpp>
 
@@ -10,19 +11,38 @@ namespace longheads::detail {
 using float_batch = xsimd::batch<float>;
 inline constexpr std::ptrdiff_t simd_width = static_cast<std::ptrdiff_t>(float_batch::size);
 
-inline float dot(const float* a, const float* b, std::ptrdiff_t n) noexcept {
-  // Two accumulators hide the FMA latency; more buys nothing at head_dim <= 256.
-  float_batch acc0(0.0f), acc1(0.0f);
+/// out[r] = a[r] . b for R rows sharing b. Every row goes through exactly the sequence of
+/// operations of dot(a[r], b, n), so results do not depend on R: callers rely on that for
+/// split-invariant scores (matmul.hpp).
+template <std::size_t R>
+inline void dot_rows(const float* const (&a)[R], const float* b, std::ptrdiff_t n, float (&out)[R]) noexcept {
+  // Two accumulators per row hide the FMA latency; more buys nothing at head_dim <= 256.
+  float_batch acc0[R], acc1[R];
+  for (std::size_t r = 0; r < R; ++r) acc0[r] = acc1[r] = float_batch(0.0f);
   std::ptrdiff_t i = 0;
   for (; i + 2 * simd_width <= n; i += 2 * simd_width) {
-    acc0 = xsimd::fma(float_batch::load_unaligned(a + i), float_batch::load_unaligned(b + i), acc0);
-    acc1 = xsimd::fma(float_batch::load_unaligned(a + i + simd_width), float_batch::load_unaligned(b + i + simd_width), acc1);
+    const float_batch b0 = float_batch::load_unaligned(b + i), b1 = float_batch::load_unaligned(b + i + simd_width);
+    for (std::size_t r = 0; r < R; ++r) {
+      acc0[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i), b0, acc0[r]);
+      acc1[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i + simd_width), b1, acc1[r]);
+    }
   }
-  for (; i + simd_width <= n; i += simd_width)
-    acc0 = xsimd::fma(float_batch::load_unaligned(a + i), float_batch::load_unaligned(b + i), acc0);
-  float sum = xsimd::hadd(acc0 + acc1);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+  for (; i + simd_width <= n; i += simd_width) {
+    const float_batch b0 = float_batch::load_unaligned(b + i);
+    for (std::size_t r = 0; r < R; ++r) acc0[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i), b0, acc0[r]);
+  }
+  for (std::size_t r = 0; r < R; ++r) {
+    float sum = xsimd::hadd(acc0[r] + acc1[r]);
+    for (std::ptrdiff_t j = i; j < n; ++j) sum = std::fma(a[r][j], b[j], sum);
+    out[r] = sum;
+  }
+}
+
+inline float dot(const float* a, const float* b, std::ptrdiff_t n) noexcept {
+  const float* rows[1] = {a};
+  float out[1];
+  dot_rows<1>(rows, b, n, out);
+  return out[0];
 }
 
 /// y += alpha * x
