@@ -12,20 +12,20 @@
 #include <cstdio>
 #include <string>
 
+#include "common/attention_flags.hpp"
 #include "common/npy.hpp"
 
 namespace {
 
 struct options {
   std::string q_path, k_path, v_path, out_path, selections_path;
-  longheads::attention_config config;
+  tools::attention_flags attention;
   double rope_theta = 10000.0;
   longheads::rope_layout layout = longheads::rope_layout::half;
   std::string rope_scaling = "none";
   double rope_factor = 1.0;
   double rope_original_context = 4096;
   long split = 0;
-  unsigned threads = 1;
 };
 
 longheads::rope make_rope(const options& o, int head_dim) {
@@ -45,7 +45,7 @@ template <class Policies>
 void run(const options& o, const npy::array<float>& q, const npy::array<float>& k, const npy::array<float>& v,
          typename longheads::attention<Policies>::policy_set policies) {
   const auto T = q.shape[0], hq = q.shape[1], hkv = k.shape[1], d = q.shape[2];
-  longheads::attention_config config = o.config;
+  longheads::attention_config config = o.attention.config;
   config.n_q_heads = static_cast<int>(hq);
   config.n_kv_heads = static_cast<int>(hkv);
   config.head_dim = static_cast<int>(d);
@@ -83,13 +83,8 @@ int main(int argc, char** argv) {
   app.add_option("--v", o.v_path, "values [T, H_kv, d], float32 .npy")->required()->check(CLI::ExistingFile);
   app.add_option("--out", o.out_path, "attention output [T, H_q, d], float32 .npy");
   app.add_option("--selections", o.selections_path, "chunk ids read per query [T, H_q, chunks], int32 .npy, -1 padded (longheads)");
-  std::string method = "longheads", layout = "half";
-  app.add_option("--attention", method, "which attention")->check(CLI::IsMember({"longheads", "dense", "sink-window"}))->capture_default_str();
-  app.add_option("--chunk-size", o.config.chunk_size, "tokens per chunk (w)")->capture_default_str();
-  app.add_option("--chunks", o.config.budget_chunks, "chunks each head reads per query (k); budget L = k*w")->capture_default_str();
-  app.add_option("--sink-chunks", o.config.sink_chunks, "always-read chunks at the start")->capture_default_str();
-  app.add_option("--local-chunks", o.config.local_chunks, "always-read most recent chunks, current included")->capture_default_str();
-  app.add_option("--sink-tokens", o.config.sink_tokens, "sink tokens of sink-window")->capture_default_str();
+  std::string layout = "half";
+  tools::add_attention_flags(app, o.attention);
   app.add_option("--rope-theta", o.rope_theta, "RoPE base")->capture_default_str();
   app.add_option("--rope-layout", layout, "RoPE pairs: half (HF/NeoX) or interleaved (Meta/llama2.c)")
       ->check(CLI::IsMember({"half", "interleaved"}))
@@ -102,9 +97,6 @@ int main(int argc, char** argv) {
   app.add_option("--split", o.split, "feed the sequence as prefill blocks of N tokens (1 = decode token by token; 0 = all at once)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_option("--threads", o.threads, "threads (heads run in parallel; results identical for any count)")
-      ->check(CLI::Range(1u, 1024u))
-      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -113,9 +105,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "longheads_run: error: %s (see --help)\n", e.what());
     return 2;
   }
-  o.config.method = method == "dense"         ? longheads::attention_method::dense
-                    : method == "sink-window" ? longheads::attention_method::sink_window
-                                              : longheads::attention_method::longheads;
+  o.attention.config.method = tools::parse_method(o.attention.method);
   o.layout = layout == "interleaved" ? longheads::rope_layout::interleaved : longheads::rope_layout::half;
   try {
     const auto q = npy::load<float>(o.q_path), k = npy::load<float>(o.k_path), v = npy::load<float>(o.v_path);
@@ -127,8 +117,8 @@ int main(int argc, char** argv) {
       throw std::runtime_error("q is [" + std::to_string(q.shape[0]) + ", " + std::to_string(q.shape[1]) + ", " +
                                std::to_string(q.shape[2]) + "] but k is [" + std::to_string(k.shape[0]) + ", " +
                                std::to_string(k.shape[1]) + ", " + std::to_string(k.shape[2]) + "]: T and head_dim must agree");
-    if (o.threads > 1)
-      run<threaded>(o, q, k, v, {.executor = longheads::thread_pool_executor(o.threads)});
+    if (o.attention.threads > 1)
+      run<threaded>(o, q, k, v, {.executor = longheads::thread_pool_executor(o.attention.threads)});
     else
       run<longheads::paper_policies>(o, q, k, v, {});
   } catch (const std::exception& e) {

@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
-# Builds the examples and runs the main demo.
+# Builds the examples and runs the main demo: the passkey benchmark on the passkey-256 model
+# (trained at 256 tokens) from 256 to 16384 tokens, dense vs sink+window vs LongHeads.
+# Without the model it says where to get it and runs the synthetic 128k-token needle demo.
+# Extra arguments go to the demo program.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build -j "$(nproc)" --target needle_demo
-./build/examples/needle_demo "$@"
+models="${LONGHEADS_MODELS:-../shared/models}"
+if [ -f "$models/passkey-256.bin" ]; then
+  cmake --build build -j "$(nproc)" --target longheads_llama2c
+  mkdir -p out
+  ./build/examples/longheads_llama2c --model "$models/passkey-256.bin" --passkey \
+    --lengths 256,1024,4096,16384 --depths 4 --chunk-size 32 --chunks 8 --threads "$(nproc)" \
+    --plot out/passkey.png --heatmap out/heatmap.png "$@"
+else
+  echo "longheads: no passkey-256.bin in $models." >&2
+  echo "  The models ship in the project's shared/ directory (beside this checkout: ../shared/models);" >&2
+  echo "  point LONGHEADS_MODELS at a directory that holds passkey-256.bin and its .vocab.txt." >&2
+  echo "  Running the self-contained synthetic demo instead." >&2
+  cmake --build build -j "$(nproc)" --target needle_demo
+  ./build/examples/needle_demo "$@"
+fi

@@ -5,6 +5,7 @@
 
 #include "../examples/common/npy.hpp"
 #include "test_support.hpp"
+#include "tool_run.hpp"
 
 #include <cstdlib>
 #include <filesystem>
@@ -14,29 +15,9 @@
 namespace fs = std::filesystem;
 
 namespace {
-struct tool_run {
-  int exit_code;
-  std::string stderr_text;
-};
+fs::path work_dir() { return test::work_dir("longheads_run_test"); }
 
-fs::path work_dir() {
-  static const fs::path dir = [] {
-    fs::path d = fs::temp_directory_path() / ("longheads_run_test_" + std::to_string(::getpid()));
-    fs::create_directories(d);
-    return d;
-  }();
-  return dir;
-}
-
-tool_run run_tool(const std::string& args) {
-  const fs::path err = work_dir() / "stderr.txt";
-  const std::string command = std::string(LONGHEADS_RUN_PATH) + " " + args + " 2> " + err.string();
-  const int status = std::system(command.c_str());
-  std::ifstream in(err);
-  std::stringstream text;
-  text << in.rdbuf();
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text.str()};
-}
+test::tool_run run_tool(const std::string& args) { return test::run_tool(work_dir(), LONGHEADS_RUN_PATH, args); }
 
 struct fixture {
   test::sequence seq{150, 4, 2, 16, 2024};
