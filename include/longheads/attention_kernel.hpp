@@ -40,7 +40,9 @@ concept attention_kernel = requires(const K& k, std::span<const kv_segment> segm
 /// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and values.
 struct online_softmax_kernel {
   std::size_t scratch_floats(std::ptrdiff_t max_segment_length, int) const noexcept {
-    return static_cast<std::size_t>(max_segment_length);
+    // Rounded up to whole batches: the padding holds -inf, so every probability goes through
+    // the same vector exp whatever the segment's length.
+    return static_cast<std::size_t>((max_segment_length + detail::simd_width - 1) / detail::simd_width * detail::simd_width);
   }
 
   void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out,
@@ -63,10 +65,14 @@ struct online_softmax_kernel {
         detail::scale(correction, out, d);
         running_max = segment_max;
       }
+      const std::ptrdiff_t padded = (seg.length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
+      std::fill(logits + seg.length, logits + padded, -std::numeric_limits<float>::infinity());
+      const detail::float_batch shift(running_max);
+      for (std::ptrdiff_t j = 0; j < padded; j += detail::simd_width)
+        xsimd::exp(detail::float_batch::load_unaligned(logits + j) - shift).store_unaligned(logits + j);
       for (std::int32_t j = 0; j < seg.length; ++j) {
-        const float p = std::exp(logits[j] - running_max);
-        denominator += p;
-        detail::axpy(p, seg.values + j * d, out, d);
+        denominator += logits[j];
+        detail::axpy(logits[j], seg.values + j * d, out, d);
       }
     }
     detail::scale(1.0f / denominator, out, d);
