@@ -287,6 +287,14 @@ namespace {
 struct threaded_policies : paper_policies {
   using executor = thread_pool_executor;
 };
+struct quest_policies : paper_policies {
+  using encoder = key_bounds_encoder;
+  using scorer = bound_scorer;
+};
+struct representative_policies : paper_policies {
+  using encoder = representative_keys_encoder;
+  using scorer = max_key_scorer;
+};
 struct alternative_policies : paper_policies {
   using encoder = mean_key_encoder;
   using scorer = rotated_query_scorer;
@@ -324,4 +332,61 @@ TEST_CASE("swapped policies compose and match the naive algorithm given the same
   CHECK(sel == expected_sel);
   CHECK(test::max_abs_diff(out, expected) <= tolerance);
   CHECK(test::max_abs_diff(seq.run(a, 1), out) <= tolerance);
+}
+
+namespace {
+// The naive algorithm with the same encoder and scorer as a policy bundle.
+template <class Policies>
+reference::longheads_settings settings_for(const reference::problem& pr, int w, int budget) {
+  reference::longheads_settings s{.chunk_size = w, .budget_chunks = budget};
+  const auto rotated = [&pr, w](const std::vector<double>& q, std::int64_t p) { return pr.rotated(q, static_cast<double>(p % w + w)); };
+  if constexpr (std::is_same_v<Policies, quest_policies>) {
+    s.encode = [](const reference::matrix&, const reference::matrix& k, const reference::matrix&) { return reference::key_bounds(k); };
+    s.score = [rotated](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {
+      return reference::bound_score(rotated(q, p), rep);
+    };
+  } else {
+    s.encode = [](const reference::matrix& q, const reference::matrix& k, const reference::matrix&) {
+      return reference::representative_keys(q, k, 2);
+    };
+    s.score = [rotated](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {
+      return reference::max_key_score(rotated(q, p), rep);
+    };
+  }
+  return s;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("selection policies beyond the paper's pass the same exactness tests", Policies, quest_policies, representative_policies) {
+  for (head_layout heads : {mha, gqa}) {
+    CAPTURE(heads.hkv);
+    const int w = 8, budget = 4, d = 16;
+    rope r(d, 10000.0, rope_layout::interleaved);
+    attention<Policies> a(test::make_config(heads.hq, heads.hkv, d, w, budget), r);
+    // Fits the budget: exactly dense causal attention.
+    const test::sequence short_seq(w * budget, heads.hq, heads.hkv, d, 1300);
+    CHECK(test::max_abs_diff(short_seq.run(a), reference::dense_causal(short_seq.problem(r))) <= tolerance);
+    // Past the budget: the naive algorithm with the same encoder and scorer, same selections.
+    const test::sequence seq(6 * w * budget + 3, heads.hq, heads.hkv, d, 1400);
+    std::vector<std::int32_t> sel, expected_sel;
+    const auto out = seq.run(a, 0, &sel);
+    const auto pr = seq.problem(r);
+    const auto expected = reference::longheads(pr, settings_for<Policies>(pr, w, budget), &expected_sel);
+    CHECK(sel == expected_sel);
+    CHECK(test::max_abs_diff(out, expected) <= tolerance);
+    // Prefill == decode == any split, bit for bit.
+    for (int split : {1, 5, 8, 37}) {
+      CAPTURE(split);
+      CHECK(seq.run(a, split) == out);
+    }
+  }
+}
+
+TEST_CASE("an encoder and a scorer that do not fit together are a config error") {
+  struct mismatched : paper_policies {
+    using encoder = key_bounds_encoder;  // writes 2d floats per chunk; raw_query_scorer reads d
+  };
+  rope r(16);
+  CHECK_THROWS_WITH_AS(attention<mismatched>(test::make_config(2, 2, 16, 8, 4), r),
+                       doctest::Contains("the scorer reads 16 floats per chunk representation but the encoder writes 32"), config_error);
 }

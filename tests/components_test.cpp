@@ -10,6 +10,14 @@
 using namespace longheads;
 
 namespace {
+template <class Encoder>
+std::vector<double> expected_representation(const reference::matrix& q, const reference::matrix& k, const reference::matrix& v) {
+  if constexpr (std::is_same_v<Encoder, mean_key_encoder>) return reference::mean_key(k);
+  else if constexpr (std::is_same_v<Encoder, key_bounds_encoder>) return reference::key_bounds(k);
+  else if constexpr (std::is_same_v<Encoder, representative_keys_encoder>) return reference::representative_keys(q, k, 2);
+  else return reference::attention_pooled_key(q, k, v);
+}
+
 reference::matrix to_matrix(const std::vector<float>& x, int rows, int cols, int row_stride, int offset = 0) {
   reference::matrix m(static_cast<std::size_t>(rows));
   for (int r = 0; r < rows; ++r)
@@ -18,9 +26,10 @@ reference::matrix to_matrix(const std::vector<float>& x, int rows, int cols, int
 }
 }  // namespace
 
-TEST_CASE_TEMPLATE("chunk encoders match their naive references", Encoder, attention_pooled_encoder, mean_key_encoder) {
+TEST_CASE_TEMPLATE("chunk encoders match their naive references", Encoder, attention_pooled_encoder, mean_key_encoder, key_bounds_encoder,
+                   representative_keys_encoder) {
   static_assert(chunk_encoder<Encoder>);
-  for (auto [w, d] : {std::pair{1, 2}, {4, 8}, {16, 32}, {33, 18}, {64, 64}}) {
+  for (auto [w, d] : {std::pair{2, 2}, {4, 8}, {16, 32}, {33, 18}, {64, 64}}) {
     CAPTURE(w);
     CAPTURE(d);
     attention_config cfg = test::make_config(3, 1, d, w, 4);
@@ -33,7 +42,8 @@ TEST_CASE_TEMPLATE("chunk encoders match their naive references", Encoder, atten
     const chunk_inputs in{{q.data() + d, w, d, 3 * d}, {k.data(), w, d}, {v.data(), w, d}, 1.0f / std::sqrt(float(d))};
     encoder.encode(in, rep, scratch);
     const auto Q = to_matrix(q, w, d, 3 * d, d), K = to_matrix(k, w, d, d), V = to_matrix(v, w, d, d);
-    const auto expected = std::is_same_v<Encoder, mean_key_encoder> ? reference::mean_key(K) : reference::attention_pooled_key(Q, K, V);
+    const auto expected = expected_representation<Encoder>(Q, K, V);
+    REQUIRE(rep.size() == expected.size());
     CHECK(test::max_abs_diff(rep, expected) <= 1e-5);
   }
 }
@@ -149,7 +159,8 @@ TEST_CASE("matmul_nt matches a naive product and gives a row the same bits whate
   }
 }
 
-TEST_CASE_TEMPLATE("a chunk's representation does not depend on buffer alignment", Encoder, attention_pooled_encoder, mean_key_encoder) {
+TEST_CASE_TEMPLATE("a chunk's representation does not depend on buffer alignment", Encoder, attention_pooled_encoder, mean_key_encoder,
+                   key_bounds_encoder, representative_keys_encoder) {
   // Threads use different scratch buffers and caches sit at different addresses: a vectorised
   // reduction that peels by alignment would make the bits (and so the selection) vary.
   const int w = 24, d = 40;
@@ -166,12 +177,57 @@ TEST_CASE_TEMPLATE("a chunk's representation does not depend on buffer alignment
     std::copy_n(q.begin(), w * d, qs.begin() + shift);
     std::copy_n(k.begin(), w * d, ks.begin() + shift);
     std::copy_n(v.begin(), w * d, vs.begin() + shift);
-    std::vector<float> rep(encoder.representation_floats(cfg) + 16), scratch(encoder.scratch_floats(cfg) + 16);
+    const auto n = encoder.representation_floats(cfg);
+    std::vector<float> rep(n + 16), scratch(encoder.scratch_floats(cfg) + 16);
     const chunk_inputs in{{qs.data() + shift, w, d}, {ks.data() + shift, w, d}, {vs.data() + shift, w, d}, 1.0f / std::sqrt(float(d))};
-    encoder.encode(in, std::span<float>(rep).subspan(static_cast<std::size_t>(shift), static_cast<std::size_t>(d)),
+    encoder.encode(in, std::span<float>(rep).subspan(static_cast<std::size_t>(shift), n),
                    std::span<float>(scratch).subspan(static_cast<std::size_t>(15 - shift)));
-    std::vector<float> got(rep.begin() + shift, rep.begin() + shift + d);
+    std::vector<float> got(rep.begin() + shift, rep.begin() + shift + static_cast<std::ptrdiff_t>(n));
     if (shift == 0) first = got;
     CHECK(got == first);
+  }
+}
+
+TEST_CASE("bound and max-key scorers match their naive references with the rotated query") {
+  const int d = 16, m = 6, n = 9, w = 8, count = 3;
+  attention_config cfg = test::make_config(1, 1, d, w, 4);
+  rope r(d, 10000.0, rope_layout::half);
+  const auto q = test::random_floats(static_cast<std::size_t>(m) * d, 51);
+  const auto bounds = test::random_floats(static_cast<std::size_t>(n) * 2 * d, 52);
+  const auto keys = test::random_floats(static_cast<std::size_t>(n) * count * d, 53);
+  const std::int64_t first = 45;
+  const bound_scorer bound{2};
+  const max_key_scorer best{count, 1};
+  bound.validate(cfg);
+  best.validate(cfg);
+  CHECK(bound.representation_floats(cfg) == 2 * d);
+  CHECK(best.representation_floats(cfg) == count * d);
+  std::vector<float> s1(static_cast<std::size_t>(m) * n), s2(s1.size()), scratch(bound.scratch_floats(cfg, m));
+  bound.score({{q.data(), m, d}, first, {bounds.data(), n, 2 * d}, &r, w}, {s1.data(), m, n}, scratch);
+  best.score({{q.data(), m, d}, first, {keys.data(), n, count * d}, &r, w}, {s2.data(), m, n}, scratch);
+  const auto inv = reference::inverse_frequencies(d, 10000.0);
+  for (int i = 0; i < m; ++i) {
+    const std::vector<double> raw(q.begin() + i * d, q.begin() + (i + 1) * d);
+    const auto q_bound = reference::rotate(raw, static_cast<double>((first + i) % w + 2 * w), inv, rope_layout::half);
+    const auto q_best = reference::rotate(raw, static_cast<double>((first + i) % w + w), inv, rope_layout::half);
+    for (int c = 0; c < n; ++c) {
+      const std::vector<double> b(bounds.begin() + c * 2 * d, bounds.begin() + (c + 1) * 2 * d);
+      const std::vector<double> k(keys.begin() + c * count * d, keys.begin() + (c + 1) * count * d);
+      CHECK(s1[i * n + c] == doctest::Approx(reference::bound_score(q_bound, b)).epsilon(1e-5));
+      CHECK(s2[i * n + c] == doctest::Approx(reference::max_key_score(q_best, k)).epsilon(1e-5));
+    }
+  }
+}
+
+TEST_CASE("the bound score is an upper bound of the query's dot product with every key of the chunk") {
+  const int d = 12, w = 16;
+  const auto k = test::random_floats(static_cast<std::size_t>(w) * d, 61);
+  std::vector<float> bounds(2 * d);
+  key_bounds_encoder{}.encode({{k.data(), w, d}, {k.data(), w, d}, {k.data(), w, d}, 1.0f}, bounds, {});
+  const auto q = test::random_floats(static_cast<std::size_t>(d) * 20, 62);
+  for (int i = 0; i < 20; ++i) {
+    const std::vector<double> query(q.begin() + i * d, q.begin() + (i + 1) * d);
+    const double bound = reference::bound_score(query, std::vector<double>(bounds.begin(), bounds.end()));
+    for (int j = 0; j < w; ++j) CHECK(reference::dot(query, std::vector<double>(k.begin() + j * d, k.begin() + (j + 1) * d)) <= bound + 1e-9);
   }
 }

@@ -27,6 +27,7 @@
 #include "checkpoint.hpp"
 #include "passkey.hpp"
 #include "plots.hpp"
+#include "policies.hpp"
 #include "transformer.hpp"
 
 namespace {
@@ -58,6 +59,11 @@ struct options {
   std::vector<std::string> methods = {"dense", "sink-window", "longheads"};
   std::string csv, plot, heatmap;
   bool quiet = false;
+  std::string policy = "paper";
+  int offset_chunks = 1;
+  int representative_keys = 2;
+
+  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads}; }
 };
 
 /// --model as given if it exists, else that name under $LONGHEADS_MODELS, ../shared/models
@@ -81,9 +87,7 @@ template <class Policies>
 model_type<Policies> make_model(const llama2c::checkpoint& ckpt, const options& o, longheads::attention_method method) {
   longheads::attention_config knobs = o.attention.config;
   knobs.method = method;
-  typename longheads::attention<Policies>::policy_set policies;
-  policies.executor = longheads::thread_pool_executor(o.attention.threads);
-  return model_type<Policies>(ckpt, knobs, std::move(policies));
+  return model_type<Policies>(ckpt, knobs, llama2c::policies::make_set<Policies>(o.policy_knobs()));
 }
 
 std::int32_t argmax(std::span<const float> logits) {
@@ -410,6 +414,11 @@ int main(int argc, char** argv) {
   app.add_option("--plot", o.plot, "--passkey: draw accuracy vs length (PNG, gnuplot)");
   app.add_option("--heatmap", o.heatmap, "--passkey: draw the chunks each head selected for one longest prompt (PNG)");
   app.add_flag("--quiet", o.quiet, "no progress bar");
+  app.add_option("--policy", o.policy, "chunk selection policy (recommended: see docs/results.md)")
+      ->check(CLI::IsMember(llama2c::policies::names()))
+      ->capture_default_str();
+  app.add_option("--score-offset", o.offset_chunks, "rotated-query policies: chunk offset the query is rotated to")->capture_default_str();
+  app.add_option("--representative-keys", o.representative_keys, "representative-keys policy: keys kept per chunk")->capture_default_str();
   generate->excludes(eval)->excludes(passkey);
   eval->excludes(passkey);
   try {
@@ -430,7 +439,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run<llama2c::threaded_policies>(o);
+    return llama2c::policies::with_policy(o.policy, [&]<class P>(std::type_identity<P>) { return run<P>(o); });
   } catch (const std::exception& e) {
     std::fprintf(stderr, "longheads_llama2c: error: %s\n", e.what());
     return 1;

@@ -81,6 +81,11 @@ class attention {
                                  " does not match config head_dim " + std::to_string(config_.head_dim));
     policies_.encoder.validate(config_);
     policies_.scorer.validate(config_);
+    if (policies_.scorer.representation_floats(config_) != policies_.encoder.representation_floats(config_))
+      detail::fail<config_error>("attention: the scorer reads " + std::to_string(policies_.scorer.representation_floats(config_)) +
+                                 " floats per chunk representation but the encoder writes " +
+                                 std::to_string(policies_.encoder.representation_floats(config_)) +
+                                 " (pair key_bounds_encoder with bound_scorer, representative_keys_encoder{n} with max_key_scorer{n})");
     // Every rotation LongHeads and sink+window make per token is by a delta in [0, L + w).
     rope_.tabulate(config_.budget_tokens() + config_.chunk_size);
     lanes_.resize(policies_.executor.lanes());

@@ -14,8 +14,10 @@
 #include <concepts>
 #include <cstddef>
 #include <span>
+#include <string>
 
 #include "attention_config.hpp"
+#include "errors.hpp"
 #include "detail/simd.hpp"
 #include "matmul.hpp"
 #include "views.hpp"
@@ -105,6 +107,72 @@ struct mean_key_encoder {
   }
 };
 
-static_assert(chunk_encoder<attention_pooled_encoder> && chunk_encoder<mean_key_encoder>);
+/// Quest-style bounds: per channel, the minimum then the maximum over the chunk's locally
+/// rotated keys ([2d]). Paired with bound_scorer, a query's score is an upper bound of its dot
+/// product with any key of the chunk, so one matching key is not averaged away by w - 1 others.
+struct key_bounds_encoder {
+  std::size_t representation_floats(const attention_config& cfg) const noexcept {
+    return 2 * static_cast<std::size_t>(cfg.head_dim);
+  }
+  std::size_t scratch_floats(const attention_config&) const noexcept { return 0; }
+  void validate(const attention_config&) const {}
+  void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
+    const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
+    float* lo = representation.data();
+    float* hi = lo + d;
+    std::copy_n(in.keys.row(0), d, lo);
+    std::copy_n(in.keys.row(0), d, hi);
+    for (std::ptrdiff_t j = 1; j < w; ++j)
+      for (std::ptrdiff_t i = 0; i < d; ++i) {
+        lo[i] = std::min(lo[i], in.keys.row(j)[i]);
+        hi[i] = std::max(hi[i], in.keys.row(j)[i]);
+      }
+  }
+};
+
+/// InfLLM-style representative keys: the `count` keys of the chunk that its own queries attend
+/// to most (column mass of softmax(Q K^T / sqrt d), non-causal as in the paper's encoder), in
+/// ascending position; [count * d]. Paired with max_key_scorer.
+struct representative_keys_encoder {
+  int count = 2;
+
+  std::size_t representation_floats(const attention_config& cfg) const noexcept {
+    return static_cast<std::size_t>(count) * static_cast<std::size_t>(cfg.head_dim);
+  }
+  std::size_t scratch_floats(const attention_config& cfg) const noexcept {
+    const auto w = static_cast<std::size_t>(cfg.chunk_size);
+    return w * w + 2 * w;
+  }
+  void validate(const attention_config& cfg) const {
+    if (count < 1 || count > cfg.chunk_size)
+      detail::fail<config_error>("representative_keys_encoder: count must be in [1, chunk_size = " + std::to_string(cfg.chunk_size) +
+                                 "], got " + std::to_string(count));
+  }
+  void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
+    const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
+    const matrix_view<float> probs(scratch.data(), w, w);
+    float* mass = scratch.data() + w * w;
+    float* order = mass + w;  // key indices, as floats (exact below 2^24)
+    matmul_nt(in.queries, in.keys, probs);
+    std::fill_n(mass, w, 0.0f);
+    for (std::ptrdiff_t r = 0; r < w; ++r) {
+      detail::scale(in.scale, probs.row(r), w);
+      detail::softmax_in_place(probs.row(r), w);
+      detail::axpy(1.0f, probs.row(r), mass, w);
+    }
+    for (std::ptrdiff_t j = 0; j < w; ++j) order[j] = static_cast<float>(j);
+    const auto more_mass = [&](float a, float b) {
+      const float ma = mass[static_cast<std::ptrdiff_t>(a)], mb = mass[static_cast<std::ptrdiff_t>(b)];
+      return ma > mb || (ma == mb && a < b);
+    };
+    std::partial_sort(order, order + count, order + w, more_mass);
+    std::sort(order, order + count);
+    for (int c = 0; c < count; ++c)
+      std::copy_n(in.keys.row(static_cast<std::ptrdiff_t>(order[c])), d, representation.data() + c * d);
+  }
+};
+
+static_assert(chunk_encoder<attention_pooled_encoder> && chunk_encoder<mean_key_encoder> && chunk_encoder<key_bounds_encoder> &&
+              chunk_encoder<representative_keys_encoder>);
 
 }  // namespace longheads

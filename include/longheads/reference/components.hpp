@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -55,6 +56,61 @@ inline std::vector<double> mean_key(const matrix& k) {
   for (const auto& row : k)
     for (std::size_t c = 0; c < row.size(); ++c) r[c] += row[c] / static_cast<double>(k.size());
   return r;
+}
+
+/// Quest bounds: per channel min over keys, then max over keys, [2d].
+inline std::vector<double> key_bounds(const matrix& k) {
+  const std::size_t d = k[0].size();
+  std::vector<double> r(2 * d);
+  for (std::size_t c = 0; c < d; ++c) {
+    r[c] = r[d + c] = k[0][c];
+    for (const auto& row : k) {
+      r[c] = std::min(r[c], row[c]);
+      r[d + c] = std::max(r[d + c], row[c]);
+    }
+  }
+  return r;
+}
+
+/// Upper bound of q . k over the keys summarised by key_bounds.
+inline double bound_score(const std::vector<double>& q, const std::vector<double>& bounds) {
+  double s = 0;
+  for (std::size_t c = 0; c < q.size(); ++c) s += std::max(q[c] * bounds[c], q[c] * bounds[q.size() + c]);
+  return s;
+}
+
+/// The `count` keys with the largest column mass of softmax(Q K^T / sqrt d) (ties: lower
+/// position), concatenated in ascending position.
+inline std::vector<double> representative_keys(const matrix& q, const matrix& k, int count) {
+  const std::size_t w = k.size(), d = k[0].size();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> mass(w, 0.0);
+  for (std::size_t i = 0; i < w; ++i) {
+    std::vector<double> logits(w);
+    for (std::size_t j = 0; j < w; ++j) logits[j] = dot(q[i], k[j]) * scale;
+    const auto p = softmax(logits);
+    for (std::size_t j = 0; j < w; ++j) mass[j] += p[j];
+  }
+  std::vector<std::size_t> order(w);
+  for (std::size_t j = 0; j < w; ++j) order[j] = j;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return mass[a] > mass[b]; });
+  order.resize(static_cast<std::size_t>(count));
+  std::sort(order.begin(), order.end());
+  std::vector<double> r;
+  for (std::size_t j : order) r.insert(r.end(), k[j].begin(), k[j].end());
+  return r;
+}
+
+/// max over the representative keys of q . k_j.
+inline double max_key_score(const std::vector<double>& q, const std::vector<double>& keys) {
+  const std::size_t d = q.size();
+  double best = -std::numeric_limits<double>::infinity();
+  for (std::size_t j = 0; j + d <= keys.size(); j += d) {
+    double s = 0;
+    for (std::size_t c = 0; c < d; ++c) s += q[c] * keys[j + c];
+    best = std::max(best, s);
+  }
+  return best;
 }
 
 /// The paper's selection by a full sort: all of 0..i if it fits, else sinks + top by score

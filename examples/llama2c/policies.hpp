@@ -1,0 +1,75 @@
+// SPDX-License-Identifier: MIT
+// The selection policies the host can run by name (--policy), each a bundle of the library's
+// policy types; all use a thread pool so --threads stays a runtime knob.
+#pragma once
+
+#include <longheads/longheads.hpp>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "transformer.hpp"
+
+namespace llama2c::policies {
+
+/// The paper: attention-pooled chunk key scored by the raw query.
+struct paper : threaded_policies {};
+/// The paper's chunk key, scored by the query rotated to a canonical chunk offset.
+struct paper_rotated : threaded_policies {
+  using scorer = longheads::rotated_query_scorer;
+};
+/// Mean of the chunk's keys, rotated query.
+struct mean_key : threaded_policies {
+  using encoder = longheads::mean_key_encoder;
+  using scorer = longheads::rotated_query_scorer;
+};
+/// Quest: per-channel key bounds, upper-bound score with the rotated query.
+struct quest : threaded_policies {
+  using encoder = longheads::key_bounds_encoder;
+  using scorer = longheads::bound_scorer;
+};
+/// InfLLM-style representative keys, best match with the rotated query.
+struct representative_keys : threaded_policies {
+  using encoder = longheads::representative_keys_encoder;
+  using scorer = longheads::max_key_scorer;
+};
+
+struct knobs {
+  int offset_chunks = 1;        // canonical chunk offset of the rotated query
+  int representative_keys = 2;  // keys per chunk for representative_keys
+  unsigned threads = 1;
+};
+
+template <class P>
+typename longheads::attention<P>::policy_set make_set(const knobs& k) {
+  typename longheads::attention<P>::policy_set set;
+  set.executor = longheads::thread_pool_executor(k.threads);
+  if constexpr (requires { set.scorer.offset_chunks; }) set.scorer.offset_chunks = k.offset_chunks;
+  if constexpr (requires { set.scorer.count; }) set.scorer.count = k.representative_keys;
+  if constexpr (requires { set.encoder.count; }) set.encoder.count = k.representative_keys;
+  return set;
+}
+
+inline const std::vector<std::string>& names() {
+  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "representative-keys", "recommended"};
+  return n;
+}
+
+/// The policy the docs recommend (docs/results.md says why).
+using recommended = quest;
+
+/// Calls f(std::type_identity<P>{}) for the policy bundle named `name`.
+template <class F>
+decltype(auto) with_policy(const std::string& name, F&& f) {
+  if (name == "paper") return f(std::type_identity<paper>{});
+  if (name == "paper-rotated") return f(std::type_identity<paper_rotated>{});
+  if (name == "mean-key") return f(std::type_identity<mean_key>{});
+  if (name == "quest") return f(std::type_identity<quest>{});
+  if (name == "representative-keys") return f(std::type_identity<representative_keys>{});
+  if (name == "recommended") return f(std::type_identity<recommended>{});
+  throw std::invalid_argument("unknown policy '" + name + "'");
+}
+
+}  // namespace llama2c::policies
