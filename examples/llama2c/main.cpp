@@ -28,6 +28,7 @@
 #include "passkey.hpp"
 #include "plots.hpp"
 #include "policies.hpp"
+#include "selection_diagnostics.hpp"
 #include "transformer.hpp"
 
 namespace {
@@ -201,24 +202,73 @@ class progress_bar {
   bool enabled_;
 };
 
-struct passkey_outcome {
-  bool correct = false;
-  std::vector<std::int32_t> answer;
-  std::int64_t tokens = 0;
-  double seconds = 0;
+/// Per length, for one method.
+struct length_stats {
+  int correct = 0, total = 0;
+  llama2c::selection_report selection;
 };
 
-/// Prefill the prompt, then greedy-decode the five answer tokens.
-template <class Model>
-passkey_outcome answer_passkey(Model& model, const llama2c::passkey_prompt& p, std::int64_t split) {
-  const auto start = clock_type::now();
-  model.reset();
-  passkey_outcome out;
-  out.answer = llama2c::greedy_continuation(model, p.tokens, llama2c::passkey_task::answer_tokens, split);
-  out.seconds = std::chrono::duration<double>(clock_type::now() - start).count();
-  out.tokens = static_cast<std::int64_t>(p.tokens.size()) + llama2c::passkey_task::answer_tokens - 1;
-  out.correct = out.answer == p.answer;
-  return out;
+struct method_result {
+  std::string name;
+  std::map<std::int64_t, length_stats> by_length;
+  double seconds = 0;
+  std::int64_t tokens = 0;
+  std::size_t representation_floats = 0;  // per chunk and query head
+  double score_flops_per_chunk = 0;       // per query and head
+};
+
+template <class Policies>
+double score_flops_per_chunk(const longheads::attention<Policies>& a) {
+  const double d = a.config().head_dim;
+  using scorer = typename Policies::scorer;
+  if constexpr (std::is_same_v<scorer, longheads::bound_scorer>) return 4 * d;  // 2 multiplies, max, add per channel
+  else if constexpr (std::is_same_v<scorer, longheads::max_key_scorer>) return 2 * d * a.policies().scorer.count;
+  else return 2 * d;
+}
+
+/// Runs every prompt with one method: prefill, selection diagnostics for the first answer
+/// token, then greedy decoding of the five answer tokens.
+template <class Policies>
+method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const std::vector<llama2c::passkey_prompt>& prompts,
+                       const std::string& name, longheads::attention_method method, progress_bar& bar) {
+  auto model = make_model<Policies>(ckpt, o, method);
+  std::int64_t longest = 0;
+  for (const auto& p : prompts) longest = std::max(longest, p.length);
+  model.reserve(longest, std::max<std::int64_t>(1, o.split));
+  method_result result{name, {}, 0, 0, 0, 0};
+  if (method == longheads::attention_method::longheads) {
+    result.representation_floats = model.attention().shape().representation_floats;
+    result.score_flops_per_chunk = score_flops_per_chunk(model.attention());
+  }
+  const int w = o.attention.config.chunk_size;
+  std::vector<float> logits(static_cast<std::size_t>(ckpt.config().vocab_size)), scratch;
+  for (const auto& p : prompts) {
+    const llama2c::needle_chunks needle{p.needle_start / w, (p.needle_end - 1) / w};
+    if constexpr (std::is_same_v<typename Policies::selector, llama2c::needle_oracle_selector>)
+      *model.attention().policies().selector.needle = needle;
+    const auto start = clock_type::now();
+    model.reset();
+    llama2c::feed(model, p.tokens, o.split, logits);
+    length_stats& stats = result.by_length[p.length];
+    if (method == longheads::attention_method::longheads) {
+      const auto r = llama2c::inspect_selection(model, needle, scratch);
+      stats.selection.heads += r.heads;
+      stats.selection.hits += r.hits;
+      stats.selection.rank_sum += r.rank_sum;
+      stats.selection.ranked += r.ranked;
+    }
+    std::vector<std::int32_t> answer;
+    for (int i = 0; i < llama2c::passkey_task::answer_tokens; ++i) {
+      answer.push_back(argmax(logits));
+      if (i + 1 < llama2c::passkey_task::answer_tokens) model.forward(std::span<const std::int32_t>(&answer.back(), 1), logits);
+    }
+    result.seconds += std::chrono::duration<double>(clock_type::now() - start).count();
+    result.tokens += static_cast<std::int64_t>(p.tokens.size()) + llama2c::passkey_task::answer_tokens - 1;
+    stats.correct += answer == p.answer;
+    ++stats.total;
+    bar.step(name + " " + p.name);
+  }
+  return result;
 }
 
 template <class Policies>
@@ -267,6 +317,18 @@ std::vector<llama2c::passkey_prompt> evenly_per_length(std::vector<llama2c::pass
   return kept;
 }
 
+/// dense | sink-window | longheads (the --policy) | a policy name | oracle.
+method_result evaluate_method(const llama2c::checkpoint& ckpt, const options& o, const std::vector<llama2c::passkey_prompt>& prompts,
+                              const std::string& name, progress_bar& bar) {
+  if (name == "dense" || name == "sink-window")
+    return evaluate<llama2c::policies::paper>(ckpt, o, prompts, name, tools::parse_method(name), bar);
+  if (name == "oracle") return evaluate<llama2c::policies::oracle>(ckpt, o, prompts, name, longheads::attention_method::longheads, bar);
+  const std::string policy = name == "longheads" ? o.policy : name;
+  return llama2c::policies::with_policy(policy, [&]<class P>(std::type_identity<P>) {
+    return evaluate<P>(ckpt, o, prompts, name == "longheads" ? "longheads:" + policy : name, longheads::attention_method::longheads, bar);
+  });
+}
+
 template <class Policies>
 int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   std::vector<llama2c::passkey_prompt> prompts;
@@ -297,56 +359,77 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   }
   std::sort(lengths.begin(), lengths.end());
 
-  struct cell {
-    int correct = 0, total = 0;
-  };
-  std::map<std::string, std::map<std::int64_t, cell>> table;
-  std::map<std::string, std::pair<double, std::int64_t>> speed;  // seconds, tokens
+  std::vector<method_result> results;
   progress_bar bar(prompts.size() * o.methods.size(), !o.quiet);
-  for (const std::string& method : o.methods) {
-    auto model = make_model<Policies>(ckpt, o, tools::parse_method(method));
-    model.reserve(longest, std::max<std::int64_t>(1, o.split));
-    for (const auto& p : prompts) {
-      const passkey_outcome r = answer_passkey(model, p, o.split);
-      cell& c = table[method][p.length];
-      c.correct += r.correct;
-      ++c.total;
-      speed[method].first += r.seconds;
-      speed[method].second += r.tokens;
-      bar.step(method + " " + p.name);
-    }
-  }
+  for (const std::string& method : o.methods) results.push_back(evaluate_method(ckpt, o, prompts, method, bar));
 
   const auto& cfg = o.attention.config;
+  const double attend_flops = 4.0 * ckpt.config().head_dim() * cfg.chunk_size * cfg.budget_chunks;  // per query and head: dot + axpy per key
   std::printf("passkey accuracy, %zu prompts (w %d, k %d: budget %d tokens; trained context %d)\n", prompts.size(), cfg.chunk_size,
               cfg.budget_chunks, cfg.chunk_size * cfg.budget_chunks, ckpt.config().seq_len);
-  std::printf("%-12s", "method");
+  std::printf("%-20s", "method");
   for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
-  std::printf(" %12s\n", "tokens/s");
-  for (const std::string& method : o.methods) {
-    std::printf("%-12s", method.c_str());
+  std::printf(" %10s\n", "tokens/s");
+  for (const auto& r : results) {
+    std::printf("%-20s", r.name.c_str());
     for (std::int64_t L : lengths) {
-      const cell& c = table[method][L];
+      const length_stats& c = r.by_length.at(L);
       std::printf(" %5.0f%% %2d/%-2d", 100.0 * c.correct / c.total, c.correct, c.total);
     }
-    std::printf(" %12.0f\n", static_cast<double>(speed[method].second) / speed[method].first);
+    std::printf(" %10.0f\n", static_cast<double>(r.tokens) / r.seconds);
+  }
+  bool any_selection = false;
+  for (const auto& r : results) any_selection |= r.representation_floats > 0;
+  if (any_selection) {
+    std::printf("\nneedle-chunk hit rate for the first answer token (layer-heads that selected a needle chunk) / mean rank of the needle chunk\n");
+    std::printf("%-20s", "method");
+    for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
+    std::printf("\n");
+    for (const auto& r : results) {
+      if (r.representation_floats == 0) continue;
+      std::printf("%-20s", r.name.c_str());
+      for (std::int64_t L : lengths) {
+        const auto& s = r.by_length.at(L).selection;
+        if (s.ranked > 0)
+          std::printf(" %4.0f%% r%-5.1f", 100.0 * s.hits / s.heads, s.rank_sum / s.ranked);
+        else
+          std::printf(" %4.0f%%       ", 100.0 * s.hits / s.heads);
+      }
+      std::printf("\n");
+    }
+    std::printf("\nselection cost per query and head (scoring all full chunks) vs attending to the %d selected tokens (%.0f flops)\n",
+                cfg.chunk_size * cfg.budget_chunks, attend_flops);
+    std::printf("%-20s %14s %16s", "method", "floats/chunk", "flops/chunk");
+    for (std::int64_t L : lengths) std::printf(" %9lld", static_cast<long long>(L));
+    std::printf("\n");
+    for (const auto& r : results) {
+      if (r.representation_floats == 0) continue;
+      std::printf("%-20s %14zu %16.0f", r.name.c_str(), r.representation_floats, r.score_flops_per_chunk);
+      for (std::int64_t L : lengths) std::printf(" %8.2fx", static_cast<double>(L / cfg.chunk_size) * r.score_flops_per_chunk / attend_flops);
+      std::printf("\n");
+    }
   }
   if (!o.csv.empty()) {
     std::ofstream f(o.csv);
-    f << "method,length,correct,total,accuracy,tokens_per_s\n";
-    for (const std::string& method : o.methods)
+    f << "method,length,correct,total,accuracy,needle_hit_rate,needle_mean_rank,representation_floats,score_flops_per_token_head,"
+         "attend_flops_per_token_head,tokens_per_s\n";
+    for (const auto& r : results)
       for (std::int64_t L : lengths) {
-        const cell& c = table[method][L];
-        f << method << ',' << L << ',' << c.correct << ',' << c.total << ',' << static_cast<double>(c.correct) / c.total << ','
-          << static_cast<double>(speed[method].second) / speed[method].first << '\n';
+        const length_stats& c = r.by_length.at(L);
+        f << r.name << ',' << L << ',' << c.correct << ',' << c.total << ',' << static_cast<double>(c.correct) / c.total << ',';
+        if (c.selection.heads > 0) f << static_cast<double>(c.selection.hits) / c.selection.heads;
+        f << ',';
+        if (c.selection.ranked > 0) f << c.selection.rank_sum / c.selection.ranked;
+        f << ',' << r.representation_floats << ',' << static_cast<double>(L / cfg.chunk_size) * r.score_flops_per_chunk << ','
+          << (r.representation_floats ? attend_flops : 0.0) << ',' << static_cast<double>(r.tokens) / r.seconds << '\n';
       }
     if (!f) throw std::runtime_error(o.csv + ": cannot write");
   }
   if (!o.plot.empty()) {
     std::vector<llama2c::accuracy_series> series;
-    for (const std::string& method : o.methods) {
-      llama2c::accuracy_series s{method, lengths, {}};
-      for (std::int64_t L : lengths) s.accuracy.push_back(100.0 * table[method][L].correct / table[method][L].total);
+    for (const auto& r : results) {
+      llama2c::accuracy_series s{r.name, lengths, {}};
+      for (std::int64_t L : lengths) s.accuracy.push_back(100.0 * r.by_length.at(L).correct / r.by_length.at(L).total);
       series.push_back(std::move(s));
     }
     llama2c::plot_accuracy(series, ckpt.config().seq_len,
@@ -406,9 +489,13 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingDirectory);
   app.add_option("--prompts-per-length", o.prompts_per_length, "--prompt-set: use at most N prompts per length, spread over the depths")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--methods", o.methods, "--passkey: attentions to compare")
+  std::vector<std::string> method_names = {"dense", "sink-window", "longheads", "oracle"};
+  for (const auto& n : llama2c::policies::names()) method_names.push_back(n);
+  app.add_option("--methods", o.methods,
+                 "--passkey: what to compare: dense, sink-window, longheads (with --policy), a policy name, or oracle "
+                 "(the paper's selection forced to include the needle chunk: a diagnostic upper bound)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"dense", "sink-window", "longheads"}))
+      ->check(CLI::IsMember(method_names))
       ->capture_default_str();
   app.add_option("--csv", o.csv, "--passkey: write the accuracy table as CSV");
   app.add_option("--plot", o.plot, "--passkey: draw accuracy vs length (PNG, gnuplot)");

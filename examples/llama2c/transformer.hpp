@@ -59,12 +59,18 @@ class transformer {
         attention_(attention_config_for(config_, knobs),
                    longheads::rope(config_.head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c_float_frequencies{}), std::move(policies)) {
     for (int l = 0; l < config_.n_layers; ++l) caches_.push_back(attention_.make_cache());
+    last_queries_.resize(static_cast<std::size_t>(config_.n_layers) * static_cast<std::size_t>(config_.dim));
   }
 
   const model_config& config() const noexcept { return config_; }
   const attention_type& attention() const noexcept { return attention_; }
   const longheads::kv_cache& cache(int layer) const { return caches_.at(static_cast<std::size_t>(layer)); }
   std::int64_t position() const noexcept { return caches_.front().tokens(); }
+  /// The pre-RoPE query [H_q, d] of the last token fed, at `layer` (for selection diagnostics).
+  std::span<const float> last_query(int layer) const {
+    return std::span<const float>(last_queries_).subspan(static_cast<std::size_t>(layer) * static_cast<std::size_t>(config_.dim),
+                                                         static_cast<std::size_t>(config_.dim));
+  }
 
   /// Starts a new sequence; keeps the memory.
   void reset() noexcept {
@@ -100,6 +106,7 @@ class transformer {
       auto q = q_.topRows(T), k = k_.topRows(T), v = v_.topRows(T), att = att_.topRows(T);
       rms_norm(x, w.rms_attention, xn);
       project(xn, w.wq, dim, q);
+      std::copy_n(q.row(T - 1).data(), dim, last_queries_.data() + l * dim);
       project(xn, w.wk, kv_dim, k);
       project(xn, w.wv, kv_dim, v);
       attention_.prefill(caches_[static_cast<std::size_t>(l)], {q.data(), T, config_.n_heads, hd}, {k.data(), T, config_.n_kv_heads, hd},
@@ -185,7 +192,8 @@ class transformer {
   model_config config_;
   attention_type attention_;
   std::vector<longheads::kv_cache> caches_;
-  row_matrix x_, xn_, delta_, q_, k_, v_, att_, gate_, up_;  // [block, width], token-major like the library's views
+  row_matrix x_, xn_, delta_, q_, k_, v_, att_, gate_, up_;
+  std::vector<float> last_queries_;  // [layers, H_q * d]  // [block, width], token-major like the library's views
 };
 
 /// Feeds `tokens` in blocks of `split` tokens (0: one block; 1: token by token).
