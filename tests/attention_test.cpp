@@ -4,6 +4,7 @@
 #include "test_support.hpp"
 
 #include <map>
+#include <numeric>
 
 using namespace longheads;
 
@@ -295,6 +296,10 @@ struct representative_policies : paper_policies {
   using encoder = representative_keys_encoder;
   using scorer = max_key_scorer;
 };
+template <class Combine>
+struct quest_group_policies : quest_policies {
+  using group_selection = Combine;
+};
 struct alternative_policies : paper_policies {
   using encoder = mean_key_encoder;
   using scorer = rotated_query_scorer;
@@ -340,7 +345,13 @@ template <class Policies>
 reference::longheads_settings settings_for(const reference::problem& pr, int w, int budget) {
   reference::longheads_settings s{.chunk_size = w, .budget_chunks = budget};
   const auto rotated = [&pr, w](const std::vector<double>& q, std::int64_t p) { return pr.rotated(q, static_cast<double>(p % w + w)); };
-  if constexpr (std::is_same_v<Policies, quest_policies>) {
+  if constexpr (!std::is_same_v<typename Policies::group_selection, per_head_selection>) {
+    s = settings_for<quest_policies>(pr, w, budget);
+    if constexpr (std::is_same_v<typename Policies::group_selection, group_max_selection>)
+      s.group_combine = [](const std::vector<double>& x) { return *std::max_element(x.begin(), x.end()); };
+    else
+      s.group_combine = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / static_cast<double>(x.size()); };
+  } else if constexpr (std::is_same_v<Policies, quest_policies>) {
     s.encode = [](const reference::matrix&, const reference::matrix& k, const reference::matrix&) { return reference::key_bounds(k); };
     s.score = [rotated](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {
       return reference::bound_score(rotated(q, p), rep);
@@ -358,7 +369,7 @@ reference::longheads_settings settings_for(const reference::problem& pr, int w, 
 }  // namespace
 
 TEST_CASE_TEMPLATE("selection policies beyond the paper's pass the same exactness tests", Policies, quest_policies, representative_policies) {
-  for (head_layout heads : {mha, gqa}) {
+  for (head_layout heads : {mha, gqa, mqa}) {
     CAPTURE(heads.hkv);
     const int w = 8, budget = 4, d = 16;
     rope r(d, 10000.0, rope_layout::interleaved);
@@ -389,4 +400,21 @@ TEST_CASE("an encoder and a scorer that do not fit together are a config error")
   rope r(16);
   CHECK_THROWS_WITH_AS(attention<mismatched>(test::make_config(2, 2, 16, 8, 4), r),
                        doctest::Contains("the scorer reads 16 floats per chunk representation but the encoder writes 32"), config_error);
+}
+
+TEST_CASE("shared group selection: every head of a kv group reads the same chunks") {
+  const int w = 8, budget = 4, d = 16;
+  rope r(d);
+  attention<quest_group_policies<group_max_selection>> a(test::make_config(8, 2, d, w, budget), r);
+  const test::sequence seq(300, 8, 2, d, 1500);
+  std::vector<std::int32_t> sel;
+  seq.run(a, 0, &sel);
+  bool differs_across_groups = false;
+  for (int p = 0; p < 300; ++p)
+    for (int h = 0; h < 8; ++h) {
+      const auto row = [&](int head) { return std::vector<std::int32_t>(sel.begin() + (p * 8 + head) * budget, sel.begin() + (p * 8 + head + 1) * budget); };
+      CHECK(row(h) == row(h / 4 * 4));
+      differs_across_groups |= row(0) != row(4);
+    }
+  CHECK(differs_across_groups);
 }

@@ -254,8 +254,7 @@ method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const 
       const auto r = llama2c::inspect_selection(model, needle, scratch);
       stats.selection.heads += r.heads;
       stats.selection.hits += r.hits;
-      stats.selection.rank_sum += r.rank_sum;
-      stats.selection.ranked += r.ranked;
+      stats.selection.ranks.insert(stats.selection.ranks.end(), r.ranks.begin(), r.ranks.end());
     }
     std::vector<std::int32_t> answer;
     for (int i = 0; i < llama2c::passkey_task::answer_tokens; ++i) {
@@ -381,7 +380,7 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   bool any_selection = false;
   for (const auto& r : results) any_selection |= r.representation_floats > 0;
   if (any_selection) {
-    std::printf("\nneedle-chunk hit rate for the first answer token (layer-heads that selected a needle chunk) / mean rank of the needle chunk\n");
+    std::printf("\nneedle-chunk hit rate for the first answer token (layer-heads that selected a needle chunk) / median rank of the needle chunk among the scored candidates\n");
     std::printf("%-20s", "method");
     for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
     std::printf("\n");
@@ -390,8 +389,8 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
       std::printf("%-20s", r.name.c_str());
       for (std::int64_t L : lengths) {
         const auto& s = r.by_length.at(L).selection;
-        if (s.ranked > 0)
-          std::printf(" %4.0f%% r%-5.1f", 100.0 * s.hits / s.heads, s.rank_sum / s.ranked);
+        if (!s.ranks.empty())
+          std::printf(" %4.0f%% r%-5.0f", 100.0 * s.hits / s.heads, s.median_rank());
         else
           std::printf(" %4.0f%%       ", 100.0 * s.hits / s.heads);
       }
@@ -411,7 +410,7 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   }
   if (!o.csv.empty()) {
     std::ofstream f(o.csv);
-    f << "method,length,correct,total,accuracy,needle_hit_rate,needle_mean_rank,representation_floats,score_flops_per_token_head,"
+    f << "method,length,correct,total,accuracy,needle_hit_rate,needle_median_rank,representation_floats,score_flops_per_token_head,"
          "attend_flops_per_token_head,tokens_per_s\n";
     for (const auto& r : results)
       for (std::int64_t L : lengths) {
@@ -419,7 +418,7 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
         f << r.name << ',' << L << ',' << c.correct << ',' << c.total << ',' << static_cast<double>(c.correct) / c.total << ',';
         if (c.selection.heads > 0) f << static_cast<double>(c.selection.hits) / c.selection.heads;
         f << ',';
-        if (c.selection.ranked > 0) f << c.selection.rank_sum / c.selection.ranked;
+        if (!c.selection.ranks.empty()) f << c.selection.median_rank();
         f << ',' << r.representation_floats << ',' << static_cast<double>(L / cfg.chunk_size) * r.score_flops_per_chunk << ','
           << (r.representation_floats ? attend_flops : 0.0) << ',' << static_cast<double>(r.tokens) / r.seconds << '\n';
       }

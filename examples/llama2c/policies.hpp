@@ -36,6 +36,15 @@ struct representative_keys : threaded_policies {
   using scorer = longheads::max_key_scorer;
 };
 
+/// Quest with the query heads of a kv group selecting together: by their best score or their
+/// mean score (one set of chunks per group).
+struct quest_group_max : quest {
+  using group_selection = longheads::group_max_selection;
+};
+struct quest_group_mean : quest {
+  using group_selection = longheads::group_mean_selection;
+};
+
 struct knobs {
   int offset_chunks = 1;        // canonical chunk offset of the rotated query
   int representative_keys = 2;  // keys per chunk for representative_keys
@@ -53,7 +62,8 @@ typename longheads::attention<P>::policy_set make_set(const knobs& k) {
 }
 
 inline const std::vector<std::string>& names() {
-  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "representative-keys", "recommended"};
+  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "quest-group-max", "quest-group-mean",
+                                                   "representative-keys", "recommended"};
   return n;
 }
 
@@ -67,6 +77,8 @@ decltype(auto) with_policy(const std::string& name, F&& f) {
   if (name == "paper-rotated") return f(std::type_identity<paper_rotated>{});
   if (name == "mean-key") return f(std::type_identity<mean_key>{});
   if (name == "quest") return f(std::type_identity<quest>{});
+  if (name == "quest-group-max") return f(std::type_identity<quest_group_max>{});
+  if (name == "quest-group-mean") return f(std::type_identity<quest_group_mean>{});
   if (name == "representative-keys") return f(std::type_identity<representative_keys>{});
   if (name == "recommended") return f(std::type_identity<recommended>{});
   throw std::invalid_argument("unknown policy '" + name + "'");

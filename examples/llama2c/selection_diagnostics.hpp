@@ -58,8 +58,14 @@ struct oracle : paper {
 struct selection_report {
   int heads = 0;          // (layer, head) pairs looked at
   int hits = 0;           // ... that selected a needle chunk
-  double rank_sum = 0;    // needle chunk's best rank among the scored candidates (1 = top)
-  int ranked = 0;         // ... pairs where the needle chunk was a candidate (not sink/local)
+  std::vector<std::int64_t> ranks;  // needle chunk's best rank among the scored candidates (1 = top),
+                                    // for pairs where it was a candidate (not a sink or local chunk)
+  double median_rank() const {
+    if (ranks.empty()) return 0;
+    std::vector<std::int64_t> r = ranks;
+    std::nth_element(r.begin(), r.begin() + static_cast<std::ptrdiff_t>(r.size() / 2), r.end());
+    return static_cast<double>(r[r.size() / 2]);
+  }
 };
 
 /// For the model's last query (the one that produces the first answer token).
@@ -93,10 +99,7 @@ selection_report inspect_selection(const Model& model, needle_chunks needle, std
                   (scores[static_cast<std::size_t>(o)] == scores[static_cast<std::size_t>(c)] && o < c);
         best = std::min(best, rank);
       }
-      if (best != std::numeric_limits<std::int64_t>::max()) {
-        rep.rank_sum += static_cast<double>(best);
-        ++rep.ranked;
-      }
+      if (best != std::numeric_limits<std::int64_t>::max()) rep.ranks.push_back(best);
     }
   return rep;
 }

@@ -27,6 +27,7 @@
 #include "chunk_scorer.hpp"
 #include "errors.hpp"
 #include "executor.hpp"
+#include "group_selection.hpp"
 #include "head_selector.hpp"
 #include "kv_cache.hpp"
 #include "rope.hpp"
@@ -44,6 +45,7 @@ struct paper_policies {
   using remapper = contiguous_slot_remapper;
   using kernel = online_softmax_kernel;
   using executor = serial_executor;
+  using group_selection = per_head_selection;
 };
 
 template <class Policies = paper_policies>
@@ -55,12 +57,15 @@ class attention {
   using remapper_type = typename Policies::remapper;
   using kernel_type = typename Policies::kernel;
   using executor_type = typename Policies::executor;
+  using group_selection_type = typename Policies::group_selection;
   static_assert(chunk_encoder<encoder_type>, "Policies::encoder must model longheads::chunk_encoder (chunk_encoder.hpp)");
   static_assert(chunk_scorer<scorer_type>, "Policies::scorer must model longheads::chunk_scorer (chunk_scorer.hpp)");
   static_assert(head_selector<selector_type>, "Policies::selector must model longheads::head_selector (head_selector.hpp)");
   static_assert(rope_remapper<remapper_type>, "Policies::remapper must model longheads::rope_remapper (rope_remapper.hpp)");
   static_assert(attention_kernel<kernel_type>, "Policies::kernel must model longheads::attention_kernel (attention_kernel.hpp)");
   static_assert(executor<executor_type>, "Policies::executor must model longheads::executor (executor.hpp)");
+  static_assert(group_selection<group_selection_type>,
+                "Policies::group_selection must model longheads::group_selection (group_selection.hpp)");
 
   /// Policy values, for policies with state (e.g. a thread pool, a scorer's offset).
   struct policy_set {
@@ -70,6 +75,7 @@ class attention {
     remapper_type remapper{};
     kernel_type kernel{};
     executor_type executor{};
+    group_selection_type group_selection{};
   };
 
   /// @throws config_error if the configuration, the RoPE or a policy rejects the setting.
@@ -146,6 +152,7 @@ class attention {
  private:
   struct lane_scratch {
     std::vector<float> scores;             // [block, chunks]
+    std::vector<float> group_scores;       // [group_size, block, chunks] (shared group selection)
     std::vector<float> scorer;             // scorer's own
     std::vector<float> encoder;            // encoder's own
     std::vector<float> kernel;             // kernel's own
@@ -184,6 +191,7 @@ class attention {
         grow(s.scorer, policies_.scorer.scratch_floats(config_, static_cast<std::ptrdiff_t>(block)));
         grow(s.encoder, policies_.encoder.scratch_floats(config_));
         grow(s.candidates, chunks);
+        if (group_selection_type::shared) grow(s.group_scores, static_cast<std::size_t>(config_.group_size()) * block * chunks);
       }
       grow(s.kernel, policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
       grow(s.rotated_queries, segments * d);
@@ -300,11 +308,59 @@ class attention {
   void attend(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections) noexcept {
     const std::int64_t first = cache.tokens_ - q.tokens();
     const std::int64_t block = query_block(q.tokens());
+    if (group_selection_type::shared && config_.method == attention_method::longheads) {
+      auto group_work = [&](std::size_t g, std::size_t lane) {
+        for (std::int64_t t0 = 0; t0 < q.tokens(); t0 += block)
+          attend_group_block(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(g), lanes_[lane]);
+      };
+      run_parallel(static_cast<std::size_t>(config_.n_kv_heads), group_work);
+      return;
+    }
     auto head_work = [&](std::size_t h, std::size_t lane) {
       for (std::int64_t t0 = 0; t0 < q.tokens(); t0 += block)
         attend_block(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(h), lanes_[lane]);
     };
     run_parallel(static_cast<std::size_t>(config_.n_q_heads), head_work);
+  }
+
+  // Shared group selection: score every head of kv group g, combine, select once per query,
+  // then attend each head over the same chunks.
+  void attend_group_block(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
+                          std::int64_t first, std::int64_t t0, std::int64_t count, int g, lane_scratch& s) noexcept {
+    const int w = config_.chunk_size, group = config_.group_size(), h0 = g * group;
+    const std::int64_t last_query_chunk = (first + t0 + count - 1) / w;
+    const std::int64_t scored_chunks = last_query_chunk + 1 > config_.budget_chunks ? last_query_chunk : 0;
+    if (scored_chunks > 0) {
+      const std::ptrdiff_t stride = count * scored_chunks;
+      for (int j = 0; j < group; ++j) {
+        const scoring_inputs in{q.head(h0 + j).slice_rows(t0, count), first + t0,
+                                cache.representations(h0 + j).first_rows(scored_chunks), &rope_, w};
+        policies_.scorer.score(in, {s.group_scores.data() + j * stride, count, scored_chunks}, s.scorer);
+      }
+      for (std::ptrdiff_t e = 0; e < stride; ++e) s.scores[static_cast<std::size_t>(e)] = policies_.group_selection.combine(s.group_scores.data() + e, stride, group);
+    }
+    for (std::int64_t r = 0; r < count; ++r) {
+      const std::int64_t t = t0 + r, p = first + t;
+      std::int64_t query_position = 0;
+      const std::size_t n = select_chunks(p, {s.scores.data() + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s, query_position);
+      for (int h = h0; h < h0 + group; ++h) {
+        selected_segments(cache, q.at(t, h), p, g, n, query_position, s);
+        policies_.kernel.attend(std::span<const kv_segment>(s.segments.data(), n), config_.head_dim, config_.scale(), out.at(t, h), s.kernel);
+        record_selection(cache, selections, t, q.tokens(), h, s, n);
+      }
+    }
+  }
+
+  void record_selection(kv_cache& cache, std::span<std::int32_t> selections, std::int64_t t, std::int64_t tokens, int h,
+                        const lane_scratch& s, std::size_t n) noexcept {
+    if (!selections.empty()) {
+      std::int32_t* row = selections.data() + (t * config_.n_q_heads + h) * config_.budget_chunks;
+      std::fill_n(std::copy_n(s.selected.begin(), n, row), config_.budget_chunks - static_cast<std::ptrdiff_t>(n), -1);
+    }
+    if (t == tokens - 1) {
+      std::copy_n(s.selected.begin(), n, cache.selection_slot(h).begin());
+      cache.selection_counts_[static_cast<std::size_t>(h)] = static_cast<std::int32_t>(n);
+    }
   }
 
   void attend_block(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
@@ -328,14 +384,7 @@ class attention {
         if (t == q.tokens() - 1) record_chunks(cache, h, s, n);
         continue;
       }
-      if (!selections.empty()) {
-        std::int32_t* row = selections.data() + (t * config_.n_q_heads + h) * config_.budget_chunks;
-        std::fill_n(std::copy_n(s.selected.begin(), n, row), config_.budget_chunks - static_cast<std::ptrdiff_t>(n), -1);
-      }
-      if (t == q.tokens() - 1) {
-        std::copy_n(s.selected.begin(), n, cache.selection_slot(h).begin());
-        cache.selection_counts_[static_cast<std::size_t>(h)] = static_cast<std::int32_t>(n);
-      }
+      record_selection(cache, selections, t, q.tokens(), h, s, n);
     }
   }
 
@@ -375,16 +424,37 @@ class attention {
       for (std::int64_t c = recent_first / w; c <= i; ++c)
         add(c, c == recent_first / w ? recent_first % w : 0, tokens_in(c), p - c * w);
     } else {
-      const selection_request request{i, config_.budget_chunks, config_.sink_chunks, config_.local_chunks};
-      const std::size_t count = policies_.selector.select(request, scores, s.selected, s.candidates);
-      const std::span<const std::int32_t> selected(s.selected.data(), count);
-      const std::int64_t query_position = policies_.remapper.remap(selected, p, w, s.slot_starts);
-      for (std::size_t slot = 0; slot < count; ++slot) {
-        const std::int64_t c = selected[slot];
-        add(c, 0, tokens_in(c), query_position - s.slot_starts[slot]);
-      }
+      std::int64_t query_position = 0;
+      const std::size_t count = select_chunks(p, scores, s, query_position);
+      return selected_segments(cache, q_raw, p, g, count, query_position, s);
     }
     return n;
+  }
+
+  /// LongHeads' choice for query position p: s.selected[0, count), their s.slot_starts and the
+  /// query's remapped position.
+  std::size_t select_chunks(std::int64_t p, std::span<const float> scores, lane_scratch& s, std::int64_t& query_position) const noexcept {
+    const int w = config_.chunk_size;
+    const selection_request request{p / w, config_.budget_chunks, config_.sink_chunks, config_.local_chunks};
+    const std::size_t count = policies_.selector.select(request, scores, s.selected, s.candidates);
+    query_position = policies_.remapper.remap(std::span<const std::int32_t>(s.selected.data(), count), p, w, s.slot_starts);
+    return count;
+  }
+
+  /// Segments over the selected chunks, the query rotated per slot.
+  std::size_t selected_segments(const kv_cache& cache, const float* q_raw, std::int64_t p, int g, std::size_t count,
+                                std::int64_t query_position, lane_scratch& s) const noexcept {
+    const int w = config_.chunk_size;
+    const std::ptrdiff_t d = config_.head_dim;
+    const std::int64_t i = p / w;
+    for (std::size_t slot = 0; slot < count; ++slot) {
+      const std::int64_t c = s.selected[slot];
+      float* rotated = s.rotated_queries.data() + static_cast<std::ptrdiff_t>(slot) * d;
+      rope_.rotate(q_raw, rotated, query_position - s.slot_starts[slot]);
+      const std::int64_t length = c == i ? p % w + 1 : std::int64_t{w};
+      s.segments[slot] = {rotated, cache.keys(c, g), cache.values(c, g), static_cast<std::int32_t>(length)};
+    }
+    return count;
   }
 
   attention_config config_;

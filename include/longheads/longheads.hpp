@@ -11,6 +11,7 @@
 #include "config.hpp"
 #include "errors.hpp"
 #include "executor.hpp"
+#include "group_selection.hpp"
 #include "head_selector.hpp"
 #include "kv_cache.hpp"
 #include "matmul.hpp"

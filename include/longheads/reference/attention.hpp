@@ -104,6 +104,9 @@ struct longheads_settings {
   /// (q_raw, representation, query position) -> score; the paper's q_raw . r_c by default.
   std::function<double(const std::vector<double>&, const std::vector<double>&, std::int64_t)> score =
       [](const std::vector<double>& q, const std::vector<double>& r, std::int64_t) { return dot(q, r); };
+  /// Shared group selection: the group's per-head scores of a chunk -> the group's score.
+  /// Empty: every head selects for itself (the paper).
+  std::function<double(const std::vector<double>&)> group_combine = nullptr;
 };
 
 /// The paper's LongHeads, computed naively. `selections`, if given, receives [T][H_q][budget]
@@ -132,8 +135,16 @@ inline output longheads(const problem& pr, const longheads_settings& s, std::vec
       const std::int64_t i = p / w;
       std::vector<double> scores(static_cast<std::size_t>(i), 0.0);
       if (i + 1 > s.budget_chunks)
-        for (std::int64_t c = s.sink_chunks; c <= i - s.local_chunks; ++c)
-          scores[static_cast<std::size_t>(c)] = s.score(pr.query(p, h), chunk_key(c, h), p);
+        for (std::int64_t c = s.sink_chunks; c <= i - s.local_chunks; ++c) {
+          if (!s.group_combine) {
+            scores[static_cast<std::size_t>(c)] = s.score(pr.query(p, h), chunk_key(c, h), p);
+            continue;
+          }
+          const int group = pr.n_q_heads / pr.n_kv_heads, first_head = pr.kv_head(h) * group;
+          std::vector<double> per_head;
+          for (int j = first_head; j < first_head + group; ++j) per_head.push_back(s.score(pr.query(p, j), chunk_key(c, j), p));
+          scores[static_cast<std::size_t>(c)] = s.group_combine(per_head);
+        }
       const auto selected = select_sink_local_topk(i, s.budget_chunks, s.sink_chunks, s.local_chunks, scores);
       std::vector<std::pair<double, std::int64_t>> keys;
       for (std::size_t slot = 0; slot < selected.size(); ++slot)
