@@ -418,3 +418,30 @@ TEST_CASE("shared group selection: every head of a kv group reads the same chunk
     }
   CHECK(differs_across_groups);
 }
+
+TEST_CASE("ingest builds the cache prefill would, without outputs, and validates the same way") {
+  const int w = 8, budget = 4, d = 16;
+  rope r(d);
+  attention<> a(test::make_config(4, 2, d, w, budget), r);
+  const test::sequence seq(150, 4, 2, d, 1600);
+  auto by_prefill = a.make_cache();
+  auto by_ingest = a.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(120) * 4 * d);
+  a.prefill(by_prefill, seq.qv(0, 120), seq.kv(0, 120), seq.vv(0, 120), {out.data(), 120, 4, d});
+  a.ingest(by_ingest, seq.qv(0, 50), seq.kv(0, 50), seq.vv(0, 50));
+  a.ingest(by_ingest, seq.qv(50, 70), seq.kv(50, 70), seq.vv(50, 70));
+  CHECK(by_ingest.tokens() == 120);
+  // The remaining tokens' outputs are the same after either.
+  std::vector<float> rest_a(static_cast<std::size_t>(30) * 4 * d), rest_b(rest_a.size());
+  a.prefill(by_prefill, seq.qv(120, 30), seq.kv(120, 30), seq.vv(120, 30), {rest_a.data(), 30, 4, d});
+  a.prefill(by_ingest, seq.qv(120, 30), seq.kv(120, 30), seq.vv(120, 30), {rest_b.data(), 30, 4, d});
+  CHECK(rest_a == rest_b);
+  // Bad input: named, cache unchanged.
+  const auto before = by_ingest;
+  CHECK_THROWS_WITH_AS(a.ingest(by_ingest, seq.qv(0, 3), seq.kv(0, 2), seq.vv(0, 3)), doctest::Contains("ingest: k has shape [2, 2, 16]"),
+                       shape_error);
+  std::vector<float> bad(seq.k.begin(), seq.k.begin() + 2 * d);
+  bad[5] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_AS(a.ingest(by_ingest, seq.qv(0, 1), {bad.data(), 1, 2, d}, seq.vv(0, 1)), value_error);
+  CHECK(by_ingest == before);
+}

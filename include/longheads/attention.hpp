@@ -142,6 +142,20 @@ class attention {
     attend(cache, q, out, selections);
   }
 
+  /// Appends T tokens to the sequence without computing their attention: keys and values are
+  /// cached and full chunks encoded exactly as prefill() would, so later calls see the same
+  /// cache. For a host's last layer, whose prefix outputs nobody reads, and for building long
+  /// caches quickly (benchmarks, restoring a sequence from stored k/v).
+  /// @throws shape_error, value_error, limit_error; the cache is then unchanged.
+  void ingest(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) {
+    validate_inputs("ingest", cache, q, k, v);
+    const std::int64_t end = cache.tokens() + q.tokens();
+    cache.reserve(end);
+    cache.reserve_selections(static_cast<std::size_t>(max_segments(end)));
+    prepare_scratch(end, q.tokens());
+    append(cache, q, k, v);
+  }
+
   /// prefill() of exactly one token.
   void decode(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
               tensor_view<float> out, std::span<std::int32_t> selections = {}) {
@@ -211,6 +225,35 @@ class attention {
 
   void validate_call(const char* call, const kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k,
                      tensor_view<const float> v, tensor_view<float> out, std::span<std::int32_t> selections) const {
+    validate_shapes(call, cache, q, k, v, &out);
+    const std::string where = call;
+    const std::ptrdiff_t T = q.tokens();
+    for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}}) {
+      const float* begin = t.data();
+      const float* end = t.at(T - 1, t.heads() - 1) + t.head_dim();
+      if (overlaps(out, begin, end)) detail::fail<shape_error>(where + ": out overlaps " + name + "; attention cannot run in place");
+    }
+    if (!selections.empty()) {
+      if (config_.method != attention_method::longheads)
+        detail::fail<config_error>(where + ": selections are only recorded by the longheads method, not " +
+                                   to_string(config_.method));
+      const auto expected = static_cast<std::size_t>(T) * static_cast<std::size_t>(config_.n_q_heads) *
+                            static_cast<std::size_t>(config_.budget_chunks);
+      if (selections.size() != expected)
+        detail::fail<shape_error>(where + ": selections has " + std::to_string(selections.size()) + " entries, expected T*H_q*budget_chunks = " +
+                                  std::to_string(expected));
+    }
+    validate_values(call, q, k, v);
+  }
+
+  void validate_inputs(const char* call, const kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k,
+                       tensor_view<const float> v) const {
+    validate_shapes(call, cache, q, k, v, nullptr);
+    validate_values(call, q, k, v);
+  }
+
+  void validate_shapes(const char* call, const kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k,
+                       tensor_view<const float> v, const tensor_view<float>* out) const {
     const std::string where = call;
     auto shape_of = [](auto t) {
       return "[" + std::to_string(t.tokens()) + ", " + std::to_string(t.heads()) + ", " + std::to_string(t.head_dim()) + "]";
@@ -232,37 +275,25 @@ class attention {
     check("q", q, config_.n_q_heads);
     check("k", k, config_.n_kv_heads);
     check("v", v, config_.n_kv_heads);
-    check("out", out, config_.n_q_heads);
-    for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}}) {
-      const float* begin = t.data();
-      const float* end = t.at(T - 1, t.heads() - 1) + t.head_dim();
-      if (overlaps(out, begin, end)) detail::fail<shape_error>(where + ": out overlaps " + name + "; attention cannot run in place");
-    }
+    if (out != nullptr) check("out", *out, config_.n_q_heads);
     if (cache.tokens() + T > max_sequence_tokens)
       detail::fail<limit_error>(where + ": " + std::to_string(cache.tokens()) + " cached + " + std::to_string(T) +
                                 " new tokens exceed the limit of " + std::to_string(max_sequence_tokens) + " positions");
-    if (!selections.empty()) {
-      if (config_.method != attention_method::longheads)
-        detail::fail<config_error>(where + ": selections are only recorded by the longheads method, not " +
-                                   to_string(config_.method));
-      const auto expected = static_cast<std::size_t>(T) * static_cast<std::size_t>(config_.n_q_heads) *
-                            static_cast<std::size_t>(config_.budget_chunks);
-      if (selections.size() != expected)
-        detail::fail<shape_error>(where + ": selections has " + std::to_string(selections.size()) + " entries, expected T*H_q*budget_chunks = " +
-                                  std::to_string(expected));
-    }
-    if (config_.reject_nonfinite) {
-      for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}})
-        for (std::ptrdiff_t tok = 0; tok < T; ++tok)
-          for (std::ptrdiff_t h = 0; h < t.heads(); ++h) {
-            const float* x = t.at(tok, h);
-            for (std::ptrdiff_t i = 0; i < t.head_dim(); ++i)
-              if (!std::isfinite(x[i]))
-                detail::fail<value_error>(where + ": " + name + "[token " + std::to_string(tok) + ", head " + std::to_string(h) +
-                                          ", dim " + std::to_string(i) + "] is " + std::to_string(x[i]) +
-                                          " (non-finite input is rejected; see attention_config::reject_nonfinite)");
-          }
-    }
+  }
+
+  void validate_values(const char* call, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) const {
+    if (!config_.reject_nonfinite) return;
+    const std::string where = call;
+    for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}})
+      for (std::ptrdiff_t tok = 0; tok < t.tokens(); ++tok)
+        for (std::ptrdiff_t h = 0; h < t.heads(); ++h) {
+          const float* x = t.at(tok, h);
+          for (std::ptrdiff_t i = 0; i < t.head_dim(); ++i)
+            if (!std::isfinite(x[i]))
+              detail::fail<value_error>(where + ": " + name + "[token " + std::to_string(tok) + ", head " + std::to_string(h) +
+                                        ", dim " + std::to_string(i) + "] is " + std::to_string(x[i]) +
+                                        " (non-finite input is rejected; see attention_config::reject_nonfinite)");
+        }
   }
 
   void append(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) noexcept {

@@ -1,0 +1,320 @@
+// SPDX-License-Identifier: MIT
+// longheads_bench: decode and prefill of one attention layer at real model shapes, each
+// component alone, and probes of this machine's memory bandwidth and FMA peak, so every report
+// can state the fraction of the machine's limits reached in the same run.
+//
+//   longheads_bench                       # the full suite (minutes; needs ~12 GB for 128k caches)
+//   longheads_bench --smoke               # tiny sizes, one repetition: the ctest entry
+//   longheads_bench --benchmark_filter=decode --benchmark_format=json
+//
+// Names: <phase>/<method>/<shape>/<context>/threads:<n>, e.g. decode/longheads/llama3_8b/131072/threads:2.
+#include <benchmark/benchmark.h>
+
+#include <longheads/longheads.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+#include <xsimd/xsimd.hpp>
+
+namespace {
+
+using namespace longheads;
+
+struct model_shape {
+  const char* name;
+  int n_q_heads, n_kv_heads, head_dim;
+};
+constexpr model_shape llama2_7b{"llama2_7b", 32, 32, 128};
+constexpr model_shape llama3_8b{"llama3_8b", 32, 8, 128};
+constexpr model_shape prefill_shape{"h8_kv8_d128", 8, 8, 128};
+
+bool smoke = false;  // --smoke: tiny sizes so the executable cannot rot (ctest runs it)
+
+struct threaded : paper_policies {
+  using executor = thread_pool_executor;
+};
+
+/// A pool of random floats; blocks are windows into it at varying offsets (cheap "random" data).
+const std::vector<float>& noise() {
+  static const std::vector<float> pool = [] {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    std::vector<float> x(1 << 23);
+    for (float& e : x) e = dist(rng);
+    return x;
+  }();
+  return pool;
+}
+const float* noise_at(std::size_t offset, std::size_t count) {
+  const auto& pool = noise();
+  if (count >= pool.size() / 2) throw std::logic_error("noise_at: block too large for the noise pool");
+  return pool.data() + (offset * 7919) % (pool.size() - count);
+}
+
+attention_config config_for(const model_shape& s, attention_method method, int chunk_size, int chunks) {
+  attention_config c;
+  c.n_q_heads = s.n_q_heads;
+  c.n_kv_heads = s.n_kv_heads;
+  c.head_dim = s.head_dim;
+  c.chunk_size = chunk_size;
+  c.budget_chunks = chunks;
+  c.method = method;
+  c.reject_nonfinite = false;  // the benchmark's inputs are finite; measure the attention, not the scan
+  return c;
+}
+
+/// A cache holding `context` tokens, built with ingest() in blocks and kept for the process.
+kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context) {
+  static std::map<std::tuple<std::string, int, std::int64_t>, std::unique_ptr<kv_cache>> caches;
+  auto& slot = caches[{s.name, static_cast<int>(method), context}];
+  if (slot) return *slot;
+  attention<threaded> a(config_for(s, method, 256, 16), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
+  slot = std::make_unique<kv_cache>(a.make_cache(context + (1 << 15)));  // room for the timed decode steps
+  const std::int64_t block = 256;
+  for (std::int64_t first = 0; first < context; first += block) {
+    const std::int64_t n = std::min(block, context - first);
+    const auto q_floats = static_cast<std::size_t>(n * s.n_q_heads * s.head_dim), kv_floats = static_cast<std::size_t>(n * s.n_kv_heads * s.head_dim);
+    a.ingest(*slot, {noise_at(first, q_floats), n, s.n_q_heads, s.head_dim}, {noise_at(first + 1, kv_floats), n, s.n_kv_heads, s.head_dim},
+             {noise_at(first + 2, kv_floats), n, s.n_kv_heads, s.head_dim});
+  }
+  return *slot;
+}
+
+// ------------------------------------------------------------------------------------ decode
+void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads) {
+  const int w = 256, chunks = 16;
+  kv_cache& cache = filled_cache(s, method, context);
+  attention<threaded> a(config_for(s, method, w, chunks), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
+  a.reserve(cache.tokens() + (1 << 15), 1);
+  const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
+  std::vector<float> out(hq);
+  std::int64_t step = 0;
+  const std::int64_t start_tokens = cache.tokens();
+  for (auto _ : state) {
+    a.decode(cache, {noise_at(step, hq), 1, s.n_q_heads, s.head_dim}, {noise_at(step + 1, hkv), 1, s.n_kv_heads, s.head_dim},
+             {noise_at(step + 2, hkv), 1, s.n_kv_heads, s.head_dim}, {out.data(), 1, s.n_q_heads, s.head_dim});
+    benchmark::DoNotOptimize(out.data());
+    ++step;
+  }
+  // K/V bytes the kernel reads per step: every query head reads its context (dense) or its
+  // budget (LongHeads) of keys and values; LongHeads also reads the chunk representations.
+  const double ctx = static_cast<double>(start_tokens) + static_cast<double>(step) / 2;
+  const double kv_row = 2.0 * s.head_dim * sizeof(float);
+  double bytes = method == attention_method::dense ? s.n_q_heads * ctx * kv_row
+                                                   : s.n_q_heads * (std::min(ctx, static_cast<double>(w) * chunks) * kv_row +
+                                                                    ctx / w * static_cast<double>(cache.shape().representation_floats) * sizeof(float));
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step), benchmark::Counter::kIsRate);
+  state.counters["kv_bytes/step"] = bytes;
+  state.counters["GB/s"] = benchmark::Counter(bytes * static_cast<double>(step) / 1e9, benchmark::Counter::kIsRate);
+}
+
+// ----------------------------------------------------------------------------------- prefill
+void prefill(benchmark::State& state, model_shape s, attention_method method, std::int64_t tokens, unsigned threads) {
+  const int w = 64, chunks = 8;
+  attention<threaded> a(config_for(s, method, w, chunks), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
+  const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
+  std::vector<float> q(static_cast<std::size_t>(tokens) * hq), k(static_cast<std::size_t>(tokens) * hkv), v(k.size()), out(q.size());
+  for (std::size_t i = 0; i < q.size(); i += 4096) std::copy_n(noise_at(i, 4096), std::min<std::size_t>(4096, q.size() - i), q.begin() + static_cast<std::ptrdiff_t>(i));
+  for (std::size_t i = 0; i < k.size(); i += 4096) {
+    std::copy_n(noise_at(i + 3, 4096), std::min<std::size_t>(4096, k.size() - i), k.begin() + static_cast<std::ptrdiff_t>(i));
+    std::copy_n(noise_at(i + 5, 4096), std::min<std::size_t>(4096, k.size() - i), v.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+  a.reserve(tokens, tokens);
+  for (auto _ : state) {
+    state.PauseTiming();
+    kv_cache cache = a.make_cache(tokens);
+    state.ResumeTiming();
+    a.prefill(cache, {q.data(), tokens, s.n_q_heads, s.head_dim}, {k.data(), tokens, s.n_kv_heads, s.head_dim},
+              {v.data(), tokens, s.n_kv_heads, s.head_dim}, {out.data(), tokens, s.n_q_heads, s.head_dim});
+    benchmark::DoNotOptimize(out.data());
+  }
+  // Attention flops (QK and PV, 2 flops per multiply-add): dense sums p + 1 keys per query;
+  // LongHeads min(p + 1, budget) plus scoring and chunk encoding.
+  double keys = 0;
+  const double budget = static_cast<double>(w) * chunks;
+  for (std::int64_t p = 0; p < tokens; ++p) keys += method == attention_method::dense ? static_cast<double>(p + 1) : std::min<double>(p + 1, budget);
+  double flops = 4.0 * s.head_dim * keys * s.n_q_heads;
+  if (method == attention_method::longheads) {
+    const double full_chunks = static_cast<double>(tokens / w);
+    flops += s.n_q_heads * (2.0 * s.head_dim * static_cast<double>(tokens) * full_chunks / 2  // scores
+                            + full_chunks * 2.0 * w * w * s.head_dim);                        // encoder's Q K^T
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(tokens) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+// -------------------------------------------------------------------------------- components
+template <class Encoder>
+void component_encode(benchmark::State& state, int w, int d) {
+  attention_config cfg = config_for({"", 1, 1, d}, attention_method::longheads, w, 16);
+  const Encoder encoder{};
+  std::vector<float> rep(encoder.representation_floats(cfg)), scratch(encoder.scratch_floats(cfg));
+  const std::size_t n = static_cast<std::size_t>(w) * d;
+  const chunk_inputs in{{noise_at(0, n), w, d}, {noise_at(1, n), w, d}, {noise_at(2, n), w, d}, 0.1f};
+  for (auto _ : state) {
+    encoder.encode(in, rep, scratch);
+    benchmark::DoNotOptimize(rep.data());
+  }
+  state.counters["chunks/s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+void component_score(benchmark::State& state, int queries, int chunks, int d) {
+  std::vector<float> scores(static_cast<std::size_t>(queries) * chunks);
+  const matrix_view<const float> q(noise_at(0, static_cast<std::size_t>(queries) * d), queries, d);
+  const matrix_view<const float> reps(noise_at(1, static_cast<std::size_t>(chunks) * d), chunks, d);
+  for (auto _ : state) {
+    matmul_nt(q, reps, {scores.data(), queries, chunks});
+    benchmark::DoNotOptimize(scores.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * queries * chunks * d * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+void component_select(benchmark::State& state, int chunks, int budget) {
+  std::vector<float> scores(noise_at(3, static_cast<std::size_t>(chunks)), noise_at(3, static_cast<std::size_t>(chunks)) + chunks);
+  std::vector<std::int32_t> selected(static_cast<std::size_t>(budget)), scratch(static_cast<std::size_t>(chunks));
+  const selection_request request{chunks, budget, 1, 2};
+  for (auto _ : state) benchmark::DoNotOptimize(sink_local_topk_selector{}.select(request, scores, selected, scratch));
+  state.counters["selections/s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+template <class Kernel>
+void component_kernel(benchmark::State& state, int segments, int w, int d) {
+  // Chunks laid out as in the cache, read in place.
+  std::vector<float> keys(static_cast<std::size_t>(segments) * w * d), values(keys.size()), out(static_cast<std::size_t>(d));
+  std::copy_n(noise_at(0, keys.size()), keys.size(), keys.begin());
+  std::copy_n(noise_at(9, keys.size()), keys.size(), values.begin());
+  std::vector<kv_segment> segs;
+  for (int s = 0; s < segments; ++s)
+    segs.push_back({noise_at(static_cast<std::size_t>(s), static_cast<std::size_t>(d)), keys.data() + static_cast<std::ptrdiff_t>(s) * w * d,
+                    values.data() + static_cast<std::ptrdiff_t>(s) * w * d, w});
+  const Kernel kernel{};
+  std::vector<float> scratch(kernel.scratch_floats(w, d));
+  for (auto _ : state) {
+    kernel.attend(segs, d, 0.088f, out.data(), scratch);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double bytes = 2.0 * segments * w * d * sizeof(float);
+  state.counters["GB/s"] = benchmark::Counter(bytes * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+// ------------------------------------------------------------------------------------ probes
+/// Read bandwidth: a vectorised sum over a buffer far larger than the caches, per thread.
+void probe_read_bandwidth(benchmark::State& state, std::size_t bytes_per_thread) {
+  std::vector<float> data(bytes_per_thread / sizeof(float), 1.0f);
+  using batch = xsimd::batch<float>;
+  for (auto _ : state) {
+    batch a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    const float* p = data.data();
+    for (std::size_t i = 0; i + 4 * batch::size <= data.size(); i += 4 * batch::size) {
+      a0 += batch::load_unaligned(p + i);
+      a1 += batch::load_unaligned(p + i + batch::size);
+      a2 += batch::load_unaligned(p + i + 2 * batch::size);
+      a3 += batch::load_unaligned(p + i + 3 * batch::size);
+    }
+    float sum = xsimd::hadd(a0 + a1 + a2 + a3);
+    benchmark::DoNotOptimize(sum);
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(bytes_per_thread) * static_cast<double>(state.iterations()) / 1e9,
+                                              benchmark::Counter::kIsRate);
+}
+
+/// STREAM triad a = b + s c, per thread; counts the 3 arrays' bytes.
+void probe_triad(benchmark::State& state, std::size_t bytes_per_array) {
+  const std::size_t n = bytes_per_array / sizeof(float);
+  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
+    benchmark::DoNotOptimize(a.data());
+  }
+  state.counters["GB/s"] =
+      benchmark::Counter(3.0 * static_cast<double>(bytes_per_array) * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+/// FMA peak: independent FMA chains in registers, per thread.
+void probe_fma_peak(benchmark::State& state) {
+  using batch = xsimd::batch<float>;
+  constexpr int chains = 12, rounds = 4096;
+  for (auto _ : state) {
+    batch acc[chains];
+    for (int j = 0; j < chains; ++j) acc[j] = batch(static_cast<float>(j));
+    const batch x(0.999f), y(0.001f);
+    for (int r = 0; r < rounds; ++r)
+      for (int j = 0; j < chains; ++j) acc[j] = xsimd::fma(acc[j], x, y);
+    for (int j = 0; j < chains; ++j) benchmark::DoNotOptimize(acc[j]);
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * chains * rounds * batch::size * static_cast<double>(state.iterations()) / 1e9,
+                                                 benchmark::Counter::kIsRate);
+}
+
+void register_all() {
+  const std::vector<std::int64_t> decode_contexts = smoke ? std::vector<std::int64_t>{2048} : std::vector<std::int64_t>{8192, 32768, 131072};
+  const std::vector<std::int64_t> prefill_tokens = smoke ? std::vector<std::int64_t>{1024} : std::vector<std::int64_t>{4096, 16384, 32768};
+  const std::vector<unsigned> thread_counts = {1, 2};
+  const std::size_t probe_bytes = smoke ? (std::size_t{1} << 20) : (std::size_t{1} << 29);
+  for (unsigned t : thread_counts) {
+    benchmark::RegisterBenchmark("probe/read_bandwidth", probe_read_bandwidth, probe_bytes / t)
+        ->Threads(static_cast<int>(t))
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("probe/triad", probe_triad, probe_bytes / 4 / t)
+        ->Threads(static_cast<int>(t))
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
+  }
+  for (const model_shape& s : {llama2_7b, llama3_8b})
+    for (std::int64_t ctx : decode_contexts)
+      for (attention_method m : {attention_method::dense, attention_method::longheads})
+        for (unsigned t : thread_counts)
+          benchmark::RegisterBenchmark(("decode/" + std::string(to_string(m)) + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
+                                       decode, s, m, ctx, t)
+              ->UseRealTime()
+              ->Unit(benchmark::kMicrosecond);
+  for (std::int64_t n : prefill_tokens)
+    for (attention_method m : {attention_method::dense, attention_method::longheads})
+      for (unsigned t : thread_counts)
+        benchmark::RegisterBenchmark(("prefill/" + std::string(to_string(m)) + "/" + prefill_shape.name + "/" + std::to_string(n) + "/threads:" + std::to_string(t)).c_str(),
+                                     prefill, prefill_shape, m, n, t)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond)
+            ->Iterations(1);
+  benchmark::RegisterBenchmark("component/encode/attention_pooled/w256_d128", component_encode<attention_pooled_encoder>, 256, 128);
+  benchmark::RegisterBenchmark("component/encode/key_bounds/w256_d128", component_encode<key_bounds_encoder>, 256, 128);
+  benchmark::RegisterBenchmark("component/score/q64_d128/512", component_score, 64, 512, 128);
+  benchmark::RegisterBenchmark("component/select/k16/512", component_select, 512, 16);
+  benchmark::RegisterBenchmark("component/kernel/xsimd/k16_w256_d128", component_kernel<online_softmax_kernel>, 16, 256, 128);
+  benchmark::RegisterBenchmark("component/kernel/scalar/k16_w256_d128", component_kernel<scalar_online_softmax_kernel>, 16, 256, 128);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--smoke") == 0) {
+      smoke = true;
+      continue;
+    }
+    args.push_back(argv[i]);
+  }
+  int n = static_cast<int>(args.size());
+  std::string min_time = "--benchmark_min_time=0.01";
+  if (smoke) {
+    args.push_back(min_time.data());
+    ++n;
+  }
+  benchmark::Initialize(&n, args.data());
+  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
