@@ -12,7 +12,8 @@ if [ -f "$models/passkey-256.bin" ]; then
   cmake --build build -j "$(nproc)" --target longheads_llama2c
   mkdir -p out
   ./build/examples/longheads_llama2c --model "$models/passkey-256.bin" --passkey \
-    --lengths 256,1024,4096,16384 --depths 4 --chunk-size 32 --chunks 8 --threads "$(nproc)" \
+    --lengths 256,1024,4096,16384 --depths 3 --chunk-size 32 --chunks 8 --threads "$(nproc)" \
+    --methods dense,sink-window,paper,recommended --policy recommended \
     --plot out/passkey.png --heatmap out/heatmap.png "$@"
 else
   echo "longheads: no passkey-256.bin in $models." >&2

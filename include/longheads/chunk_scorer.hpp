@@ -107,10 +107,7 @@ struct bound_scorer {
     for (std::ptrdiff_t r = 0; r < q.rows(); ++r)
       for (std::ptrdiff_t c = 0; c < in.representations.rows(); ++c) {
         const float* lo = in.representations.row(c);
-        const float* hi = lo + d;
-        float sum = 0.0f;
-        for (std::ptrdiff_t i = 0; i < d; ++i) sum += std::max(q.row(r)[i] * lo[i], q.row(r)[i] * hi[i]);
-        scores.row(r)[c] = sum;
+        scores.row(r)[c] = detail::bound_dot(q.row(r), lo, lo + d, d);
       }
   }
 };

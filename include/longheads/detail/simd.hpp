@@ -2,6 +2,7 @@
 // Small xsimd loops shared by the kernels: dot product, y += a*x, y *= a.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <xsimd/xsimd.hpp>
@@ -43,6 +44,24 @@ inline float dot(const float* a, const float* b, std::ptrdiff_t n) noexcept {
   float out[1];
   dot_rows<1>(rows, b, n, out);
   return out[0];
+}
+
+/// sum_i max(q_i lo_i, q_i hi_i), in a fixed order (the bound score of key_bounds).
+inline float bound_dot(const float* q, const float* lo, const float* hi, std::ptrdiff_t n) noexcept {
+  float_batch acc0(0.0f), acc1(0.0f);
+  std::ptrdiff_t i = 0;
+  for (; i + 2 * simd_width <= n; i += 2 * simd_width) {
+    const float_batch q0 = float_batch::load_unaligned(q + i), q1 = float_batch::load_unaligned(q + i + simd_width);
+    acc0 += xsimd::max(q0 * float_batch::load_unaligned(lo + i), q0 * float_batch::load_unaligned(hi + i));
+    acc1 += xsimd::max(q1 * float_batch::load_unaligned(lo + i + simd_width), q1 * float_batch::load_unaligned(hi + i + simd_width));
+  }
+  for (; i + simd_width <= n; i += simd_width) {
+    const float_batch q0 = float_batch::load_unaligned(q + i);
+    acc0 += xsimd::max(q0 * float_batch::load_unaligned(lo + i), q0 * float_batch::load_unaligned(hi + i));
+  }
+  float sum = xsimd::hadd(acc0 + acc1);
+  for (; i < n; ++i) sum += std::max(q[i] * lo[i], q[i] * hi[i]);
+  return sum;
 }
 
 /// y += alpha * x
