@@ -445,3 +445,19 @@ TEST_CASE("ingest builds the cache prefill would, without outputs, and validates
   CHECK_THROWS_AS(a.ingest(by_ingest, seq.qv(0, 1), {bad.data(), 1, 2, d}, seq.vv(0, 1)), value_error);
   CHECK(by_ingest == before);
 }
+
+TEST_CASE("a cache holding non-finite values equals its copy (fuzzer finding)") {
+  // With reject_nonfinite off, NaN keys enter the cache; cache equality must be bitwise or a
+  // failed call's "cache unchanged" check could never hold.
+  attention_config c = test::make_config(2, 1, 2, 7, 3, attention_method::sink_window);
+  c.reject_nonfinite = false;
+  attention<> a(c, rope(2));
+  auto cache = a.make_cache();
+  const float q[4] = {1, 2, 3, 4}, k[2] = {std::numeric_limits<float>::quiet_NaN(), 1}, v[2] = {0, std::numeric_limits<float>::infinity()};
+  float out[4];
+  a.prefill(cache, {q, 1, 2, 2}, {k, 1, 1, 2}, {v, 1, 1, 2}, {out, 1, 2, 2});
+  const auto copy = cache;
+  CHECK(copy == cache);
+  CHECK_THROWS_AS(a.prefill(cache, {q, 0, 2, 2}, {k, 0, 1, 2}, {v, 0, 1, 2}, {out, 0, 2, 2}), shape_error);
+  CHECK(copy == cache);
+}

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <span>
 #include <string>
@@ -96,7 +97,8 @@ class kv_cache {
            (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t);
   }
 
-  /// Same shape and same logical content (capacity is not content).
+  /// Same shape and same logical content, bit for bit (capacity is not content; a NaN equals
+  /// the same NaN, so a copy of a cache holding non-finite values equals the original).
   friend bool operator==(const kv_cache& a, const kv_cache& b) {
     if (a.shape_ != b.shape_ || a.tokens_ != b.tokens_ || a.selection_counts_ != b.selection_counts_) return false;
     const std::size_t chunks = static_cast<std::size_t>((a.tokens_ + a.shape_.chunk_size - 1) / a.shape_.chunk_size);
@@ -104,7 +106,9 @@ class kv_cache {
     const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.representation_floats_per_chunk();
     const std::size_t open = static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
                              static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
-    auto same = [](const auto& x, const auto& y, std::size_t n) { return std::equal(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(n), y.begin()); };
+    auto same = [](const std::vector<float>& x, const std::vector<float>& y, std::size_t n) {
+      return n == 0 || std::memcmp(x.data(), y.data(), n * sizeof(float)) == 0;
+    };
     for (std::size_t h = 0; h < a.selection_counts_.size(); ++h) {
       auto sa = a.last_selection(static_cast<int>(h)), sb = b.last_selection(static_cast<int>(h));
       if (!std::equal(sa.begin(), sa.end(), sb.begin(), sb.end())) return false;
