@@ -5,6 +5,7 @@
 
 #include <map>
 #include <numeric>
+#include <thread>
 
 using namespace longheads;
 
@@ -460,4 +461,29 @@ TEST_CASE("a cache holding non-finite values equals its copy (fuzzer finding)") 
   CHECK(copy == cache);
   CHECK_THROWS_AS(a.prefill(cache, {q, 0, 2, 2}, {k, 0, 1, 2}, {v, 0, 1, 2}, {out, 0, 2, 2}), shape_error);
   CHECK(copy == cache);
+}
+
+TEST_CASE("concurrent sequences: one attention and one cache per thread, a shared thread pool") {
+  // The threading contract (docs/errors.md): an attention object and a cache are used by one
+  // thread at a time; separate sequences run concurrently, even sharing one pool. Run under
+  // ThreadSanitizer in CI.
+  const int w = 8, budget = 4, d = 16;
+  rope r(d);
+  const thread_pool_executor pool(2);
+  std::vector<test::sequence> seqs;
+  for (int i = 0; i < 4; ++i) seqs.emplace_back(120 + 17 * i, 4, 2, d, 1700 + i);
+  std::vector<std::vector<float>> expected;
+  for (const auto& seq : seqs) {
+    attention<> serial(test::make_config(4, 2, d, w, budget), r);
+    expected.push_back(seq.run(serial, 7));
+  }
+  std::vector<std::vector<float>> got(seqs.size());
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < seqs.size(); ++i)
+    threads.emplace_back([&, i] {
+      attention<threaded_policies> a(test::make_config(4, 2, d, w, budget), r, {.executor = pool});
+      got[i] = seqs[i].run(a, 7);
+    });
+  for (auto& t : threads) t.join();
+  for (std::size_t i = 0; i < seqs.size(); ++i) CHECK(got[i] == expected[i]);
 }
