@@ -301,6 +301,9 @@ template <class Combine>
 struct quest_group_policies : quest_policies {
   using group_selection = Combine;
 };
+struct rotated_paper_policies : paper_policies {
+  using scorer = rotated_query_scorer;
+};
 struct alternative_policies : paper_policies {
   using encoder = mean_key_encoder;
   using scorer = rotated_query_scorer;
@@ -352,6 +355,15 @@ reference::longheads_settings settings_for(const reference::problem& pr, int w, 
       s.group_combine = [](const std::vector<double>& x) { return *std::max_element(x.begin(), x.end()); };
     else
       s.group_combine = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / static_cast<double>(x.size()); };
+  } else if constexpr (std::is_same_v<Policies, alternative_policies>) {
+    s.encode = [](const reference::matrix&, const reference::matrix& k, const reference::matrix&) { return reference::mean_key(k); };
+    s.score = [rotated](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {
+      return reference::dot(rotated(q, p), rep);
+    };
+  } else if constexpr (std::is_same_v<Policies, rotated_paper_policies>) {
+    s.score = [rotated](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {
+      return reference::dot(rotated(q, p), rep);
+    };
   } else if constexpr (std::is_same_v<Policies, quest_policies>) {
     s.encode = [](const reference::matrix&, const reference::matrix& k, const reference::matrix&) { return reference::key_bounds(k); };
     s.score = [rotated](const std::vector<double>& q, const std::vector<double>& rep, std::int64_t p) {

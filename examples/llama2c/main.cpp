@@ -299,7 +299,7 @@ void draw_heatmap(const llama2c::checkpoint& ckpt, const options& o, const llama
     }
   const std::string title = "chunks selected for the first answer token, " + p.name + " (" + std::to_string(p.length) +
                             " tokens, w " + std::to_string(w) + ", k " + std::to_string(o.attention.config.budget_chunks) +
-                            "); red: needle; " + std::to_string(hits) + "/" + std::to_string(heads) + " heads read it";
+                            "); red arrows: needle; " + std::to_string(hits) + "/" + std::to_string(heads) + " heads read it";
   llama2c::plot_selection_heatmap(rows, labels, needle_chunks, title, o.heatmap);
   std::printf("heatmap: %s (%d of %d heads selected a needle chunk)\n", o.heatmap.c_str(), hits, heads);
 }

@@ -59,7 +59,7 @@ inline void plot_accuracy(const std::vector<accuracy_series>& series, std::int64
 }
 
 /// rows x cols 0/1 matrix as an image: rows are (layer, head), columns chunk ids; the needle's
-/// chunks are marked with vertical lines.
+/// chunks are marked by red arrows above and below.
 inline void plot_selection_heatmap(const std::vector<std::vector<int>>& selected, const std::vector<std::string>& row_labels,
                                    const std::vector<std::int64_t>& needle_chunks, const std::string& title,
                                    const std::filesystem::path& out) {
@@ -80,7 +80,9 @@ inline void plot_selection_heatmap(const std::vector<std::vector<int>>& selected
   for (std::size_t r = 0; r < row_labels.size(); ++r) script += (r ? ", '" : "'") + row_labels[r] + "' " + std::to_string(r);
   script += ")\n";
   for (std::int64_t c : needle_chunks)
-    script += "set arrow from " + std::to_string(c) + ", graph 0 to " + std::to_string(c) + ", graph 1 nohead lc rgb 'red' lw 1 front\n";
+    // Marks above and below the plot, so the cells of the needle's column stay visible.
+    script += "set arrow from " + std::to_string(c) + ", graph 1.06 to " + std::to_string(c) + ", graph 1.0 head filled size screen 0.008,30 lc rgb 'red' lw 2 front\n" +
+              "set arrow from " + std::to_string(c) + ", graph -0.06 to " + std::to_string(c) + ", graph 0.0 head filled size screen 0.008,30 lc rgb 'red' lw 2 front\n";
   script += "plot " + quoted(data) + " matrix with image notitle\n";
   run_gnuplot(script, out);
   std::filesystem::remove(data);
