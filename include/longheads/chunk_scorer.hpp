@@ -56,6 +56,10 @@ inline matrix_view<const float> rotate_queries(const scoring_inputs& in, int off
   }
   return rotated;
 }
+/// Scratch for rotate_queries: the block's rotated queries.
+inline std::size_t rotated_queries_floats(const attention_config& cfg, std::ptrdiff_t m) noexcept {
+  return static_cast<std::size_t>(m) * static_cast<std::size_t>(cfg.head_dim);
+}
 inline void check_offset(const char* who, int offset_chunks, const attention_config& cfg) {
   if (offset_chunks < 0 || offset_chunks >= cfg.budget_chunks)
     fail<config_error>(std::string(who) + ": offset_chunks must be in [0, budget_chunks = " + std::to_string(cfg.budget_chunks) +
@@ -81,9 +85,7 @@ struct rotated_query_scorer {
   int offset_chunks = 1;
 
   std::size_t representation_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.head_dim); }
-  std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept {
-    return static_cast<std::size_t>(m) * static_cast<std::size_t>(cfg.head_dim);
-  }
+  std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept { return detail::rotated_queries_floats(cfg, m); }
   void validate(const attention_config& cfg) const { detail::check_offset("rotated_query_scorer", offset_chunks, cfg); }
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float> scratch) const noexcept {
     matmul_nt(detail::rotate_queries(in, offset_chunks, scratch), in.representations, scores);
@@ -97,9 +99,7 @@ struct bound_scorer {
   int offset_chunks = 1;
 
   std::size_t representation_floats(const attention_config& cfg) const noexcept { return 2 * static_cast<std::size_t>(cfg.head_dim); }
-  std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept {
-    return static_cast<std::size_t>(m) * static_cast<std::size_t>(cfg.head_dim);
-  }
+  std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept { return detail::rotated_queries_floats(cfg, m); }
   void validate(const attention_config& cfg) const { detail::check_offset("bound_scorer", offset_chunks, cfg); }
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float> scratch) const noexcept {
     const matrix_view<const float> q = detail::rotate_queries(in, offset_chunks, scratch);
@@ -121,9 +121,7 @@ struct max_key_scorer {
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(count) * static_cast<std::size_t>(cfg.head_dim);
   }
-  std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept {
-    return static_cast<std::size_t>(m) * static_cast<std::size_t>(cfg.head_dim);
-  }
+  std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept { return detail::rotated_queries_floats(cfg, m); }
   void validate(const attention_config& cfg) const {
     detail::check_offset("max_key_scorer", offset_chunks, cfg);
     if (count < 1) detail::fail<config_error>("max_key_scorer: count must be >= 1, got " + std::to_string(count));

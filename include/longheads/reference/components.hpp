@@ -29,16 +29,26 @@ inline std::vector<double> softmax(std::vector<double> x) {
   return x;
 }
 
+/// Row i: softmax_j(q_i . k_j / sqrt d), non-causal within the chunk. [w][w]
+inline matrix chunk_attention(const matrix& q, const matrix& k) {
+  const std::size_t w = k.size();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(k[0].size()));
+  matrix probs;
+  for (std::size_t i = 0; i < w; ++i) {
+    std::vector<double> logits(w);
+    for (std::size_t j = 0; j < w; ++j) logits[j] = dot(q[i], k[j]) * scale;
+    probs.push_back(softmax(logits));
+  }
+  return probs;
+}
+
 /// The paper's chunk key: O = softmax(Q K^T/sqrt d) V, s = mean rows of O,
 /// r = sum_j softmax_j(s . k_j / sqrt d) k_j. Q, K locally rotated, [w][d].
 inline std::vector<double> attention_pooled_key(const matrix& q, const matrix& k, const matrix& v) {
   const std::size_t w = k.size(), d = k[0].size();
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   std::vector<double> summary(d, 0.0);
-  for (std::size_t i = 0; i < w; ++i) {
-    std::vector<double> logits(w);
-    for (std::size_t j = 0; j < w; ++j) logits[j] = dot(q[i], k[j]) * scale;
-    const auto p = softmax(logits);
+  for (const auto& p : chunk_attention(q, k)) {
     for (std::size_t j = 0; j < w; ++j)
       for (std::size_t c = 0; c < d; ++c) summary[c] += p[j] * v[j][c] / static_cast<double>(w);
   }
@@ -82,15 +92,10 @@ inline double bound_score(const std::vector<double>& q, const std::vector<double
 /// The `count` keys with the largest column mass of softmax(Q K^T / sqrt d) (ties: lower
 /// position), concatenated in ascending position.
 inline std::vector<double> representative_keys(const matrix& q, const matrix& k, int count) {
-  const std::size_t w = k.size(), d = k[0].size();
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const std::size_t w = k.size();
   std::vector<double> mass(w, 0.0);
-  for (std::size_t i = 0; i < w; ++i) {
-    std::vector<double> logits(w);
-    for (std::size_t j = 0; j < w; ++j) logits[j] = dot(q[i], k[j]) * scale;
-    const auto p = softmax(logits);
+  for (const auto& p : chunk_attention(q, k))
     for (std::size_t j = 0; j < w; ++j) mass[j] += p[j];
-  }
   std::vector<std::size_t> order(w);
   for (std::size_t j = 0; j < w; ++j) order[j] = j;
   std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return mass[a] > mass[b]; });
