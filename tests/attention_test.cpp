@@ -324,6 +324,39 @@ TEST_CASE("results are bit-identical whatever the thread count") {
   }
 }
 
+TEST_CASE("every method, kv layout and group selection is bit-identical whatever the thread count and split") {
+  // Decode with fewer kv groups than lanes splits a group's heads across lanes; prefill splits
+  // query blocks. Neither may change a single bit.
+  struct pooled_group_max : threaded_policies {
+    using encoder = key_bounds_encoder;
+    using scorer = bound_scorer;
+    using group_selection = group_max_selection;
+  };
+  const int w = 8, budget = 4, d = 16, hq = 8;
+  rope r(d);
+  for (int hkv : {8, 2, 1}) {
+    const test::sequence seq(300, hq, hkv, d, 1300u + static_cast<std::uint32_t>(hkv));
+    for (auto method : {attention_method::longheads, attention_method::dense, attention_method::sink_window}) {
+      CAPTURE(hkv);
+      CAPTURE(to_string(method));
+      attention<> serial(test::make_config(hq, hkv, d, w, budget, method), r);
+      const auto expected = seq.run(serial, 0);
+      CHECK(seq.run(serial, 1) == expected);
+      for (std::size_t threads : {2, 3}) {
+        attention<threaded_policies> pooled(test::make_config(hq, hkv, d, w, budget, method), r, {.executor = thread_pool_executor(threads)});
+        CHECK(seq.run(pooled, 0) == expected);
+        CHECK(seq.run(pooled, 1) == expected);
+        CHECK(seq.run(pooled, 70) == expected);
+      }
+    }
+    attention<quest_group_policies<group_max_selection>> shared_serial(test::make_config(hq, hkv, d, w, budget), r);
+    attention<pooled_group_max> shared_pooled(test::make_config(hq, hkv, d, w, budget), r, {.executor = thread_pool_executor(3)});
+    const auto expected = seq.run(shared_serial, 0);
+    CHECK(seq.run(shared_pooled, 1) == expected);
+    CHECK(seq.run(shared_pooled, 70) == expected);
+  }
+}
+
 TEST_CASE("swapped policies compose and match the naive algorithm given the same policies") {
   const int w = 8, budget = 4, d = 16, T = 170;
   rope r(d, 10000.0, rope_layout::interleaved);

@@ -164,17 +164,30 @@ class attention {
   }
 
  private:
+  /// One segment a query will read: tokens of one chunk and the rotation its query needs.
+  struct planned_segment {
+    const float* keys;
+    const float* values;
+    std::int32_t length;
+    std::int64_t delta;
+  };
+
   struct lane_scratch {
-    std::vector<float> scores;             // [block, chunks]
-    std::vector<float> group_scores;       // [group_size, block, chunks] (shared group selection)
-    std::vector<float> scorer;             // scorer's own
-    std::vector<float> encoder;            // encoder's own
-    std::vector<float> kernel;             // kernel's own
-    std::vector<float> rotated_queries;    // [segments, d]
-    std::vector<std::int32_t> selected;    // [segments]
-    std::vector<std::int32_t> candidates;  // [chunks]
-    std::vector<std::int64_t> slot_starts; // [segments]
-    std::vector<kv_segment> segments;      // [segments]
+    std::vector<float> scores;                  // [heads of the item, block, chunks]
+    std::vector<float> group_scores;            // [group_size, block, chunks] (shared group selection)
+    std::vector<float> scorer;                  // scorer's own
+    std::vector<float> encoder;                 // encoder's own
+    std::vector<float> kernel;                  // kernel's own
+    std::vector<float> rotated_query;           // [d]
+    std::vector<std::int32_t> selected;         // [segments]
+    std::vector<std::int32_t> candidates;       // [chunks]
+    std::vector<std::int64_t> slot_starts;      // [segments]
+    std::vector<planned_segment> plan;          // [tile queries, segments]
+    std::vector<std::size_t> plan_counts;       // [tile queries]
+    std::vector<std::size_t> cursors;           // [tile queries]
+    std::vector<softmax_state> states;          // [tile queries]
+    std::vector<const float*> tile_queries;     // [tile queries]
+    std::vector<float*> tile_outputs;           // [tile queries]
   };
 
   std::int64_t max_segments(std::int64_t context) const noexcept {
@@ -187,6 +200,8 @@ class attention {
     return chunks;
   }
   static std::int64_t query_block(std::int64_t tokens) noexcept { return std::min<std::int64_t>(tokens, 64); }
+  // Queries attended together, so each chunk they read is fetched once for all of them.
+  std::size_t max_tile_queries() const noexcept { return std::max<std::size_t>(16, static_cast<std::size_t>(config_.group_size())); }
 
   template <class T>
   static void grow(std::vector<T>& v, std::size_t n) {
@@ -199,19 +214,28 @@ class attention {
     const auto block = static_cast<std::size_t>(query_block(tokens));
     const auto segments = static_cast<std::size_t>(max_segments(context));
     const bool selects = config_.method == attention_method::longheads;
+    // Dense rotates queries by deltas up to the whole context; without a table each rotation
+    // would cost d/2 cos/sin evaluations per chunk per query (the table path gives the same floats).
+    if (config_.method == attention_method::dense && rope_.tabulated_positions() < context)
+      rope_.tabulate(std::min(max_sequence_tokens, std::max<std::int64_t>(context, rope_.tabulated_positions() * 3 / 2)));
     for (lane_scratch& s : lanes_) {
       if (selects) {
-        grow(s.scores, block * chunks);
+        grow(s.scores, static_cast<std::size_t>(config_.group_size()) * block * chunks);
         grow(s.scorer, policies_.scorer.scratch_floats(config_, static_cast<std::ptrdiff_t>(block)));
         grow(s.encoder, policies_.encoder.scratch_floats(config_));
         grow(s.candidates, chunks);
         if (group_selection_type::shared) grow(s.group_scores, static_cast<std::size_t>(config_.group_size()) * block * chunks);
       }
       grow(s.kernel, policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
-      grow(s.rotated_queries, segments * d);
+      grow(s.rotated_query, d);
       grow(s.selected, segments);
       grow(s.slot_starts, segments);
-      grow(s.segments, segments);
+      grow(s.plan, max_tile_queries() * segments);
+      grow(s.plan_counts, max_tile_queries());
+      grow(s.cursors, max_tile_queries());
+      grow(s.states, max_tile_queries());
+      grow(s.tile_queries, max_tile_queries());
+      grow(s.tile_outputs, max_tile_queries());
     }
   }
 
@@ -336,50 +360,118 @@ class attention {
     policies_.executor.parallel_for(n, index_task(f));
   }
 
+  /// Work is split into items (kv group, part of its heads, query block); items never share
+  /// results, and each query's arithmetic is the same whatever item holds it, so the output is
+  /// bit-identical for any thread count and any split of the sequence into calls.
   void attend(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections) noexcept {
     const std::int64_t first = cache.tokens_ - q.tokens();
     const std::int64_t block = query_block(q.tokens());
-    if (group_selection_type::shared && config_.method == attention_method::longheads) {
-      auto group_work = [&](std::size_t g, std::size_t lane) {
-        for (std::int64_t t0 = 0; t0 < q.tokens(); t0 += block)
-          attend_group_block(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(g), lanes_[lane]);
-      };
-      run_parallel(static_cast<std::size_t>(config_.n_kv_heads), group_work);
-      return;
-    }
-    auto head_work = [&](std::size_t h, std::size_t lane) {
-      for (std::int64_t t0 = 0; t0 < q.tokens(); t0 += block)
-        attend_block(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(h), lanes_[lane]);
+    const std::int64_t blocks = (q.tokens() + block - 1) / block;
+    const int group = config_.group_size();
+    const bool shared = group_selection_type::shared && config_.method == attention_method::longheads;
+    // Split a group's heads across items only when there are fewer items than lanes (decode
+    // with few kv heads); otherwise all heads of a group share each chunk read.
+    const std::int64_t items_per_part = config_.n_kv_heads * blocks;
+    const auto lanes = static_cast<std::int64_t>(lanes_.size());
+    const int parts = shared || items_per_part >= lanes
+                          ? 1
+                          : static_cast<int>(std::min<std::int64_t>(group, (lanes + items_per_part - 1) / items_per_part));
+    const int heads_per_part = (group + parts - 1) / parts;
+    auto work = [&](std::size_t item, std::size_t lane) {
+      const auto index = static_cast<std::int64_t>(item);
+      const std::int64_t b = index % blocks, part = index / blocks % parts, g = index / blocks / parts;
+      const int head_begin = static_cast<int>(g) * group + static_cast<int>(part) * heads_per_part;
+      const int head_end = std::min(static_cast<int>(g + 1) * group, head_begin + heads_per_part);
+      if (head_begin >= head_end) return;
+      const std::int64_t t0 = b * block;
+      attend_item(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(g), head_begin, head_end,
+                  shared, lanes_[lane]);
     };
-    run_parallel(static_cast<std::size_t>(config_.n_q_heads), head_work);
+    run_parallel(static_cast<std::size_t>(config_.n_kv_heads * parts * blocks), work);
   }
 
-  // Shared group selection: score every head of kv group g, combine, select once per query,
-  // then attend each head over the same chunks.
-  void attend_group_block(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
-                          std::int64_t first, std::int64_t t0, std::int64_t count, int g, lane_scratch& s) noexcept {
-    const int w = config_.chunk_size, group = config_.group_size(), h0 = g * group;
+  /// Queries [t0, t0 + count) of heads [head_begin, head_end), all of kv group g.
+  void attend_item(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
+                   std::int64_t first, std::int64_t t0, std::int64_t count, int g, int head_begin, int head_end, bool shared,
+                   lane_scratch& s) noexcept {
+    const int w = config_.chunk_size;
+    const int heads = head_end - head_begin;
     const std::int64_t last_query_chunk = (first + t0 + count - 1) / w;
-    const std::int64_t scored_chunks = last_query_chunk + 1 > config_.budget_chunks ? last_query_chunk : 0;
+    // Score only when some query of the block has more context than the budget.
+    const std::int64_t scored_chunks =
+        config_.method == attention_method::longheads && last_query_chunk + 1 > config_.budget_chunks ? last_query_chunk : 0;
+    const std::ptrdiff_t stride = count * scored_chunks;
     if (scored_chunks > 0) {
-      const std::ptrdiff_t stride = count * scored_chunks;
-      for (int j = 0; j < group; ++j) {
-        const scoring_inputs in{q.head(h0 + j).slice_rows(t0, count), first + t0,
-                                cache.representations(h0 + j).first_rows(scored_chunks), &rope_, w};
-        policies_.scorer.score(in, {s.group_scores.data() + j * stride, count, scored_chunks}, s.scorer);
+      float* target = shared ? s.group_scores.data() : s.scores.data();
+      for (int h = head_begin; h < head_end; ++h) {
+        const scoring_inputs in{q.head(h).slice_rows(t0, count), first + t0,
+                                cache.representations(h).first_rows(scored_chunks), &rope_, w};
+        policies_.scorer.score(in, {target + (h - head_begin) * stride, count, scored_chunks}, s.scorer);
       }
-      for (std::ptrdiff_t e = 0; e < stride; ++e) s.scores[static_cast<std::size_t>(e)] = policies_.group_selection.combine(s.group_scores.data() + e, stride, group);
+      if (shared)
+        for (std::ptrdiff_t e = 0; e < stride; ++e)
+          s.scores[static_cast<std::size_t>(e)] = policies_.group_selection.combine(s.group_scores.data() + e, stride, heads);
     }
-    for (std::int64_t r = 0; r < count; ++r) {
-      const std::int64_t t = t0 + r, p = first + t;
-      std::int64_t query_position = 0;
-      const std::size_t n = select_chunks(p, {s.scores.data() + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s, query_position);
-      for (int h = h0; h < h0 + group; ++h) {
-        selected_segments(cache, q.at(t, h), p, g, n, query_position, s);
-        policies_.kernel.attend(std::span<const kv_segment>(s.segments.data(), n), config_.head_dim, config_.scale(), out.at(t, h), s.kernel);
-        record_selection(cache, selections, t, q.tokens(), h, s, n);
+    const std::size_t max_plan = s.plan.size() / max_tile_queries();
+    const std::int64_t tile_rows = std::max<std::int64_t>(1, static_cast<std::int64_t>(max_tile_queries()) / heads);
+    for (std::int64_t r0 = 0; r0 < count; r0 += tile_rows) {
+      std::size_t n_queries = 0;
+      for (std::int64_t r = r0; r < std::min(count, r0 + tile_rows); ++r) {
+        const std::int64_t t = t0 + r, p = first + t;
+        std::int64_t query_position = 0;
+        std::size_t shared_count = 0;
+        if (shared) shared_count = select_chunks(p, {s.scores.data() + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s, query_position);
+        for (int h = head_begin; h < head_end; ++h, ++n_queries) {
+          planned_segment* plan = s.plan.data() + n_queries * max_plan;
+          std::size_t n = 0;
+          if (shared) {
+            n = plan_selected(cache, p, g, shared_count, query_position, s, plan);
+          } else {
+            const float* row = s.scores.data() + (h - head_begin) * stride + r * scored_chunks;
+            n = plan_query(cache, p, g, {row, static_cast<std::size_t>(scored_chunks)}, s, plan);
+          }
+          if (config_.method == attention_method::longheads)
+            record_selection(cache, selections, t, q.tokens(), h, s, n);
+          else if (t == q.tokens() - 1)
+            record_chunks(cache, h, {plan, n});
+          s.plan_counts[n_queries] = n;
+          s.tile_queries[n_queries] = q.at(t, h);
+          s.tile_outputs[n_queries] = out.at(t, h);
+        }
+      }
+      run_plans(n_queries, max_plan, s);
+    }
+  }
+
+  /// Streams every planned segment of the tile's queries through the kernel, each query in its
+  /// own order, taking at each step the lowest-addressed chunk any query reads next, so a
+  /// chunk several queries read is fetched once while it is hot.
+  void run_plans(std::size_t n_queries, std::size_t max_plan, lane_scratch& s) const noexcept {
+    const int d = config_.head_dim;
+    const float scale = config_.scale();
+    for (std::size_t i = 0; i < n_queries; ++i) {
+      policies_.kernel.begin(s.states[i], s.tile_outputs[i], d);
+      s.cursors[i] = 0;
+    }
+    for (;;) {
+      const float* next = nullptr;
+      for (std::size_t i = 0; i < n_queries; ++i)
+        if (s.cursors[i] < s.plan_counts[i]) {
+          const float* keys = s.plan[i * max_plan + s.cursors[i]].keys;
+          if (next == nullptr || std::less<const float*>{}(keys, next)) next = keys;
+        }
+      if (next == nullptr) break;
+      for (std::size_t i = 0; i < n_queries; ++i) {
+        if (s.cursors[i] >= s.plan_counts[i]) continue;
+        const planned_segment& seg = s.plan[i * max_plan + s.cursors[i]];
+        if (seg.keys != next) continue;
+        rope_.rotate(s.tile_queries[i], s.rotated_query.data(), seg.delta);
+        policies_.kernel.consume({s.rotated_query.data(), seg.keys, seg.values, seg.length}, d, scale, s.states[i], s.tile_outputs[i],
+                                 s.kernel);
+        ++s.cursors[i];
       }
     }
+    for (std::size_t i = 0; i < n_queries; ++i) policies_.kernel.finish(s.states[i], s.tile_outputs[i], d);
   }
 
   void record_selection(kv_cache& cache, std::span<std::int32_t> selections, std::int64_t t, std::int64_t tokens, int h,
@@ -394,55 +486,27 @@ class attention {
     }
   }
 
-  void attend_block(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
-                    std::int64_t first, std::int64_t t0, std::int64_t count, int h, lane_scratch& s) noexcept {
-    const int w = config_.chunk_size;
-    const int g = h / config_.group_size();
-    const std::int64_t last_query_chunk = (first + t0 + count - 1) / w;
-    // Score only when some query of the block has more context than the budget.
-    const std::int64_t scored_chunks =
-        config_.method == attention_method::longheads && last_query_chunk + 1 > config_.budget_chunks ? last_query_chunk : 0;
-    if (scored_chunks > 0) {
-      const scoring_inputs in{q.head(h).slice_rows(t0, count), first + t0,
-                              cache.representations(h).first_rows(scored_chunks), &rope_, w};
-      policies_.scorer.score(in, {s.scores.data(), count, scored_chunks}, s.scorer);
-    }
-    for (std::int64_t r = 0; r < count; ++r) {
-      const std::int64_t t = t0 + r, p = first + t;
-      const std::size_t n = build_segments(cache, q.at(t, h), p, g, {s.scores.data() + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s);
-      policies_.kernel.attend(std::span<const kv_segment>(s.segments.data(), n), config_.head_dim, config_.scale(), out.at(t, h), s.kernel);
-      if (config_.method != attention_method::longheads) {
-        if (t == q.tokens() - 1) record_chunks(cache, h, s, n);
-        continue;
-      }
-      record_selection(cache, selections, t, q.tokens(), h, s, n);
-    }
-  }
-
-  // Baselines record the chunks their segments came from, for the same read-back.
-  void record_chunks(kv_cache& cache, int h, const lane_scratch& s, std::size_t n) noexcept {
+  // Baselines record the chunks their segments come from, for the same read-back.
+  void record_chunks(kv_cache& cache, int h, std::span<const planned_segment> plan) noexcept {
     auto slot = cache.selection_slot(h);
     std::int32_t count = 0;
-    for (std::size_t j = 0; j < n; ++j) {
-      const auto chunk = static_cast<std::int32_t>((s.segments[j].keys - cache.keys(0, 0)) /
-                                                   static_cast<std::ptrdiff_t>(cache.kv_floats_per_chunk()));
+    for (const planned_segment& seg : plan) {
+      const auto chunk = static_cast<std::int32_t>((seg.keys - cache.keys(0, 0)) / static_cast<std::ptrdiff_t>(cache.kv_floats_per_chunk()));
       if (count == 0 || slot[static_cast<std::size_t>(count - 1)] != chunk) slot[static_cast<std::size_t>(count++)] = chunk;
     }
     cache.selection_counts_[static_cast<std::size_t>(h)] = count;
   }
 
-  /// Fills s.segments for query position p of query head h (kv head g); returns how many.
-  std::size_t build_segments(const kv_cache& cache, const float* q_raw, std::int64_t p, int g, std::span<const float> scores,
-                             lane_scratch& s) const noexcept {
+  /// Plans what query position p (kv group g) reads; returns how many segments.
+  std::size_t plan_query(const kv_cache& cache, std::int64_t p, int g, std::span<const float> scores, lane_scratch& s,
+                         planned_segment* plan) const noexcept {
     const int w = config_.chunk_size;
     const std::ptrdiff_t d = config_.head_dim;
     const std::int64_t i = p / w;
     std::size_t n = 0;
-    // One segment: tokens [begin, end) of chunk c, with the query rotated by `delta`.
+    // Tokens [begin, end) of chunk c, read with the query rotated by `delta`.
     auto add = [&](std::int64_t c, std::int64_t begin, std::int64_t end, std::int64_t delta) {
-      float* rotated = s.rotated_queries.data() + static_cast<std::ptrdiff_t>(n) * d;
-      rope_.rotate(q_raw, rotated, delta);
-      s.segments[n++] = {rotated, cache.keys(c, g) + begin * d, cache.values(c, g) + begin * d, static_cast<std::int32_t>(end - begin)};
+      plan[n++] = {cache.keys(c, g) + begin * d, cache.values(c, g) + begin * d, static_cast<std::int32_t>(end - begin), delta};
     };
     auto tokens_in = [&](std::int64_t c) { return c == i ? p % w + 1 : std::int64_t{w}; };
     const std::int64_t budget = config_.budget_tokens();
@@ -457,7 +521,7 @@ class attention {
     } else {
       std::int64_t query_position = 0;
       const std::size_t count = select_chunks(p, scores, s, query_position);
-      return selected_segments(cache, q_raw, p, g, count, query_position, s);
+      return plan_selected(cache, p, g, count, query_position, s, plan);
     }
     return n;
   }
@@ -473,17 +537,14 @@ class attention {
   }
 
   /// Segments over the selected chunks, the query rotated per slot.
-  std::size_t selected_segments(const kv_cache& cache, const float* q_raw, std::int64_t p, int g, std::size_t count,
-                                std::int64_t query_position, lane_scratch& s) const noexcept {
+  std::size_t plan_selected(const kv_cache& cache, std::int64_t p, int g, std::size_t count, std::int64_t query_position,
+                            const lane_scratch& s, planned_segment* plan) const noexcept {
     const int w = config_.chunk_size;
-    const std::ptrdiff_t d = config_.head_dim;
     const std::int64_t i = p / w;
     for (std::size_t slot = 0; slot < count; ++slot) {
       const std::int64_t c = s.selected[slot];
-      float* rotated = s.rotated_queries.data() + static_cast<std::ptrdiff_t>(slot) * d;
-      rope_.rotate(q_raw, rotated, query_position - s.slot_starts[slot]);
       const std::int64_t length = c == i ? p % w + 1 : std::int64_t{w};
-      s.segments[slot] = {rotated, cache.keys(c, g), cache.values(c, g), static_cast<std::int32_t>(length)};
+      plan[slot] = {cache.keys(c, g), cache.values(c, g), static_cast<std::int32_t>(length), query_position - s.slot_starts[slot]};
     }
     return count;
   }

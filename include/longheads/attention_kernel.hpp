@@ -28,14 +28,36 @@ struct kv_segment {
   std::int32_t length = 0;
 };
 
-/// attend() writes the head_dim outputs; scratch_floats(max_segment_length, head_dim) floats
-/// of caller-owned scratch. Segments are non-empty and at most max_segment_length long.
-template <class K>
-concept attention_kernel = requires(const K& k, std::span<const kv_segment> segments, int head_dim, float scale,
-                                    float* out, std::span<float> scratch, std::ptrdiff_t max_segment_length) {
-  { k.scratch_floats(max_segment_length, head_dim) } -> std::convertible_to<std::size_t>;
-  { k.attend(segments, head_dim, scale, out, scratch) } noexcept -> std::same_as<void>;
+/// One query's online-softmax state between segments; its accumulator is the output row.
+struct softmax_state {
+  float running_max = -std::numeric_limits<float>::infinity();
+  float denominator = 0.0f;
 };
+
+/// A kernel streams segments into a query's output: begin(), consume() per segment in order,
+/// finish(). The attention interleaves the segments of several queries (the heads of a kv
+/// group, neighbouring queries of a prefill block) so each chunk is read from memory once for
+/// all of them; a kernel must therefore keep all per-query state in `state` and `out`.
+/// scratch_floats(max_segment_length, head_dim) floats of caller-owned scratch; segments are
+/// non-empty and at most max_segment_length long.
+template <class K>
+concept attention_kernel = requires(const K& k, const kv_segment& segment, int head_dim, float scale, float* out,
+                                    softmax_state& state, std::span<float> scratch, std::ptrdiff_t max_segment_length) {
+  { k.scratch_floats(max_segment_length, head_dim) } -> std::convertible_to<std::size_t>;
+  { k.begin(state, out, head_dim) } noexcept -> std::same_as<void>;
+  { k.consume(segment, head_dim, scale, state, out, scratch) } noexcept -> std::same_as<void>;
+  { k.finish(state, out, head_dim) } noexcept -> std::same_as<void>;
+};
+
+/// out = attention of one query over `segments`, in their order.
+template <attention_kernel K>
+void attend(const K& kernel, std::span<const kv_segment> segments, int head_dim, float scale, float* out,
+            std::span<float> scratch) noexcept {
+  softmax_state state;
+  kernel.begin(state, out, head_dim);
+  for (const kv_segment& segment : segments) kernel.consume(segment, head_dim, scale, state, out, scratch);
+  kernel.finish(state, out, head_dim);
+}
 
 /// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and values.
 struct online_softmax_kernel {
@@ -45,66 +67,81 @@ struct online_softmax_kernel {
     return static_cast<std::size_t>((max_segment_length + detail::simd_width - 1) / detail::simd_width * detail::simd_width);
   }
 
-  void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out,
-              std::span<float> scratch) const noexcept {
+  void begin(softmax_state& state, float* out, int head_dim) const noexcept {
+    state = {};
+    std::fill(out, out + head_dim, 0.0f);
+  }
+
+  void consume(const kv_segment& seg, int head_dim, float scale, softmax_state& state, float* out,
+               std::span<float> scratch) const noexcept {
     const std::ptrdiff_t d = head_dim;
-    float running_max = -std::numeric_limits<float>::infinity();
-    float denominator = 0.0f;
-    std::fill(out, out + d, 0.0f);  // the accumulator lives in the output
-    for (const kv_segment& seg : segments) {
-      float* logits = scratch.data();
-      float segment_max = -std::numeric_limits<float>::infinity();
-      for (std::int32_t j = 0; j < seg.length; ++j) {
-        logits[j] = scale * detail::dot(seg.query, seg.keys + j * d, d);
-        segment_max = std::max(segment_max, logits[j]);
-      }
-      if (segment_max > running_max) {
-        // exp(-inf) = 0 on the first segment, so the empty accumulator needs no special case.
-        const float correction = std::exp(running_max - segment_max);
-        denominator *= correction;
-        detail::scale(correction, out, d);
-        running_max = segment_max;
-      }
-      const std::ptrdiff_t padded = (seg.length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
-      std::fill(logits + seg.length, logits + padded, -std::numeric_limits<float>::infinity());
-      const detail::float_batch shift(running_max);
-      for (std::ptrdiff_t j = 0; j < padded; j += detail::simd_width)
-        xsimd::exp(detail::float_batch::load_unaligned(logits + j) - shift).store_unaligned(logits + j);
-      for (std::int32_t j = 0; j < seg.length; ++j) {
-        denominator += logits[j];
-        detail::axpy(logits[j], seg.values + j * d, out, d);
-      }
+    float* logits = scratch.data();
+    float segment_max = -std::numeric_limits<float>::infinity();
+    for (std::int32_t j = 0; j < seg.length; ++j) {
+      logits[j] = scale * detail::dot(seg.query, seg.keys + j * d, d);
+      segment_max = std::max(segment_max, logits[j]);
     }
-    detail::scale(1.0f / denominator, out, d);
+    if (segment_max > state.running_max) {
+      // exp(-inf) = 0 on the first segment, so the empty accumulator needs no special case.
+      const float correction = std::exp(state.running_max - segment_max);
+      state.denominator *= correction;
+      detail::scale(correction, out, d);
+      state.running_max = segment_max;
+    }
+    const std::ptrdiff_t padded = (seg.length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
+    std::fill(logits + seg.length, logits + padded, -std::numeric_limits<float>::infinity());
+    const detail::float_batch shift(state.running_max);
+    for (std::ptrdiff_t j = 0; j < padded; j += detail::simd_width)
+      xsimd::exp(detail::float_batch::load_unaligned(logits + j) - shift).store_unaligned(logits + j);
+    for (std::int32_t j = 0; j < seg.length; ++j) {
+      state.denominator += logits[j];
+      detail::axpy(logits[j], seg.values + j * d, out, d);
+    }
+  }
+
+  void finish(const softmax_state& state, float* out, int head_dim) const noexcept {
+    detail::scale(1.0f / state.denominator, out, head_dim);
+  }
+
+  void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out, std::span<float> scratch) const noexcept {
+    longheads::attend(*this, segments, head_dim, scale, out, scratch);
   }
 };
 
-/// Alternative: plain scalar loops with the same online softmax. Proves the seam and is the
-/// baseline the SIMD kernel is benchmarked against.
+/// Alternative: plain scalar loops with the same online softmax, updated per key. Proves the
+/// seam and is the baseline the SIMD kernel is benchmarked against.
 struct scalar_online_softmax_kernel {
   std::size_t scratch_floats(std::ptrdiff_t, int) const noexcept { return 0; }
-  void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out,
-              std::span<float>) const noexcept {
-    float running_max = -std::numeric_limits<float>::infinity();
-    float denominator = 0.0f;
+
+  void begin(softmax_state& state, float* out, int head_dim) const noexcept {
+    state = {};
     std::fill(out, out + head_dim, 0.0f);
-    for (const kv_segment& seg : segments) {
-      for (std::int32_t j = 0; j < seg.length; ++j) {
-        float logit = 0.0f;
-        for (int i = 0; i < head_dim; ++i) logit += seg.query[i] * seg.keys[j * head_dim + i];
-        logit *= scale;
-        if (logit > running_max) {
-          const float correction = std::exp(running_max - logit);
-          denominator *= correction;
-          for (int i = 0; i < head_dim; ++i) out[i] *= correction;
-          running_max = logit;
-        }
-        const float p = std::exp(logit - running_max);
-        denominator += p;
-        for (int i = 0; i < head_dim; ++i) out[i] += p * seg.values[j * head_dim + i];
+  }
+
+  void consume(const kv_segment& seg, int head_dim, float scale, softmax_state& state, float* out,
+               std::span<float>) const noexcept {
+    for (std::int32_t j = 0; j < seg.length; ++j) {
+      float logit = 0.0f;
+      for (int i = 0; i < head_dim; ++i) logit += seg.query[i] * seg.keys[j * head_dim + i];
+      logit *= scale;
+      if (logit > state.running_max) {
+        const float correction = std::exp(state.running_max - logit);
+        state.denominator *= correction;
+        for (int i = 0; i < head_dim; ++i) out[i] *= correction;
+        state.running_max = logit;
       }
+      const float p = std::exp(logit - state.running_max);
+      state.denominator += p;
+      for (int i = 0; i < head_dim; ++i) out[i] += p * seg.values[j * head_dim + i];
     }
-    for (int i = 0; i < head_dim; ++i) out[i] /= denominator;
+  }
+
+  void finish(const softmax_state& state, float* out, int head_dim) const noexcept {
+    for (int i = 0; i < head_dim; ++i) out[i] /= state.denominator;
+  }
+
+  void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out, std::span<float> scratch) const noexcept {
+    longheads::attend(*this, segments, head_dim, scale, out, scratch);
   }
 };
 
