@@ -39,18 +39,24 @@ namespace longheads {
 /// The paper's policies. Swap one by inheriting:
 ///   struct my_policies : paper_policies { using scorer = rotated_query_scorer; };
 struct paper_policies {
-  using encoder = attention_pooled_encoder;
-  using scorer = raw_query_scorer;
-  using selector = sink_local_topk_selector;
-  using remapper = contiguous_slot_remapper;
-  using kernel = online_softmax_kernel;
-  using executor = serial_executor;
-  using group_selection = per_head_selection;
+  using encoder = attention_pooled_encoder;     ///< chunk representation: keys pooled by the chunk's own attention
+  using scorer = raw_query_scorer;              ///< score: q_raw . r_c
+  using selector = sink_local_topk_selector;    ///< sink + local chunks + top-scoring others
+  using remapper = contiguous_slot_remapper;    ///< selected chunks side by side at positions 0..L-1
+  using kernel = online_softmax_kernel;         ///< online softmax over the chunks in place (xsimd)
+  using executor = serial_executor;             ///< everything on the calling thread
+  using group_selection = per_head_selection;   ///< every query head selects for itself
 };
 
+/// One attention layer computing LongHeads (or a baseline) over a kv_cache: prefill, decode and
+/// ingest of host buffers, with every argument validated before the cache is touched.
+/// Holds the configuration, RoPE tables and per-lane scratch; one call at a time per object.
+/// @tparam Policies a bundle like paper_policies naming the seven policy types
 template <class Policies = paper_policies>
 class attention {
  public:
+  ///@{
+  /// The policy types of the bundle.
   using encoder_type = typename Policies::encoder;
   using scorer_type = typename Policies::scorer;
   using selector_type = typename Policies::selector;
@@ -58,6 +64,7 @@ class attention {
   using kernel_type = typename Policies::kernel;
   using executor_type = typename Policies::executor;
   using group_selection_type = typename Policies::group_selection;
+  ///@}
   static_assert(chunk_encoder<encoder_type>, "Policies::encoder must model longheads::chunk_encoder (chunk_encoder.hpp)");
   static_assert(chunk_scorer<scorer_type>, "Policies::scorer must model longheads::chunk_scorer (chunk_scorer.hpp)");
   static_assert(head_selector<selector_type>, "Policies::selector must model longheads::head_selector (head_selector.hpp)");
@@ -69,6 +76,8 @@ class attention {
 
   /// Policy values, for policies with state (e.g. a thread pool, a scorer's offset).
   struct policy_set {
+    ///@{
+    /// One value of each policy type, default-constructed unless given.
     encoder_type encoder{};
     scorer_type scorer{};
     selector_type selector{};
@@ -76,6 +85,7 @@ class attention {
     kernel_type kernel{};
     executor_type executor{};
     group_selection_type group_selection{};
+    ///@}
   };
 
   /// @throws config_error if the configuration, the RoPE or a policy rejects the setting.
@@ -97,10 +107,14 @@ class attention {
     lanes_.resize(policies_.executor.lanes());
   }
 
+  /// The configuration given at construction.
   const attention_config& config() const noexcept { return config_; }
+  /// The RoPE, with its tables.
   const rope& rotary() const noexcept { return rope_; }
+  /// The policy values.
   const policy_set& policies() const noexcept { return policies_; }
 
+  /// The shape of the caches this layer reads and writes.
   cache_shape shape() const noexcept {
     return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size,
             config_.method == attention_method::longheads ? policies_.encoder.representation_floats(config_) : 0};
@@ -123,6 +137,7 @@ class attention {
   }
 
   /// Appends T tokens to the sequence and computes their attention.
+  /// @param cache this sequence's cache for this layer (from make_cache())
   /// @param q   [T, H_q, d] pre-RoPE queries    (host buffer, read in place)
   /// @param k   [T, H_kv, d] pre-RoPE keys
   /// @param v   [T, H_kv, d] values
@@ -132,14 +147,7 @@ class attention {
   /// @throws shape_error, config_error, value_error, limit_error; the cache is then unchanged.
   void prefill(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
                tensor_view<float> out, std::span<std::int32_t> selections = {}) {
-    validate_call("prefill", cache, q, k, v, out, selections);
-    const std::int64_t end = cache.tokens() + q.tokens();
-    cache.reserve(end);
-    cache.reserve_selections(static_cast<std::size_t>(max_segments(end)));
-    prepare_scratch(end, q.tokens());
-    // Nothing below throws: the call commits.
-    append(cache, q, k, v);
-    attend(cache, q, out, selections);
+    run("prefill", cache, q, k, v, out, selections);
   }
 
   /// Appends T tokens to the sequence without computing their attention: keys and values are
@@ -160,10 +168,22 @@ class attention {
   void decode(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
               tensor_view<float> out, std::span<std::int32_t> selections = {}) {
     if (q.tokens() != 1) detail::fail<shape_error>("decode: q has " + std::to_string(q.tokens()) + " tokens, expected 1");
-    prefill(cache, q, k, v, out, selections);
+    run("decode", cache, q, k, v, out, selections);
   }
 
  private:
+  void run(const char* call, kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
+           tensor_view<float> out, std::span<std::int32_t> selections) {
+    validate_call(call, cache, q, k, v, out, selections);
+    const std::int64_t end = cache.tokens() + q.tokens();
+    cache.reserve(end);
+    cache.reserve_selections(static_cast<std::size_t>(max_segments(end)));
+    prepare_scratch(end, q.tokens());
+    // Nothing below throws: the call commits.
+    append(cache, q, k, v);
+    attend(cache, q, out, selections);
+  }
+
   /// One segment a query will read: tokens of one chunk and the rotation its query needs.
   struct planned_segment {
     const float* keys;

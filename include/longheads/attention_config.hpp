@@ -26,6 +26,7 @@ inline const char* to_string(attention_method m) noexcept {
   return "?";
 }
 
+/// The shape and knobs of one attention layer; docs/configuration.md gives every range.
 struct attention_config {
   int n_q_heads = 0;      ///< H_q
   int n_kv_heads = 0;     ///< H_kv; must divide H_q (MHA, GQA, MQA)
@@ -35,15 +36,18 @@ struct attention_config {
   int sink_chunks = 1;    ///< always-selected chunks at the start (attention sink)
   int local_chunks = 2;   ///< always-selected most recent chunks, the current one included
   int sink_tokens = 4;    ///< sink_window method only
-  attention_method method = attention_method::longheads;
+  attention_method method = attention_method::longheads;  ///< what the layer computes
   /// Softmax temperature; 0 means 1/sqrt(head_dim).
   float softmax_scale = 0.0f;
   /// Reject NaN/Inf in q/k/v with value_error (the cache stays clean); when false they are
   /// the caller's responsibility and propagate into outputs.
   bool reject_nonfinite = true;
 
+  /// L = budget_chunks * chunk_size, the most tokens a head reads per query.
   std::int64_t budget_tokens() const noexcept { return std::int64_t{budget_chunks} * chunk_size; }
+  /// The softmax temperature in use: softmax_scale, or 1/sqrt(head_dim) when it is 0.
   float scale() const noexcept;
+  /// Query heads per kv head.
   int group_size() const noexcept { return n_kv_heads > 0 ? n_q_heads / n_kv_heads : 0; }
 
   /// @throws config_error naming the first impossible setting.

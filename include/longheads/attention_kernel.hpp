@@ -22,16 +22,16 @@ namespace longheads {
 /// Keys and values of `length` consecutive tokens of one kv head, rows of head_dim floats,
 /// and the query rotated for them.
 struct kv_segment {
-  const float* query = nullptr;   // [d]
-  const float* keys = nullptr;    // [length, d]
-  const float* values = nullptr;  // [length, d]
-  std::int32_t length = 0;
+  const float* query = nullptr;   ///< [d]
+  const float* keys = nullptr;    ///< [length, d]
+  const float* values = nullptr;  ///< [length, d]
+  std::int32_t length = 0;        ///< tokens, >= 1
 };
 
 /// One query's online-softmax state between segments; its accumulator is the output row.
 struct softmax_state {
-  float running_max = -std::numeric_limits<float>::infinity();
-  float denominator = 0.0f;
+  float running_max = -std::numeric_limits<float>::infinity();  ///< largest logit so far
+  float denominator = 0.0f;                                      ///< sum of exp(logit - running_max) so far
 };
 
 /// A kernel streams segments into a query's output: begin(), consume() per segment in order,
@@ -61,17 +61,20 @@ void attend(const K& kernel, std::span<const kv_segment> segments, int head_dim,
 
 /// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and values.
 struct online_softmax_kernel {
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(std::ptrdiff_t max_segment_length, int) const noexcept {
     // Rounded up to whole batches: the padding holds -inf, so every probability goes through
     // the same vector exp whatever the segment's length.
     return static_cast<std::size_t>((max_segment_length + detail::simd_width - 1) / detail::simd_width * detail::simd_width);
   }
 
+  /// Starts a query: resets the state and zeroes the output row.
   void begin(softmax_state& state, float* out, int head_dim) const noexcept {
     state = {};
     std::fill(out, out + head_dim, 0.0f);
   }
 
+  /// Folds one segment into the query's running softmax and output row.
   void consume(const kv_segment& seg, int head_dim, float scale, softmax_state& state, float* out,
                std::span<float> scratch) const noexcept {
     const std::ptrdiff_t d = head_dim;
@@ -99,10 +102,12 @@ struct online_softmax_kernel {
     }
   }
 
+  /// Normalises the output row once every segment has been consumed.
   void finish(const softmax_state& state, float* out, int head_dim) const noexcept {
     detail::scale(1.0f / state.denominator, out, head_dim);
   }
 
+  /// The whole attention of one query over `segments`, in order.
   void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out, std::span<float> scratch) const noexcept {
     longheads::attend(*this, segments, head_dim, scale, out, scratch);
   }
@@ -111,13 +116,16 @@ struct online_softmax_kernel {
 /// Alternative: plain scalar loops with the same online softmax, updated per key. Proves the
 /// seam and is the baseline the SIMD kernel is benchmarked against.
 struct scalar_online_softmax_kernel {
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(std::ptrdiff_t, int) const noexcept { return 0; }
 
+  /// Starts a query: resets the state and zeroes the output row.
   void begin(softmax_state& state, float* out, int head_dim) const noexcept {
     state = {};
     std::fill(out, out + head_dim, 0.0f);
   }
 
+  /// Folds one segment into the query's running softmax and output row.
   void consume(const kv_segment& seg, int head_dim, float scale, softmax_state& state, float* out,
                std::span<float>) const noexcept {
     for (std::int32_t j = 0; j < seg.length; ++j) {
@@ -136,10 +144,12 @@ struct scalar_online_softmax_kernel {
     }
   }
 
+  /// Normalises the output row once every segment has been consumed.
   void finish(const softmax_state& state, float* out, int head_dim) const noexcept {
     for (int i = 0; i < head_dim; ++i) out[i] /= state.denominator;
   }
 
+  /// The whole attention of one query over `segments`, in order.
   void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out, std::span<float> scratch) const noexcept {
     longheads::attend(*this, segments, head_dim, scale, out, scratch);
   }

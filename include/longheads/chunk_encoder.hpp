@@ -24,12 +24,13 @@
 
 namespace longheads {
 
+// [snippet:concept] (docs/custom-policy.md shows this part)
 /// What an encoder sees of one full chunk, for one query head.
 struct chunk_inputs {
-  matrix_view<const float> queries;  // [w, d] rotated at local positions 0..w-1
-  matrix_view<const float> keys;     // [w, d] rotated at local positions 0..w-1
-  matrix_view<const float> values;   // [w, d]
-  float scale = 1.0f;                // 1/sqrt(d)
+  matrix_view<const float> queries;  ///< [w, d] rotated at local positions 0..w-1
+  matrix_view<const float> keys;     ///< [w, d] rotated at local positions 0..w-1
+  matrix_view<const float> values;   ///< [w, d]
+  float scale = 1.0f;                ///< 1/sqrt(d)
 };
 
 /// Builds the representation a chunk_scorer compares queries against.
@@ -43,6 +44,7 @@ concept chunk_encoder = requires(const E& e, const attention_config& cfg, const 
   { e.validate(cfg) } -> std::same_as<void>;
   { e.encode(in, representation, scratch) } noexcept -> std::same_as<void>;
 };
+// [/snippet:concept]
 
 namespace detail {
 /// Softmax of x in place, in a fixed order: a representation must not depend on where its
@@ -60,15 +62,19 @@ inline void softmax_in_place(float* x, std::ptrdiff_t n) noexcept {
 /// O(w d). Every step is a fixed-order loop, so the bits of a representation depend only on
 /// the chunk, never on the thread, the buffer addresses or how the sequence was split.
 struct attention_pooled_encoder {
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(cfg.head_dim);
   }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg) const noexcept {
     const auto w = static_cast<std::size_t>(cfg.chunk_size);
     return w * w + 2 * w + static_cast<std::size_t>(cfg.head_dim);
   }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
 
+  /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
     const matrix_view<float> probs(scratch.data(), w, w);
@@ -94,11 +100,15 @@ struct attention_pooled_encoder {
 
 /// Alternative: the plain mean of the chunk's locally rotated keys (no queries, no values).
 struct mean_key_encoder {
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(cfg.head_dim);
   }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config&) const noexcept { return 0; }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
+  /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
     std::fill_n(representation.data(), d, 0.0f);
@@ -111,11 +121,15 @@ struct mean_key_encoder {
 /// rotated keys ([2d]). Paired with bound_scorer, a query's score is an upper bound of its dot
 /// product with any key of the chunk, so one matching key is not averaged away by w - 1 others.
 struct key_bounds_encoder {
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return 2 * static_cast<std::size_t>(cfg.head_dim);
   }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config&) const noexcept { return 0; }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
+  /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
     float* lo = representation.data();
@@ -134,20 +148,25 @@ struct key_bounds_encoder {
 /// to most (column mass of softmax(Q K^T / sqrt d), non-causal as in the paper's encoder), in
 /// ascending position; [count * d]. Paired with max_key_scorer.
 struct representative_keys_encoder {
+  /// Keys kept per chunk, in [1, chunk_size].
   int count = 2;
 
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(count) * static_cast<std::size_t>(cfg.head_dim);
   }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg) const noexcept {
     const auto w = static_cast<std::size_t>(cfg.chunk_size);
     return w * w + 2 * w;
   }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config& cfg) const {
     if (count < 1 || count > cfg.chunk_size)
       detail::fail<config_error>("representative_keys_encoder: count must be in [1, chunk_size = " + std::to_string(cfg.chunk_size) +
                                  "], got " + std::to_string(count));
   }
+  /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
     const matrix_view<float> probs(scratch.data(), w, w);

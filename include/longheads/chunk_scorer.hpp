@@ -25,11 +25,11 @@ namespace longheads {
 
 /// A block of consecutive queries of one head and the chunks they may score.
 struct scoring_inputs {
-  matrix_view<const float> queries;          // [m, d] raw (pre-RoPE) queries
-  std::int64_t first_position = 0;           // position of queries.row(0); rows are consecutive
-  matrix_view<const float> representations;  // [n, representation_floats] chunks 0..n-1
-  const rope* rotary = nullptr;
-  int chunk_size = 0;
+  matrix_view<const float> queries;          ///< [m, d] raw (pre-RoPE) queries
+  std::int64_t first_position = 0;           ///< position of queries.row(0); rows are consecutive
+  matrix_view<const float> representations;  ///< [n, representation_floats] chunks 0..n-1
+  const rope* rotary = nullptr;              ///< the layer's RoPE, for scorers that rotate queries
+  int chunk_size = 0;                        ///< w
 };
 
 /// Fills scores [m, n]; scratch_floats(cfg, m) floats of caller-owned scratch.
@@ -69,9 +69,13 @@ inline void check_offset(const char* who, int offset_chunks, const attention_con
 
 /// The paper's scorer: q_raw . r_c.
 struct raw_query_scorer {
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.head_dim); }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config&, std::ptrdiff_t) const noexcept { return 0; }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
+  /// Fills scores [m queries, n chunks] for a block of one head's consecutive queries.
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float>) const noexcept {
     matmul_nt(in.queries, in.representations, scores);
   }
@@ -82,11 +86,16 @@ struct raw_query_scorer {
 /// so this puts query and keys in the same frame the attention will use for a chunk
 /// offset_chunks slots behind the query's chunk; q_raw is that frame only at distance 0.
 struct rotated_query_scorer {
+  /// Chunk offset the query is rotated to before scoring, in [0, budget_chunks).
   int offset_chunks = 1;
 
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.head_dim); }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept { return detail::rotated_queries_floats(cfg, m); }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config& cfg) const { detail::check_offset("rotated_query_scorer", offset_chunks, cfg); }
+  /// Fills scores [m queries, n chunks] for a block of one head's consecutive queries.
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float> scratch) const noexcept {
     matmul_nt(detail::rotate_queries(in, offset_chunks, scratch), in.representations, scores);
   }
@@ -96,11 +105,16 @@ struct rotated_query_scorer {
 /// score = sum_i max(q_i lo_i, q_i hi_i) >= q . k for every key k of the chunk, q rotated as
 /// in rotated_query_scorer. Cost per chunk: 2d multiply-max-adds.
 struct bound_scorer {
+  /// Chunk offset the query is rotated to before scoring, in [0, budget_chunks).
   int offset_chunks = 1;
 
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept { return 2 * static_cast<std::size_t>(cfg.head_dim); }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept { return detail::rotated_queries_floats(cfg, m); }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config& cfg) const { detail::check_offset("bound_scorer", offset_chunks, cfg); }
+  /// Fills scores [m queries, n chunks] for a block of one head's consecutive queries.
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float> scratch) const noexcept {
     const matrix_view<const float> q = detail::rotate_queries(in, offset_chunks, scratch);
     const std::ptrdiff_t d = q.cols();
@@ -115,17 +129,23 @@ struct bound_scorer {
 /// With representative_keys_encoder{count}: the best match among the chunk's representative
 /// keys, max_j q . k_j, q rotated as in rotated_query_scorer. Cost per chunk: count dots.
 struct max_key_scorer {
+  /// Keys kept per chunk, in [1, chunk_size].
   int count = 2;
+  /// Chunk offset the query is rotated to before scoring, in [0, budget_chunks).
   int offset_chunks = 1;
 
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(count) * static_cast<std::size_t>(cfg.head_dim);
   }
+  /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg, std::ptrdiff_t m) const noexcept { return detail::rotated_queries_floats(cfg, m); }
+  /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config& cfg) const {
     detail::check_offset("max_key_scorer", offset_chunks, cfg);
     if (count < 1) detail::fail<config_error>("max_key_scorer: count must be >= 1, got " + std::to_string(count));
   }
+  /// Fills scores [m queries, n chunks] for a block of one head's consecutive queries.
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float> scratch) const noexcept {
     const matrix_view<const float> q = detail::rotate_queries(in, offset_chunks, scratch);
     const std::ptrdiff_t d = q.cols();

@@ -20,10 +20,12 @@ namespace longheads {
 /// A non-owning reference to `void(std::size_t item, std::size_t lane)`; never allocates.
 class index_task {
  public:
+  /// Refers to f, which must outlive the task.
   template <class F>
     requires(!std::same_as<std::remove_cvref_t<F>, index_task>)
   index_task(F& f) noexcept  // NOLINT(google-explicit-constructor)
       : object_(&f), call_([](void* o, std::size_t item, std::size_t lane) { (*static_cast<F*>(o))(item, lane); }) {}
+  /// Calls f(item, lane).
   void operator()(std::size_t item, std::size_t lane) const { call_(object_, item, lane); }
 
  private:
@@ -41,7 +43,9 @@ concept executor = requires(const E& e, std::size_t n, index_task task) {
 
 /// The default: everything on the calling thread.
 struct serial_executor {
+  /// How many items may run at once.
   std::size_t lanes() const noexcept { return 1; }
+  /// Runs task(item, lane) for every item in [0, n).
   void parallel_for(std::size_t n, index_task task) const {
     for (std::size_t i = 0; i < n; ++i) task(i, 0);
   }
@@ -55,7 +59,9 @@ class thread_pool_executor {
   explicit thread_pool_executor(std::size_t threads = 0)
       : pool_(std::make_shared<pool>(threads == 0 ? std::max<std::size_t>(1, std::thread::hardware_concurrency())
                                                   : threads)) {}
+  /// How many items may run at once.
   std::size_t lanes() const noexcept { return pool_->workers.size() + 1; }
+  /// Runs task(item, lane) for every item in [0, n).
   void parallel_for(std::size_t n, index_task task) const { pool_->run(n, task); }
 
  private:

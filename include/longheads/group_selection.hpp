@@ -23,13 +23,17 @@ concept group_selection = requires(const G& g, const float* first, std::ptrdiff_
 
 /// The paper: every query head selects for itself.
 struct per_head_selection {
+  /// Whether the heads of a kv group select one set of chunks together.
   static constexpr bool shared = false;
+  /// The group's score of one (query, chunk) from its heads' scores first[0], first[stride], ...
   float combine(const float* first, std::ptrdiff_t, int) const noexcept { return *first; }
 };
 
 /// The group selects the chunks its most interested head scores highest.
 struct group_max_selection {
+  /// Whether the heads of a kv group select one set of chunks together.
   static constexpr bool shared = true;
+  /// The group's score of one (query, chunk) from its heads' scores first[0], first[stride], ...
   float combine(const float* first, std::ptrdiff_t stride, int heads) const noexcept {
     float best = first[0];
     for (int j = 1; j < heads; ++j) best = std::max(best, first[j * stride]);
@@ -39,7 +43,9 @@ struct group_max_selection {
 
 /// The group selects by its heads' mean score.
 struct group_mean_selection {
+  /// Whether the heads of a kv group select one set of chunks together.
   static constexpr bool shared = true;
+  /// The group's score of one (query, chunk) from its heads' scores first[0], first[stride], ...
   float combine(const float* first, std::ptrdiff_t stride, int heads) const noexcept {
     float sum = 0.0f;
     for (int j = 0; j < heads; ++j) sum += first[j * stride];

@@ -20,11 +20,12 @@
 
 namespace longheads {
 
+/// What a selector knows about one query: its chunk and the budget's split.
 struct selection_request {
-  std::int64_t query_chunk = 0;  // i = p / w
-  int budget_chunks = 0;         // k
-  int sink_chunks = 0;           // S
-  int local_chunks = 0;          // L, the current chunk included
+  std::int64_t query_chunk = 0;  ///< i = p / w
+  int budget_chunks = 0;         ///< k
+  int sink_chunks = 0;           ///< S
+  int local_chunks = 0;          ///< L, the current chunk included
 };
 
 /// Writes the selected chunk ids, ascending, the current chunk last, into `selected`
@@ -53,6 +54,7 @@ inline std::size_t append_locals(const selection_request& r, std::span<std::int3
 
 /// The paper's selector, with its generalised knobs (sinks, locals) taken from the request.
 struct sink_local_topk_selector {
+  /// Writes the selected chunk ids, ascending, and returns how many.
   std::size_t select(const selection_request& r, std::span<const float> scores, std::span<std::int32_t> selected,
                      std::span<std::int32_t> scratch) const noexcept {
     if (const std::size_t all = detail::select_all_if_fits(r, selected)) return all;
@@ -87,6 +89,7 @@ struct sink_local_topk_selector {
 /// Alternative that ignores scores: sinks plus the most recent chunks (a chunk-granular
 /// sliding window, LM-Infinite style). The ablation that shows what scoring buys.
 struct recent_chunks_selector {
+  /// Writes the selected chunk ids, ascending, and returns how many.
   std::size_t select(const selection_request& r, std::span<const float>, std::span<std::int32_t> selected,
                      std::span<std::int32_t>) const noexcept {
     if (const std::size_t all = detail::select_all_if_fits(r, selected)) return all;

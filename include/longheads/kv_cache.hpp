@@ -24,12 +24,15 @@
 
 namespace longheads {
 
+/// What a cache holds per token and chunk; a cache only serves an attention of the same shape.
 struct cache_shape {
-  int n_q_heads = 0;
-  int n_kv_heads = 0;
-  int head_dim = 0;
-  int chunk_size = 0;
+  int n_q_heads = 0;   ///< H_q (representations are per query head)
+  int n_kv_heads = 0;  ///< H_kv
+  int head_dim = 0;    ///< d
+  int chunk_size = 0;  ///< w
+  /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats = 0;
+  /// Equal when every field is.
   friend bool operator==(const cache_shape&, const cache_shape&) = default;
 };
 
@@ -42,8 +45,12 @@ inline std::string to_string(const cache_shape& s) {
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
 inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int32_t>::max();
 
+/// One sequence of one layer: keys rotated once at their local positions, values, the open
+/// chunk's queries and one representation per full chunk and query head, stored by chunk.
+/// Made by attention::make_cache(); copyable; equal (==) when every stored bit is.
 class kv_cache {
  public:
+  /// An empty cache. @throws shape_error if a dimension is not positive.
   explicit kv_cache(const cache_shape& shape) : shape_(shape) {
     if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0)
       detail::fail<shape_error>("kv_cache: every dimension must be > 0, got " + to_string(shape));
@@ -52,9 +59,13 @@ class kv_cache {
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
   }
 
+  /// The shape given at construction.
   const cache_shape& shape() const noexcept { return shape_; }
+  /// Tokens in the sequence so far.
   std::int64_t tokens() const noexcept { return tokens_; }
+  /// Chunks whose w tokens have all arrived (and are encoded).
   std::int64_t full_chunks() const noexcept { return tokens_ / shape_.chunk_size; }
+  /// Tokens the cache holds without allocating.
   std::int64_t capacity_tokens() const noexcept { return capacity_chunks_ * shape_.chunk_size; }
 
   /// Allocates room for `tokens` tokens now, so later calls up to that length do not allocate.
@@ -80,6 +91,7 @@ class kv_cache {
 
   /// [w, d] keys of one chunk of one kv head, rotated at local positions.
   const float* keys(std::int64_t chunk, int kv_head) const noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
+  /// [w, d] values of one chunk of one kv head.
   const float* values(std::int64_t chunk, int kv_head) const noexcept { return values_.data() + kv_offset(chunk, kv_head); }
   /// The representations of one query head's full chunks, [full_chunks, r].
   matrix_view<const float> representations(int q_head) const noexcept {

@@ -37,30 +37,38 @@ concept frequency_scaling = requires(const S& s, std::span<double> inverse_frequ
 
 /// Plain RoPE.
 struct no_scaling {
+  /// Rewrites the inverse frequencies in place.
   void rescale(std::span<double>, int, double) const noexcept {}
+  /// Factor applied to the length of rotated vectors (1 except YaRN).
   double magnitude() const noexcept { return 1.0; }
 };
 
 /// Position interpolation (Chen et al. 2023): every frequency divided by `factor`.
 struct linear_scaling {
+  /// Scaling factor.
   double factor = 1.0;
+  /// Rewrites the inverse frequencies in place.
   void rescale(std::span<double> inverse_frequencies, int, double) const {
     if (!(factor > 0)) detail::fail<config_error>("linear_scaling: factor must be > 0, got " + std::to_string(factor));
     for (double& f : inverse_frequencies) f /= factor;
   }
+  /// Factor applied to the length of rotated vectors (1 except YaRN).
   double magnitude() const noexcept { return 1.0; }
 };
 
 /// NTK-aware scaling: base raised to base * factor^(d/(d-2)), so the lowest frequency is
 /// interpolated by `factor` while the highest is kept.
 struct ntk_scaling {
+  /// Scaling factor.
   double factor = 1.0;
+  /// Rewrites the inverse frequencies in place.
   void rescale(std::span<double> inverse_frequencies, int head_dim, double) const {
     if (!(factor > 0)) detail::fail<config_error>("ntk_scaling: factor must be > 0, got " + std::to_string(factor));
     if (head_dim <= 2) return;
     for (std::size_t i = 0; i < inverse_frequencies.size(); ++i)
       inverse_frequencies[i] *= std::pow(factor, -2.0 * static_cast<double>(i) / (head_dim - 2));
   }
+  /// Factor applied to the length of rotated vectors (1 except YaRN).
   double magnitude() const noexcept { return 1.0; }
 };
 
@@ -69,12 +77,14 @@ struct ntk_scaling {
 /// with a linear ramp between beta_fast and beta_slow rotations; rotated vectors are scaled by
 /// the attention factor 0.1 ln(factor) + 1 (so q.k gains its square).
 struct yarn_scaling {
+  /// Scaling factor.
   double factor = 1.0;
-  double original_context = 4096;
-  double beta_fast = 32;
-  double beta_slow = 1;
-  double attention_factor = 0;  // 0: the default 0.1 ln(factor) + 1
+  double original_context = 4096;  ///< the context the model was trained at
+  double beta_fast = 32;           ///< rotations above which a frequency is kept
+  double beta_slow = 1;            ///< rotations below which a frequency is interpolated
+  double attention_factor = 0;  ///< 0: the default 0.1 ln(factor) + 1
 
+  /// Rewrites the inverse frequencies in place.
   void rescale(std::span<double> inverse_frequencies, int head_dim, double base) const {
     if (!(factor >= 1)) detail::fail<config_error>("yarn_scaling: factor must be >= 1, got " + std::to_string(factor));
     if (!(original_context > 0) || !(beta_fast > beta_slow) || !(beta_slow > 0))
@@ -93,6 +103,7 @@ struct yarn_scaling {
       inverse_frequencies[i] = (f / factor) * (1 - extrapolation_weight) + f * extrapolation_weight;
     }
   }
+  /// Factor applied to the length of rotated vectors (1 except YaRN).
   double magnitude() const noexcept {
     if (attention_factor > 0) return attention_factor;
     return factor <= 1 ? 1.0 : 0.1 * std::log(factor) + 1.0;
@@ -123,10 +134,15 @@ class rope {
     magnitude_ = scaling.magnitude();
   }
 
+  ///@{
+  /// As given at construction.
   int head_dim() const noexcept { return head_dim_; }
   double base() const noexcept { return base_; }
   rope_layout layout() const noexcept { return layout_; }
+  ///@}
+  /// Factor applied to the length of rotated vectors (1 except YaRN).
   double magnitude() const noexcept { return magnitude_; }
+  /// theta_i for the d/2 pairs, after scaling.
   std::span<const double> inverse_frequencies() const noexcept { return inverse_frequencies_; }
 
   /// Tabulates cos/sin for positions [0, positions). Rotations inside the table read it;
@@ -139,6 +155,7 @@ class rope {
     table_ = std::move(table);
     table_positions_ = positions;
   }
+  /// Positions [0, n) the table covers.
   std::int64_t tabulated_positions() const noexcept { return table_positions_; }
 
   /// out = R(position) in (position may be negative: a rotation by a difference). in == out is fine.
@@ -157,6 +174,7 @@ class rope {
       apply_pairs(cs, first, count, in, out);
     }
   }
+  /// x = R(position) x, in place.
   void rotate(std::span<float> x, std::int64_t position) const noexcept { rotate(x.data(), x.data(), position); }
 
  private:

@@ -28,6 +28,7 @@ concept rope_remapper = requires(const R& r, std::span<const std::int32_t> selec
 
 /// The paper's contiguous slots.
 struct contiguous_slot_remapper {
+  /// Fills each selected chunk's start position and returns the query's position.
   std::int64_t remap(std::span<const std::int32_t> selected, std::int64_t query_position, int chunk_size,
                      std::span<std::int64_t> slot_starts) const noexcept {
     LONGHEADS_ASSERT(!selected.empty() && selected.back() == query_position / chunk_size,
@@ -40,6 +41,7 @@ struct contiguous_slot_remapper {
 /// Ablation: keep every token at its true position (selection without remapping). Past the
 /// trained length this shows the model distances it never saw, which is what remapping avoids.
 struct original_position_remapper {
+  /// Fills each selected chunk's start position and returns the query's position.
   std::int64_t remap(std::span<const std::int32_t> selected, std::int64_t query_position, int chunk_size,
                      std::span<std::int64_t> slot_starts) const noexcept {
     for (std::size_t s = 0; s < selected.size(); ++s) slot_starts[s] = std::int64_t{selected[s]} * chunk_size;

@@ -21,23 +21,34 @@
 
 namespace longheads::reference {
 
+/// One layer's attention inputs for the naive references: pre-RoPE q/k/v and the RoPE.
 struct problem {
-  int tokens = 0, n_q_heads = 0, n_kv_heads = 0, head_dim = 0;
-  const float* q = nullptr;  // [T][H_q][d]
-  const float* k = nullptr;  // [T][H_kv][d]
-  const float* v = nullptr;  // [T][H_kv][d]
-  std::vector<double> inverse_frequencies;
-  rope_layout layout = rope_layout::half;
+  int tokens = 0;      ///< T
+  int n_q_heads = 0;   ///< H_q
+  int n_kv_heads = 0;  ///< H_kv
+  int head_dim = 0;    ///< d
+  const float* q = nullptr;  ///< [T][H_q][d]
+  const float* k = nullptr;  ///< [T][H_kv][d]
+  const float* v = nullptr;  ///< [T][H_kv][d]
+  std::vector<double> inverse_frequencies;  ///< theta_i, as rope::inverse_frequencies()
+  rope_layout layout = rope_layout::half;   ///< which dimensions pair up
+  /// Factor applied to the length of rotated vectors (1 except YaRN).
   double magnitude = 1.0;
-  double scale = 0.0;  // 0: 1/sqrt(d)
+  double scale = 0.0;  ///< 0: 1/sqrt(d)
 
+  /// The temperature in use.
   double softmax_scale() const { return scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(head_dim)); }
+  ///@{
+  /// Token t's pre-RoPE query of head h / key and value of kv head g, in double.
   std::vector<double> query(std::int64_t t, int h) const { return row(q, t, h, n_q_heads); }
   std::vector<double> key(std::int64_t t, int g) const { return row(k, t, g, n_kv_heads); }
   std::vector<double> value(std::int64_t t, int g) const { return row(v, t, g, n_kv_heads); }
+  ///@}
+  /// x rotated to `position` (any real number: a difference, a remapped position).
   std::vector<double> rotated(std::vector<double> x, double position) const {
     return rotate(x, position, inverse_frequencies, layout, magnitude);
   }
+  /// The kv head query head h reads.
   int kv_head(int h) const { return h / (n_q_heads / n_kv_heads); }
 
  private:
@@ -97,8 +108,12 @@ inline output sink_window(const problem& pr, std::int64_t budget_tokens, std::in
   return out;
 }
 
+/// The policies of the naive LongHeads, as plain functions.
 struct longheads_settings {
-  int chunk_size = 0, budget_chunks = 0, sink_chunks = 1, local_chunks = 2;
+  int chunk_size = 0;     ///< w
+  int budget_chunks = 0;  ///< k
+  int sink_chunks = 1;    ///< always-read chunks at the start
+  int local_chunks = 2;   ///< always-read recent chunks, the current one included
   /// (Q_loc, K_loc, V) of one chunk -> its representation; the paper's by default.
   std::function<std::vector<double>(const matrix&, const matrix&, const matrix&)> encode = attention_pooled_key;
   /// (q_raw, representation, query position) -> score; the paper's q_raw . r_c by default.
