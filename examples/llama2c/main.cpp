@@ -504,7 +504,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember(llama2c::policies::names()))
       ->capture_default_str();
   app.add_option("--score-offset", o.offset_chunks, "rotated-query policies: chunk offset the query is rotated to")->capture_default_str();
-  app.add_option("--representative-keys", o.representative_keys, "representative-keys policy: keys kept per chunk")->capture_default_str();
+  app.add_option("--representative-keys", o.representative_keys, "representative-keys and loudest-keys policies: keys kept per chunk")->capture_default_str();
   generate->excludes(eval)->excludes(passkey);
   eval->excludes(passkey);
   try {

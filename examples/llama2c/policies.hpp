@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../docs/loudest_keys_encoder.hpp"
 #include "transformer.hpp"
 
 namespace llama2c::policies {
@@ -34,6 +35,13 @@ struct quest : threaded_policies {
 struct representative_keys : threaded_policies {
   using encoder = longheads::representative_keys_encoder;
   using scorer = longheads::max_key_scorer;
+};
+
+/// The docs' worked example of a policy written outside the library: the mean of the chunk's
+/// loudest keys (docs/custom-policy.md).
+struct loudest_keys : threaded_policies {
+  using encoder = loudest_keys_encoder;
+  using scorer = longheads::rotated_query_scorer;
 };
 
 /// Quest with the query heads of a kv group selecting together: by their best score or their
@@ -63,7 +71,7 @@ typename longheads::attention<P>::policy_set make_set(const knobs& k) {
 
 inline const std::vector<std::string>& names() {
   static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "quest-group-max", "quest-group-mean",
-                                                   "representative-keys", "recommended"};
+                                                   "representative-keys", "loudest-keys", "recommended"};
   return n;
 }
 
@@ -80,6 +88,7 @@ decltype(auto) with_policy(const std::string& name, F&& f) {
   if (name == "quest-group-max") return f(std::type_identity<quest_group_max>{});
   if (name == "quest-group-mean") return f(std::type_identity<quest_group_mean>{});
   if (name == "representative-keys") return f(std::type_identity<representative_keys>{});
+  if (name == "loudest-keys") return f(std::type_identity<loudest_keys>{});
   if (name == "recommended") return f(std::type_identity<recommended>{});
   throw std::invalid_argument("unknown policy '" + name + "'");
 }

@@ -1,5 +1,5 @@
-# ctest driver: install the build tree into a scratch prefix, then configure and build the
-# consumer project against that prefix only.
+# ctest driver: install the build tree into a scratch prefix, then configure, build and run a
+# consumer project (examples/docs/embed, the one docs/embedding.md walks through) against it.
 file(REMOVE_RECURSE "${WORK_DIR}")
 execute_process(COMMAND "${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${WORK_DIR}/prefix" RESULT_VARIABLE rc)
 if(rc)
@@ -14,7 +14,7 @@ execute_process(COMMAND "${CMAKE_COMMAND}" --build "${WORK_DIR}/build" RESULT_VA
 if(rc)
   message(FATAL_ERROR "building the consumer failed: ${rc}")
 endif()
-execute_process(COMMAND "${WORK_DIR}/build/consumer" RESULT_VARIABLE rc)
+execute_process(COMMAND "${WORK_DIR}/build/${EXECUTABLE}" RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "the consumer ran but failed: ${rc}")
 endif()

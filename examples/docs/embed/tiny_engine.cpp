@@ -1,0 +1,180 @@
+// A toy inference engine with its own weights, projections and buffers, using LongHeads for
+// attention: the program docs/embedding.md walks through. It checks itself: while the context
+// fits the budget, LongHeads must equal dense attention; then it runs far past the budget.
+// [snippet:include]
+#include <longheads/longheads.hpp>
+// [/snippet:include]
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace {
+
+// [snippet:shape]
+constexpr int n_q_heads = 8, n_kv_heads = 2, head_dim = 64;  // GQA: 4 query heads per kv head
+constexpr int dim = n_q_heads * head_dim;                    // the model width
+constexpr int qkv_width = (n_q_heads + 2 * n_kv_heads) * head_dim;
+
+longheads::attention_config make_config(longheads::attention_method method) {
+  longheads::attention_config config;
+  config.n_q_heads = n_q_heads;
+  config.n_kv_heads = n_kv_heads;
+  config.head_dim = head_dim;
+  config.chunk_size = 64;    // w
+  config.budget_chunks = 8;  // k: every head reads k*w = 512 tokens per query, the trained context
+  config.method = method;
+  return config;
+}
+// [/snippet:shape]
+
+// [snippet:policies]
+// The selection policy that found the passkey on our test model (docs/results.md), run on a
+// pool of 2 threads. Any field not named here keeps the paper's behaviour.
+struct engine_policies : longheads::paper_policies {
+  using encoder = longheads::key_bounds_encoder;
+  using scorer = longheads::bound_scorer;
+  using executor = longheads::thread_pool_executor;
+};
+using engine_attention = longheads::attention<engine_policies>;
+// [/snippet:policies]
+
+/// One attention layer of the engine: a fused QKV projection into the engine's own buffer,
+/// LongHeads on views of it, an output projection and a residual.
+class layer {
+ public:
+  // [snippet:layer]
+  layer(const longheads::rope& rope, longheads::attention_method method, const longheads::thread_pool_executor& pool,
+        std::uint32_t seed)
+      : attention_(make_config(method), rope, {.executor = pool}) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f / std::sqrt(static_cast<float>(dim)));
+    w_qkv_.resize(std::size_t{dim} * qkv_width);
+    w_out_.resize(std::size_t{dim} * dim);
+    for (float& x : w_qkv_) x = normal(rng);
+    for (float& x : w_out_) x = normal(rng);
+  }
+
+  // One cache per layer per sequence; reserving up front keeps later calls allocation-free.
+  longheads::kv_cache new_sequence(std::int64_t max_tokens) {
+    attention_.reserve(max_tokens, /*block_tokens=*/256);
+    return attention_.make_cache(max_tokens);
+  }
+  // [/snippet:layer]
+
+  // [snippet:forward]
+  /// x: [T, dim], updated in place (x += attention(x) W_out).
+  void forward(longheads::kv_cache& cache, float* x, std::ptrdiff_t tokens) {
+    qkv_.resize(static_cast<std::size_t>(tokens) * qkv_width);
+    attended_.resize(static_cast<std::size_t>(tokens) * dim);
+    project(x, tokens, dim, w_qkv_.data(), qkv_width, qkv_.data());
+
+    // Zero-copy views into the fused buffer: q, k and v of a token sit side by side, so each
+    // view strides over a whole qkv row. RoPE is applied by the library, so pass them pre-RoPE.
+    const float* row = qkv_.data();
+    const longheads::tensor_view<const float> q(row, tokens, n_q_heads, head_dim, qkv_width);
+    const longheads::tensor_view<const float> k(row + dim, tokens, n_kv_heads, head_dim, qkv_width);
+    const longheads::tensor_view<const float> v(row + dim + n_kv_heads * head_dim, tokens, n_kv_heads, head_dim, qkv_width);
+    attention_.prefill(cache, q, k, v, {attended_.data(), tokens, n_q_heads, head_dim});
+
+    delta_.resize(static_cast<std::size_t>(tokens) * dim);
+    project(attended_.data(), tokens, dim, w_out_.data(), dim, delta_.data());
+    for (std::size_t i = 0; i < delta_.size(); ++i) x[i] += delta_[i];
+  }
+  // [/snippet:forward]
+
+ private:
+  /// out[T, cols] = in[T, rows] W[rows, cols]: the engine's own projection (a real engine
+  /// calls its BLAS here).
+  static void project(const float* in, std::ptrdiff_t tokens, int rows, const float* w, int cols, float* out) {
+    for (std::ptrdiff_t t = 0; t < tokens; ++t) {
+      float* o = out + t * cols;
+      std::fill(o, o + cols, 0.0f);
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) o[c] += in[t * rows + r] * w[std::size_t(r) * cols + c];
+    }
+  }
+
+  engine_attention attention_;
+  std::vector<float> w_qkv_, w_out_, qkv_, attended_, delta_;  // the engine's buffers
+};
+
+std::vector<float> random_tokens(std::ptrdiff_t tokens, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<std::size_t>(tokens) * dim);
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(double(a[i]) - double(b[i])));
+  return m;
+}
+
+}  // namespace
+
+int main() {
+  // [snippet:rope]
+  // Your model's RoPE: head_dim, base, and the pair layout (half = Hugging Face/NeoX,
+  // interleaved = Meta/llama2.c). Scaling policies (linear, NTK, YaRN) are optional.
+  const longheads::rope rope(head_dim, 10000.0, longheads::rope_layout::half);
+  const longheads::thread_pool_executor pool(2);
+  // [/snippet:rope]
+
+  // 1. Inside the budget (512 tokens), LongHeads is dense causal attention: check it.
+  {
+    layer longheads_layer(rope, longheads::attention_method::longheads, pool, 1);
+    layer dense_layer(rope, longheads::attention_method::dense, pool, 1);
+    auto lh_cache = longheads_layer.new_sequence(512), dense_cache = dense_layer.new_sequence(512);
+    auto x_lh = random_tokens(500, 7), x_dense = x_lh;
+    longheads_layer.forward(lh_cache, x_lh.data(), 500);
+    dense_layer.forward(dense_cache, x_dense.data(), 500);
+    const double diff = max_abs_diff(x_lh, x_dense);
+    std::printf("500 tokens (inside the 512-token budget): LongHeads vs dense max |diff| %.2e\n", diff);
+    if (!(diff <= 1e-4)) return 1;
+  }
+
+  // 2. Far past the budget: prefill 4096 tokens in blocks, then decode one token at a time.
+  // [snippet:run]
+  const std::int64_t prompt_tokens = 4096, new_tokens = 16;
+  std::vector<layer> layers;
+  layers.reserve(2);
+  for (std::uint32_t l = 0; l < 2; ++l) layers.emplace_back(rope, longheads::attention_method::longheads, pool, 100 + l);
+  std::vector<longheads::kv_cache> caches;
+  for (layer& l : layers) caches.push_back(l.new_sequence(prompt_tokens + new_tokens));
+
+  auto prompt = random_tokens(prompt_tokens, 11);
+  for (std::int64_t t0 = 0; t0 < prompt_tokens; t0 += 256)  // prefill in blocks of 256
+    for (std::size_t l = 0; l < layers.size(); ++l) layers[l].forward(caches[l], prompt.data() + t0 * dim, 256);
+
+  for (std::int64_t step = 0; step < new_tokens; ++step) {  // decode
+    auto x = random_tokens(1, 1000 + static_cast<std::uint32_t>(step));  // your embedding of the sampled token
+    for (std::size_t l = 0; l < layers.size(); ++l) layers[l].forward(caches[l], x.data(), 1);
+  }
+  // What the last query of layer 0 read, per head: different heads, different chunks.
+  for (int h = 0; h < n_q_heads; ++h) {
+    std::printf("layer 0 head %d read chunks", h);
+    for (std::int32_t c : caches[0].last_selection(h)) std::printf(" %d", c);
+    std::printf("\n");
+  }
+  // [/snippet:run]
+  if (caches[0].tokens() != prompt_tokens + new_tokens) return 1;
+
+  // [snippet:errors]
+  // Bad input throws a longheads::error naming what is wrong; the cache is left as it was.
+  try {
+    std::vector<float> wrong(3 * head_dim);
+    engine_attention probe(make_config(longheads::attention_method::longheads), rope, {.executor = pool});
+    probe.decode(caches[0], {wrong.data(), 1, 3, head_dim}, {wrong.data(), 1, 1, head_dim}, {wrong.data(), 1, 1, head_dim},
+                 {wrong.data(), 1, 3, head_dim});
+    return 1;  // not reached
+  } catch (const longheads::error& e) {
+    std::printf("rejected: %s\n", e.what());
+  }
+  // [/snippet:errors]
+  return caches[0].tokens() == prompt_tokens + new_tokens ? 0 : 1;
+}
