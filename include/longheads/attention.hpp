@@ -120,10 +120,12 @@ class attention {
             config_.method == attention_method::longheads ? policies_.encoder.representation_floats(config_) : 0};
   }
 
-  /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens.
+  /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with
+  /// reserve() for the scratch, calls up to that length never allocate (tests/allocation_test).
   kv_cache make_cache(std::int64_t reserve_tokens = 0) const {
     kv_cache cache(shape());
     cache.reserve(reserve_tokens);
+    cache.reserve_selections(static_cast<std::size_t>(max_segments(reserve_tokens)));  // dense records every chunk
     return cache;
   }
 

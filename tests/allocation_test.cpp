@@ -1,0 +1,83 @@
+// Decode must not allocate once warmed up: counts every operator new while a window is open.
+// A separate executable, because it replaces the global allocation functions.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <longheads/longheads.hpp>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+#include "test_support.hpp"
+
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+
+void* counted(std::size_t n) {
+  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return counted(n); }
+void* operator new[](std::size_t n) { return counted(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+using namespace longheads;
+
+struct pooled : paper_policies {
+  using executor = thread_pool_executor;
+};
+struct pooled_quest_group : pooled {
+  using encoder = key_bounds_encoder;
+  using scorer = bound_scorer;
+  using group_selection = group_max_selection;
+};
+
+/// Decodes `steps` tokens after a reserved, warmed-up prefill; returns the allocations made
+/// while decoding.
+template <class Policies>
+long allocations_while_decoding(attention_method method, typename attention<Policies>::policy_set policies = {}) {
+  const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 100;
+  const test::sequence seq(prompt + steps, hq, hkv, d, 77);
+  attention<Policies> a(test::make_config(hq, hkv, d, w, budget, method), rope(d), std::move(policies));
+  a.reserve(prompt + steps, prompt);
+  auto cache = a.make_cache(prompt + steps);
+  std::vector<float> out(static_cast<std::size_t>(prompt + steps) * hq * d);
+  auto feed = [&](int first, int count) {
+    a.prefill(cache, seq.qv(first, count), seq.kv(first, count), seq.vv(first, count),
+              {out.data() + static_cast<std::ptrdiff_t>(first) * hq * d, count, hq, d});
+  };
+  feed(0, prompt - 1);
+  feed(prompt - 1, 1);  // warm-up decode
+  allocations = 0;
+  counting = true;
+  for (int t = prompt; t < prompt + steps; ++t) feed(t, 1);  // crosses 6 chunk boundaries (encoding)
+  counting = false;
+  return allocations.load();
+}
+}  // namespace
+
+TEST_CASE("decode after reserve and one warm-up step allocates nothing") {
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::longheads) == 0);
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::dense) == 0);
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::sink_window) == 0);
+  CHECK(allocations_while_decoding<pooled>(attention_method::longheads, {.executor = thread_pool_executor(2)}) == 0);
+  CHECK(allocations_while_decoding<pooled_quest_group>(attention_method::longheads, {.executor = thread_pool_executor(2)}) == 0);
+}
+
+TEST_CASE("the counter sees allocations (the test above can fail)") {
+  allocations = 0;
+  counting = true;
+  auto* p = new std::vector<float>(100);
+  counting = false;
+  delete p;
+  CHECK(allocations.load() == 2);
+}
