@@ -19,6 +19,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -98,20 +99,28 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
   std::int64_t step = 0;
-  const std::int64_t start_tokens = cache.tokens();
   for (auto _ : state) {
     a.decode(cache, {noise_at(step, hq), 1, s.n_q_heads, s.head_dim}, {noise_at(step + 1, hkv), 1, s.n_kv_heads, s.head_dim},
              {noise_at(step + 2, hkv), 1, s.n_kv_heads, s.head_dim}, {out.data(), 1, s.n_q_heads, s.head_dim});
     benchmark::DoNotOptimize(out.data());
     ++step;
   }
-  // K/V bytes the kernel reads per step: every query head reads its context (dense) or its
-  // budget (LongHeads) of keys and values; LongHeads also reads the chunk representations.
-  const double ctx = static_cast<double>(start_tokens) + static_cast<double>(step) / 2;
+  // K/V bytes the kernel reads per step, from the last step's choices: each chunk is read once
+  // for all heads of its kv group that chose it (dense: every chunk once per group), plus
+  // LongHeads' scoring pass over every head's chunk representations.
   const double kv_row = 2.0 * s.head_dim * sizeof(float);
-  double bytes = method == attention_method::dense ? s.n_q_heads * ctx * kv_row
-                                                   : s.n_q_heads * (std::min(ctx, static_cast<double>(w) * chunks) * kv_row +
-                                                                    ctx / w * static_cast<double>(cache.shape().representation_floats) * sizeof(float));
+  const int group = s.n_q_heads / s.n_kv_heads;
+  double chunk_reads = 0;
+  for (int g = 0; g < s.n_kv_heads; ++g) {
+    std::set<std::int32_t> chunks_of_group;
+    for (int h = g * group; h < (g + 1) * group; ++h)
+      for (std::int32_t c : cache.last_selection(h)) chunks_of_group.insert(c);
+    chunk_reads += static_cast<double>(chunks_of_group.size());
+  }
+  double bytes = chunk_reads * w * kv_row;
+  if (method == attention_method::longheads)
+    bytes += static_cast<double>(s.n_q_heads) * static_cast<double>(cache.full_chunks()) *
+             static_cast<double>(cache.shape().representation_floats) * sizeof(float);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step), benchmark::Counter::kIsRate);
   state.counters["kv_bytes/step"] = bytes;
   state.counters["GB/s"] = benchmark::Counter(bytes * static_cast<double>(step) / 1e9, benchmark::Counter::kIsRate);
