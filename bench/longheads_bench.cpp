@@ -61,8 +61,10 @@ const float* noise_at(std::size_t offset, std::size_t count) {
   return pool.data() + (offset * 7919) % (pool.size() - count);
 }
 
-attention_config config_for(const model_shape& s, attention_method method, int chunk_size, int chunks) {
+attention_config config_for(const model_shape& s, attention_method method, int chunk_size, int chunks,
+                            kv_precision storage = kv_precision::fp32) {
   attention_config c;
+  c.kv_storage = storage;
   c.n_q_heads = s.n_q_heads;
   c.n_kv_heads = s.n_kv_heads;
   c.head_dim = s.head_dim;
@@ -73,12 +75,15 @@ attention_config config_for(const model_shape& s, attention_method method, int c
   return c;
 }
 
-/// A cache holding `context` tokens, built with ingest() in blocks and kept for the process.
-kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context) {
-  static std::map<std::tuple<std::string, int, std::int64_t>, std::unique_ptr<kv_cache>> caches;
-  auto& slot = caches[{s.name, static_cast<int>(method), context}];
+/// A cache holding `context` tokens, built with ingest() in blocks and kept while benchmarks
+/// of the same shape and context run (the 128k caches of one shape take ~13 GB together).
+kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage) {
+  using key = std::tuple<std::string, std::int64_t, int, int>;
+  static std::map<key, std::unique_ptr<kv_cache>> caches;
+  std::erase_if(caches, [&](const auto& entry) { return std::get<0>(entry.first) != s.name || std::get<1>(entry.first) != context; });
+  auto& slot = caches[key{s.name, context, static_cast<int>(method), static_cast<int>(storage)}];
   if (slot) return *slot;
-  attention<threaded> a(config_for(s, method, 256, 16), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
+  attention<threaded> a(config_for(s, method, 256, 16, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
   slot = std::make_unique<kv_cache>(a.make_cache(context + (1 << 15)));  // room for the timed decode steps
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
@@ -91,10 +96,11 @@ kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64
 }
 
 // ------------------------------------------------------------------------------------ decode
-void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads) {
+void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads,
+            kv_precision storage) {
   const int w = 256, chunks = 16;
-  kv_cache& cache = filled_cache(s, method, context);
-  attention<threaded> a(config_for(s, method, w, chunks), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
+  kv_cache& cache = filled_cache(s, method, context, storage);
+  attention<threaded> a(config_for(s, method, w, chunks, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
   a.reserve(cache.tokens() + (1 << 15), 1);
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
@@ -108,7 +114,7 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   // K/V bytes the kernel reads per step, from the last step's choices: each chunk is read once
   // for all heads of its kv group that chose it (dense: every chunk once per group), plus
   // LongHeads' scoring pass over every head's chunk representations.
-  const double kv_row = 2.0 * s.head_dim * sizeof(float);
+  const double kv_row = 2.0 * s.head_dim * static_cast<double>(kv_element_bytes(storage));
   const int group = s.n_q_heads / s.n_kv_heads;
   double chunk_reads = 0;
   for (int g = 0; g < s.n_kv_heads; ++g) {
@@ -279,14 +285,18 @@ void register_all() {
         ->UseRealTime();
     benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
   }
+  // Method names: dense, longheads, and with bf16 K/V dense-bf16, longheads-bf16.
   for (const model_shape& s : {llama2_7b, llama3_8b})
     for (std::int64_t ctx : decode_contexts)
-      for (attention_method m : {attention_method::dense, attention_method::longheads})
-        for (unsigned t : thread_counts)
-          benchmark::RegisterBenchmark(("decode/" + std::string(to_string(m)) + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
-                                       decode, s, m, ctx, t)
-              ->UseRealTime()
-              ->Unit(benchmark::kMicrosecond);
+      for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+        for (attention_method m : {attention_method::dense, attention_method::longheads})
+          for (unsigned t : thread_counts) {
+            const std::string method = std::string(to_string(m)) + (storage == kv_precision::bf16 ? "-bf16" : "");
+            benchmark::RegisterBenchmark(("decode/" + method + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
+                                         decode, s, m, ctx, t, storage)
+                ->UseRealTime()
+                ->Unit(benchmark::kMicrosecond);
+          }
   for (std::int64_t n : prefill_tokens)
     for (attention_method m : {attention_method::dense, attention_method::longheads})
       for (unsigned t : thread_counts)

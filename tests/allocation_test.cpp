@@ -44,10 +44,13 @@ struct pooled_quest_group : pooled {
 /// Decodes `steps` tokens after a reserved, warmed-up prefill; returns the allocations made
 /// while decoding.
 template <class Policies>
-long allocations_while_decoding(attention_method method, typename attention<Policies>::policy_set policies = {}) {
+long allocations_while_decoding(attention_method method, typename attention<Policies>::policy_set policies = {},
+                                kv_precision storage = kv_precision::fp32) {
   const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 100;
   const test::sequence seq(prompt + steps, hq, hkv, d, 77);
-  attention<Policies> a(test::make_config(hq, hkv, d, w, budget, method), rope(d), std::move(policies));
+  attention_config config = test::make_config(hq, hkv, d, w, budget, method);
+  config.kv_storage = storage;
+  attention<Policies> a(config, rope(d), std::move(policies));
   a.reserve(prompt + steps, prompt);
   auto cache = a.make_cache(prompt + steps);
   std::vector<float> out(static_cast<std::size_t>(prompt + steps) * hq * d);
@@ -71,6 +74,8 @@ TEST_CASE("decode after reserve and one warm-up step allocates nothing") {
   CHECK(allocations_while_decoding<paper_policies>(attention_method::sink_window) == 0);
   CHECK(allocations_while_decoding<pooled>(attention_method::longheads, {.executor = thread_pool_executor(2)}) == 0);
   CHECK(allocations_while_decoding<pooled_quest_group>(attention_method::longheads, {.executor = thread_pool_executor(2)}) == 0);
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::longheads, {}, kv_precision::bf16) == 0);
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::dense, {}, kv_precision::bf16) == 0);
 }
 
 TEST_CASE("the counter sees allocations (the test above can fail)") {

@@ -532,3 +532,67 @@ TEST_CASE("concurrent sequences: one attention and one cache per thread, a share
   for (auto& t : threads) t.join();
   for (std::size_t i = 0; i < seqs.size(); ++i) CHECK(got[i] == expected[i]);
 }
+
+TEST_CASE("bf16 KV storage: half the K/V bytes, within 1e-2 of fp32, and the same exactness guarantees") {
+  const int w = 8, budget = 4, d = 32, T = 300, hq = 4;
+  rope r(d);
+  for (int hkv : {4, 2}) {
+    const test::sequence seq(T, hq, hkv, d, 1400u + static_cast<std::uint32_t>(hkv));
+    for (auto method : {attention_method::longheads, attention_method::dense, attention_method::sink_window}) {
+      CAPTURE(hkv);
+      CAPTURE(std::string(to_string(method)));
+      attention_config fp32_config = test::make_config(hq, hkv, d, w, budget, method), bf16_config = fp32_config;
+      bf16_config.kv_storage = kv_precision::bf16;
+      attention<> fp32(fp32_config, r), compact(bf16_config, r);
+      auto fp32_cache = fp32.make_cache(), bf16_cache = compact.make_cache();
+      const bool selects = method == attention_method::longheads;
+      std::vector<std::int32_t> fp32_sel, bf16_sel;
+      const auto expected = seq.run(fp32, fp32_cache, 0, selects ? &fp32_sel : nullptr);
+      const auto out = seq.run(compact, bf16_cache, 0, selects ? &bf16_sel : nullptr);
+
+      // Bytes: every cached key and value element takes 2 bytes instead of 4.
+      REQUIRE(fp32_cache.capacity_tokens() == bf16_cache.capacity_tokens());
+      const auto kv_elements = static_cast<std::size_t>(fp32_cache.capacity_tokens()) * static_cast<std::size_t>(hkv) * d * 2;
+      CHECK(fp32_cache.bytes() - bf16_cache.bytes() == kv_elements * 2);
+
+      // Accuracy, relative to the largest output, for every query that read the same chunks in
+      // both precisions (all of them, except where a near-tie in LongHeads' scores flips).
+      double largest = 0;
+      for (float x : expected) largest = std::max(largest, static_cast<double>(std::abs(x)));
+      std::size_t same_choice = 0, rows = static_cast<std::size_t>(T) * hq;
+      double worst = 0;
+      for (std::size_t row = 0; row < rows; ++row) {
+        if (selects && !std::equal(fp32_sel.begin() + static_cast<std::ptrdiff_t>(row * budget),
+                                   fp32_sel.begin() + static_cast<std::ptrdiff_t>((row + 1) * budget),
+                                   bf16_sel.begin() + static_cast<std::ptrdiff_t>(row * budget)))
+          continue;
+        ++same_choice;
+        for (std::size_t i = row * d; i < (row + 1) * d; ++i) worst = std::max(worst, std::abs(double(out[i]) - double(expected[i])));
+      }
+      CHECK(worst <= 1e-2 * largest);
+      CHECK(same_choice >= rows * 95 / 100);
+      if (!selects) CHECK(same_choice == rows);
+
+      // Prefill, decode and splits give the same bits; so do threads.
+      CHECK(seq.run(compact, 1) == out);
+      CHECK(seq.run(compact, 37) == out);
+      attention<threaded_policies> pooled(bf16_config, r, {.executor = thread_pool_executor(3)});
+      CHECK(seq.run(pooled, 1) == out);
+    }
+    // Inside the budget bf16 LongHeads is bf16 dense attention.
+    attention_config lh = test::make_config(hq, hkv, d, w, 64), dense = test::make_config(hq, hkv, d, w, 64, attention_method::dense);
+    lh.kv_storage = dense.kv_storage = kv_precision::bf16;
+    attention<> a(lh, r), b(dense, r);
+    CHECK(test::max_abs_diff(seq.run(a), seq.run(b)) <= tolerance);
+  }
+  // A bf16 cache does not serve an fp32 attention.
+  attention_config c = test::make_config(hq, 2, d, w, budget);
+  attention<> fp32(c, r);
+  c.kv_storage = kv_precision::bf16;
+  attention<> compact(c, r);
+  auto cache = compact.make_cache();
+  const test::sequence seq(10, hq, 2, d, 5);
+  std::vector<float> out(10 * hq * d);
+  CHECK_THROWS_AS(fp32.prefill(cache, seq.qv(0, 10), seq.kv(0, 10), seq.vv(0, 10), {out.data(), 10, hq, d}), shape_error);
+  CHECK(cache.tokens() == 0);
+}

@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <map>
 #include <string>
 
 namespace tools {
@@ -33,7 +34,7 @@ inline const char* method_name(longheads::attention_method m) {
 }
 
 /// --attention (when `with_method`), --chunk-size, --chunks, --sink-chunks, --local-chunks,
-/// --sink-tokens, --threads.
+/// --sink-tokens, --kv-storage, --threads.
 inline void add_attention_flags(CLI::App& app, attention_flags& f, bool with_method = true) {
   if (with_method)
     app.add_option("--attention", f.method, "which attention")
@@ -48,6 +49,9 @@ inline void add_attention_flags(CLI::App& app, attention_flags& f, bool with_met
       
       ->capture_default_str();
   app.add_option("--sink-tokens", f.config.sink_tokens, "sink tokens of sink-window")->capture_default_str();
+  app.add_option("--kv-storage", f.config.kv_storage, "cached keys and values as fp32 or bf16 (half the bytes) [fp32]")
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, longheads::kv_precision>{{"fp32", longheads::kv_precision::fp32}, {"bf16", longheads::kv_precision::bf16}}));
   app.add_option("--threads", f.threads, "threads (heads run in parallel; results identical for any count)")
       ->check(CLI::Range(1u, 1024u))
       ->capture_default_str();

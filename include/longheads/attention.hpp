@@ -17,8 +17,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention_config.hpp"
@@ -117,7 +119,8 @@ class attention {
   /// The shape of the caches this layer reads and writes.
   cache_shape shape() const noexcept {
     return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size,
-            config_.method == attention_method::longheads ? policies_.encoder.representation_floats(config_) : 0};
+            config_.method == attention_method::longheads ? policies_.encoder.representation_floats(config_) : 0,
+            config_.kv_storage};
   }
 
   /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with
@@ -188,10 +191,9 @@ class attention {
 
   /// One segment a query will read: tokens of one chunk and the rotation its query needs.
   struct planned_segment {
-    const float* keys;
-    const float* values;
-    std::int32_t length;
-    std::int64_t delta;
+    std::size_t offset;   // of its first key (and value) in the cache's storage, in elements
+    std::int32_t length;  // tokens
+    std::int64_t delta;   // rotation of the query
   };
 
   struct lane_scratch {
@@ -201,6 +203,7 @@ class attention {
     std::vector<float> encoder;                 // encoder's own
     std::vector<float> kernel;                  // kernel's own
     std::vector<float> rotated_query;           // [d]
+    std::vector<float> converted;               // [2, w, d]: a bf16 chunk's keys and values in fp32
     std::vector<std::int32_t> selected;         // [segments]
     std::vector<std::int32_t> candidates;       // [chunks]
     std::vector<std::int64_t> slot_starts;      // [segments]
@@ -250,6 +253,7 @@ class attention {
       }
       grow(s.kernel, policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
       grow(s.rotated_query, d);
+      if (config_.kv_storage == kv_precision::bf16) grow(s.converted, 2 * static_cast<std::size_t>(config_.chunk_size) * d);
       grow(s.selected, segments);
       grow(s.slot_starts, segments);
       grow(s.plan, max_tile_queries() * segments);
@@ -350,8 +354,15 @@ class attention {
       const std::int64_t position = cache.tokens_ + t;
       const std::int64_t chunk = position / w, offset = position % w;
       for (int g = 0; g < config_.n_kv_heads; ++g) {
-        rope_.rotate(k.at(t, g), cache.mutable_keys(chunk, g) + offset * d, offset);
-        std::copy_n(v.at(t, g), d, cache.mutable_values(chunk, g) + offset * d);
+        if (config_.kv_storage == kv_precision::bf16) {
+          float* rotated = lanes_[0].rotated_query.data();  // append runs before any lane works
+          rope_.rotate(k.at(t, g), rotated, offset);
+          to_bf16(rotated, cache.mutable_keys_bf16(chunk, g) + offset * d, d);
+          to_bf16(v.at(t, g), cache.mutable_values_bf16(chunk, g) + offset * d, d);
+        } else {
+          rope_.rotate(k.at(t, g), cache.mutable_keys(chunk, g) + offset * d, offset);
+          std::copy_n(v.at(t, g), d, cache.mutable_values(chunk, g) + offset * d);
+        }
       }
       if (!encodes) continue;
       for (int h = 0; h < config_.n_q_heads; ++h) rope_.rotate(q.at(t, h), cache.open_query(offset, h), offset);
@@ -366,10 +377,8 @@ class attention {
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     auto encode_head = [&](std::size_t h, std::size_t lane) {
       const int g = static_cast<int>(h) / config_.group_size();
-      const chunk_inputs in{{cache.open_query(0, static_cast<int>(h)), w, d, config_.n_q_heads * d},
-                            {cache.keys(chunk, g), w, d},
-                            {cache.values(chunk, g), w, d},
-                            scale};
+      const auto [keys, values] = fp32_chunk(cache, cache.kv_offset(chunk, g), w, lanes_[lane]);
+      const chunk_inputs in{{cache.open_query(0, static_cast<int>(h)), w, d, config_.n_q_heads * d}, {keys, w, d}, {values, w, d}, scale};
       policies_.encoder.encode(in, {cache.mutable_representation(chunk, static_cast<int>(h)), cache.shape().representation_floats},
                                lanes_[lane].encoder);
     };
@@ -461,35 +470,41 @@ class attention {
           s.tile_outputs[n_queries] = out.at(t, h);
         }
       }
-      run_plans(n_queries, max_plan, s);
+      run_plans(cache, n_queries, max_plan, s);
     }
   }
 
   /// Streams every planned segment of the tile's queries through the kernel, each query in its
   /// own order, taking at each step the lowest-addressed chunk any query reads next, so a
   /// chunk several queries read is fetched once while it is hot.
-  void run_plans(std::size_t n_queries, std::size_t max_plan, lane_scratch& s) const noexcept {
+  void run_plans(const kv_cache& cache, std::size_t n_queries, std::size_t max_plan, lane_scratch& s) const noexcept {
     const int d = config_.head_dim;
     const float scale = config_.scale();
     for (std::size_t i = 0; i < n_queries; ++i) {
       policies_.kernel.begin(s.states[i], s.tile_outputs[i], d);
       s.cursors[i] = 0;
     }
+    constexpr std::size_t none = std::numeric_limits<std::size_t>::max();
     for (;;) {
-      const float* next = nullptr;
+      std::size_t next = none;
+      std::int32_t longest = 0;  // queries in their own chunk read different lengths of it
       for (std::size_t i = 0; i < n_queries; ++i)
         if (s.cursors[i] < s.plan_counts[i]) {
-          const float* keys = s.plan[i * max_plan + s.cursors[i]].keys;
-          if (next == nullptr || std::less<const float*>{}(keys, next)) next = keys;
+          const planned_segment& seg = s.plan[i * max_plan + s.cursors[i]];
+          if (seg.offset < next) longest = 0;
+          if (seg.offset <= next) {
+            next = seg.offset;
+            longest = std::max(longest, seg.length);
+          }
         }
-      if (next == nullptr) break;
+      if (next == none) break;
+      const auto [keys, values] = fp32_chunk(cache, next, longest, s);
       for (std::size_t i = 0; i < n_queries; ++i) {
         if (s.cursors[i] >= s.plan_counts[i]) continue;
         const planned_segment& seg = s.plan[i * max_plan + s.cursors[i]];
-        if (seg.keys != next) continue;
+        if (seg.offset != next) continue;
         rope_.rotate(s.tile_queries[i], s.rotated_query.data(), seg.delta);
-        policies_.kernel.consume({s.rotated_query.data(), seg.keys, seg.values, seg.length}, d, scale, s.states[i], s.tile_outputs[i],
-                                 s.kernel);
+        policies_.kernel.consume({s.rotated_query.data(), keys, values, seg.length}, d, scale, s.states[i], s.tile_outputs[i], s.kernel);
         ++s.cursors[i];
       }
     }
@@ -508,12 +523,25 @@ class attention {
     }
   }
 
+  /// `tokens` keys and values from element `offset` of the cache's storage, as fp32: in place,
+  /// or converted from bf16 into the lane's scratch.
+  std::pair<const float*, const float*> fp32_chunk(const kv_cache& cache, std::size_t offset, std::int64_t tokens,
+                                                   lane_scratch& s) const noexcept {
+    if (config_.kv_storage == kv_precision::fp32) return {cache.keys_.data() + offset, cache.values_.data() + offset};
+    const std::ptrdiff_t n = tokens * config_.head_dim;
+    float* keys = s.converted.data();
+    float* values = keys + static_cast<std::ptrdiff_t>(config_.chunk_size) * config_.head_dim;
+    from_bf16(cache.keys16_.data() + offset, keys, n);
+    from_bf16(cache.values16_.data() + offset, values, n);
+    return {keys, values};
+  }
+
   // Baselines record the chunks their segments come from, for the same read-back.
   void record_chunks(kv_cache& cache, int h, std::span<const planned_segment> plan) noexcept {
     auto slot = cache.selection_slot(h);
     std::int32_t count = 0;
     for (const planned_segment& seg : plan) {
-      const auto chunk = static_cast<std::int32_t>((seg.keys - cache.keys(0, 0)) / static_cast<std::ptrdiff_t>(cache.kv_floats_per_chunk()));
+      const auto chunk = static_cast<std::int32_t>(seg.offset / cache.kv_floats_per_chunk());
       if (count == 0 || slot[static_cast<std::size_t>(count - 1)] != chunk) slot[static_cast<std::size_t>(count++)] = chunk;
     }
     cache.selection_counts_[static_cast<std::size_t>(h)] = count;
@@ -528,7 +556,7 @@ class attention {
     std::size_t n = 0;
     // Tokens [begin, end) of chunk c, read with the query rotated by `delta`.
     auto add = [&](std::int64_t c, std::int64_t begin, std::int64_t end, std::int64_t delta) {
-      plan[n++] = {cache.keys(c, g) + begin * d, cache.values(c, g) + begin * d, static_cast<std::int32_t>(end - begin), delta};
+      plan[n++] = {cache.kv_offset(c, g) + static_cast<std::size_t>(begin * d), static_cast<std::int32_t>(end - begin), delta};
     };
     auto tokens_in = [&](std::int64_t c) { return c == i ? p % w + 1 : std::int64_t{w}; };
     const std::int64_t budget = config_.budget_tokens();
@@ -566,7 +594,7 @@ class attention {
     for (std::size_t slot = 0; slot < count; ++slot) {
       const std::int64_t c = s.selected[slot];
       const std::int64_t length = c == i ? p % w + 1 : std::int64_t{w};
-      plan[slot] = {cache.keys(c, g), cache.values(c, g), static_cast<std::int32_t>(length), query_position - s.slot_starts[slot]};
+      plan[slot] = {cache.kv_offset(c, g), static_cast<std::int32_t>(length), query_position - s.slot_starts[slot]};
     }
     return count;
   }

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "errors.hpp"
+#include "kv_storage.hpp"
 
 namespace longheads {
 
@@ -42,6 +43,9 @@ struct attention_config {
   /// Reject NaN/Inf in q/k/v with value_error (the cache stays clean); when false they are
   /// the caller's responsibility and propagate into outputs.
   bool reject_nonfinite = true;
+  /// Element type of the cached keys and values: bf16 halves the cache and what decode reads;
+  /// attention still computes in fp32.
+  kv_precision kv_storage = kv_precision::fp32;
 
   /// L = budget_chunks * chunk_size, the most tokens a head reads per query.
   std::int64_t budget_tokens() const noexcept { return std::int64_t{budget_chunks} * chunk_size; }

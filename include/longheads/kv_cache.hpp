@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "errors.hpp"
+#include "kv_storage.hpp"
 #include "views.hpp"
 
 namespace longheads {
@@ -32,6 +33,7 @@ struct cache_shape {
   int chunk_size = 0;  ///< w
   /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats = 0;
+  kv_precision precision = kv_precision::fp32;  ///< how keys and values are stored
   /// Equal when every field is.
   friend bool operator==(const cache_shape&, const cache_shape&) = default;
 };
@@ -39,7 +41,7 @@ struct cache_shape {
 inline std::string to_string(const cache_shape& s) {
   return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
-         std::to_string(s.representation_floats) + "}";
+         std::to_string(s.representation_floats) + ", kv " + to_string(s.precision) + "}";
 }
 
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
@@ -89,10 +91,15 @@ class kv_cache {
     std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
   }
 
-  /// [w, d] keys of one chunk of one kv head, rotated at local positions.
+  /// [w, d] keys of one chunk of one kv head, rotated at local positions (fp32 caches).
   const float* keys(std::int64_t chunk, int kv_head) const noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
-  /// [w, d] values of one chunk of one kv head.
+  /// [w, d] values of one chunk of one kv head (fp32 caches).
   const float* values(std::int64_t chunk, int kv_head) const noexcept { return values_.data() + kv_offset(chunk, kv_head); }
+  ///@{
+  /// The same for bf16 caches.
+  const bf16* keys_bf16(std::int64_t chunk, int kv_head) const noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
+  const bf16* values_bf16(std::int64_t chunk, int kv_head) const noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
+  ///@}
   /// The representations of one query head's full chunks, [full_chunks, r].
   matrix_view<const float> representations(int q_head) const noexcept {
     const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
@@ -106,6 +113,7 @@ class kv_cache {
   /// Bytes held (capacity), all buffers included.
   std::size_t bytes() const noexcept {
     return (keys_.capacity() + values_.capacity() + representations_.capacity() + open_queries_.capacity()) * sizeof(float) +
+           (keys16_.capacity() + values16_.capacity()) * sizeof(bf16) +
            (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t);
   }
 
@@ -118,14 +126,17 @@ class kv_cache {
     const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.representation_floats_per_chunk();
     const std::size_t open = static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
                              static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
-    auto same = [](const std::vector<float>& x, const std::vector<float>& y, std::size_t n) {
-      return n == 0 || std::memcmp(x.data(), y.data(), n * sizeof(float)) == 0;
+    auto same = [](const auto& x, const auto& y, std::size_t n) {
+      return n == 0 || std::memcmp(x.data(), y.data(), n * sizeof(x[0])) == 0;
     };
     for (std::size_t h = 0; h < a.selection_counts_.size(); ++h) {
       auto sa = a.last_selection(static_cast<int>(h)), sb = b.last_selection(static_cast<int>(h));
       if (!std::equal(sa.begin(), sa.end(), sb.begin(), sb.end())) return false;
     }
-    return same(a.keys_, b.keys_, kv) && same(a.values_, b.values_, kv) &&
+    const bool kv_same = a.shape_.precision == kv_precision::bf16
+                             ? same(a.keys16_, b.keys16_, kv) && same(a.values16_, b.values16_, kv)
+                             : same(a.keys_, b.keys_, kv) && same(a.values_, b.values_, kv);
+    return kv_same &&
            same(a.representations_, b.representations_, reps) && same(a.open_queries_, b.open_queries_, open);
   }
 
@@ -146,6 +157,8 @@ class kv_cache {
   }
   float* mutable_keys(std::int64_t chunk, int kv_head) noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
   float* mutable_values(std::int64_t chunk, int kv_head) noexcept { return values_.data() + kv_offset(chunk, kv_head); }
+  bf16* mutable_keys_bf16(std::int64_t chunk, int kv_head) noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
+  bf16* mutable_values_bf16(std::int64_t chunk, int kv_head) noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
   float* mutable_representation(std::int64_t chunk, int q_head) noexcept {
     return representations_.data() + static_cast<std::size_t>(chunk) * representation_floats_per_chunk() +
            static_cast<std::size_t>(q_head) * shape_.representation_floats;
@@ -172,13 +185,22 @@ class kv_cache {
   void grow(std::int64_t chunks) {
     const std::size_t kv_floats = static_cast<std::size_t>(chunks) * kv_floats_per_chunk();
     const std::size_t rep_floats = static_cast<std::size_t>(chunks) * representation_floats_per_chunk();
-    std::vector<float> keys(kv_floats), values(kv_floats), reps(rep_floats);
-    const auto used_chunks = static_cast<std::size_t>((tokens_ + shape_.chunk_size - 1) / shape_.chunk_size);
-    std::copy_n(keys_.begin(), used_chunks * kv_floats_per_chunk(), keys.begin());
-    std::copy_n(values_.begin(), used_chunks * kv_floats_per_chunk(), values.begin());
+    const bool compact = shape_.precision == kv_precision::bf16;
+    std::vector<float> keys(compact ? 0 : kv_floats), values(compact ? 0 : kv_floats), reps(rep_floats);
+    std::vector<bf16> keys16(compact ? kv_floats : 0), values16(compact ? kv_floats : 0);
+    const auto used = static_cast<std::size_t>((tokens_ + shape_.chunk_size - 1) / shape_.chunk_size) * kv_floats_per_chunk();
+    if (compact) {
+      std::copy_n(keys16_.begin(), used, keys16.begin());
+      std::copy_n(values16_.begin(), used, values16.begin());
+    } else {
+      std::copy_n(keys_.begin(), used, keys.begin());
+      std::copy_n(values_.begin(), used, values.begin());
+    }
     std::copy_n(representations_.begin(), static_cast<std::size_t>(full_chunks()) * representation_floats_per_chunk(), reps.begin());
     keys_.swap(keys);
     values_.swap(values);
+    keys16_.swap(keys16);
+    values16_.swap(values16);
     representations_.swap(reps);
     capacity_chunks_ = chunks;
   }
@@ -187,6 +209,7 @@ class kv_cache {
   std::int64_t tokens_ = 0;
   std::int64_t capacity_chunks_ = 0;
   std::vector<float> keys_, values_, representations_, open_queries_;
+  std::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
   std::vector<std::int32_t> selections_, selection_counts_;
   std::size_t selection_stride_ = 0;
 };

@@ -80,6 +80,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   cfg.sink_tokens = in.in(0, 6);
   cfg.method = static_cast<attention_method>(in.in(0, 2));
   cfg.reject_nonfinite = in.byte() % 4 != 0;
+  cfg.kv_storage = in.byte() % 3 == 0 ? kv_precision::bf16 : kv_precision::fp32;
   const int rope_dim = in.byte() % 8 == 0 ? cfg.head_dim + 2 : cfg.head_dim;
   if (rope_dim <= 0 || rope_dim % 2 != 0) return 0;
   const auto rotary = make_rope(in, rope_dim);
@@ -89,9 +90,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     a.emplace(cfg, *rotary);
     if (std::getenv("LONGHEADS_FUZZ_VERBOSE"))
-      std::fprintf(stderr, "config: %s H_q %d H_kv %d d %d w %d k %d sinks %d locals %d reject_nonfinite %d\n", to_string(cfg.method),
+      std::fprintf(stderr, "config: %s H_q %d H_kv %d d %d w %d k %d sinks %d locals %d reject_nonfinite %d kv %s\n", to_string(cfg.method),
                    cfg.n_q_heads, cfg.n_kv_heads, cfg.head_dim, cfg.chunk_size, cfg.budget_chunks, cfg.sink_chunks, cfg.local_chunks,
-                   cfg.reject_nonfinite);
+                   cfg.reject_nonfinite, to_string(cfg.kv_storage));
   } catch (const error&) {
     return 0;  // an impossible configuration, rejected as documented
   }
