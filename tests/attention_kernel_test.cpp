@@ -47,3 +47,41 @@ TEST_CASE_TEMPLATE("attention kernels equal a naive softmax over all segments", 
       CHECK(test::max_abs_diff(out, expected) <= 1e-5);
     }
 }
+
+TEST_CASE("consume_shared streams one segment into several queries with the bits of consume") {
+  const online_softmax_kernel kernel{};
+  std::uint32_t seed = 100;
+  for (int d : {6, 16, 18, 64, 130})
+    for (int length : {1, 7, 16, 33})
+      for (std::size_t n : {1u, 2u, 3u, 4u, 5u, 7u, 9u}) {
+        CAPTURE(d);
+        CAPTURE(length);
+        CAPTURE(n);
+        // Two segments, so the second one rescales states the first one left.
+        auto keys = test::random_floats(2 * static_cast<std::size_t>(length) * d, seed++, 1.5f);
+        auto values = test::random_floats(2 * static_cast<std::size_t>(length) * d, seed++);
+        auto queries = test::random_floats(n * d, seed++);
+        std::vector<const float*> rows(n);
+        std::vector<float*> shared_out(n), single_out(n);
+        std::vector<float> shared_buf(n * d), single_buf(n * d), scratch(4 * kernel.scratch_floats(length, d));
+        std::vector<softmax_state> shared_states(n), single_states(n);
+        for (std::size_t r = 0; r < n; ++r) {
+          rows[r] = queries.data() + r * d;
+          shared_out[r] = shared_buf.data() + r * d;
+          single_out[r] = single_buf.data() + r * d;
+          kernel.begin(shared_states[r], shared_out[r], d);
+          kernel.begin(single_states[r], single_out[r], d);
+        }
+        for (int segment = 0; segment < 2; ++segment) {
+          const float* k = keys.data() + static_cast<std::ptrdiff_t>(segment) * length * d;
+          const float* v = values.data() + static_cast<std::ptrdiff_t>(segment) * length * d;
+          kernel.consume_shared(k, v, length, rows.data(), n, d, 0.3f, shared_states.data(), shared_out.data(), scratch);
+          for (std::size_t r = 0; r < n; ++r) kernel.consume({rows[r], k, v, length}, d, 0.3f, single_states[r], single_out[r], scratch);
+        }
+        for (std::size_t r = 0; r < n; ++r) {
+          kernel.finish(shared_states[r], shared_out[r], d);
+          kernel.finish(single_states[r], single_out[r], d);
+        }
+        CHECK(shared_buf == single_buf);
+      }
+}

