@@ -17,7 +17,7 @@ def load(path):
     for b in data["benchmarks"]:
         if b.get("run_type", "iteration") != "iteration":
             continue
-        name = b["name"].replace("/real_time", "")
+        name = b["name"].replace("/real_time", "").replace("/iterations:1", "")
         runs[name] = b
     return data.get("context", {}), runs
 

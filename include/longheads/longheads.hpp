@@ -14,6 +14,7 @@
 #include "group_selection.hpp"
 #include "head_selector.hpp"
 #include "kv_cache.hpp"
+#include "kv_storage.hpp"
 #include "matmul.hpp"
 #include "rope.hpp"
 #include "rope_remapper.hpp"
