@@ -63,19 +63,21 @@ TEST_CASE("consume_shared streams one segment into several queries with the bits
         auto queries = test::random_floats(n * d, seed++);
         std::vector<const float*> rows(n);
         std::vector<float*> shared_out(n), single_out(n);
-        std::vector<float> shared_buf(n * d), single_buf(n * d), scratch(4 * kernel.scratch_floats(length, d));
+        std::vector<float> shared_buf(n * d), single_buf(n * d), scratch(kernel.scratch_floats(length, d));
         std::vector<softmax_state> shared_states(n), single_states(n);
+        std::vector<softmax_state*> shared_state_ptrs(n);
         for (std::size_t r = 0; r < n; ++r) {
           rows[r] = queries.data() + r * d;
           shared_out[r] = shared_buf.data() + r * d;
           single_out[r] = single_buf.data() + r * d;
+          shared_state_ptrs[r] = &shared_states[r];
           kernel.begin(shared_states[r], shared_out[r], d);
           kernel.begin(single_states[r], single_out[r], d);
         }
         for (int segment = 0; segment < 2; ++segment) {
           const float* k = keys.data() + static_cast<std::ptrdiff_t>(segment) * length * d;
           const float* v = values.data() + static_cast<std::ptrdiff_t>(segment) * length * d;
-          kernel.consume_shared(k, v, length, rows.data(), n, d, 0.3f, shared_states.data(), shared_out.data(), scratch);
+          kernel.consume_shared(k, v, length, rows.data(), n, d, 0.3f, shared_state_ptrs.data(), shared_out.data(), scratch);
           for (std::size_t r = 0; r < n; ++r) kernel.consume({rows[r], k, v, length}, d, 0.3f, single_states[r], single_out[r], scratch);
         }
         for (std::size_t r = 0; r < n; ++r) {

@@ -215,15 +215,9 @@ class attention {
     std::vector<float*> tile_outputs;           // [tile queries]
     std::vector<const float*> round_queries;    // [tile queries]: the queries reading one chunk together
     std::vector<float*> round_outputs;          // [tile queries]
-    std::vector<softmax_state> round_states;    // [tile queries]
-    std::vector<std::size_t> round_members;     // [tile queries]
+    std::vector<softmax_state*> round_states;   // [tile queries]
     std::vector<std::int32_t> round_lengths;    // [tile queries]
   };
-
-  // Kernels that can stream one chunk into several queries at once get it (consume_shared).
-  static constexpr bool kernel_shares_reads =
-      requires(const kernel_type& k, const float* x, float* y, const float* const* qs, float* const* outs, softmax_state* st,
-               std::span<float> scratch) { k.consume_shared(x, x, std::int32_t{}, qs, std::size_t{}, int{}, float{}, st, outs, scratch); };
 
   std::int64_t max_segments(std::int64_t context) const noexcept {
     const std::int64_t chunks = (context + config_.chunk_size - 1) / config_.chunk_size;
@@ -261,8 +255,8 @@ class attention {
         grow(s.candidates, chunks);
         if (group_selection_type::shared) grow(s.group_scores, static_cast<std::size_t>(config_.group_size()) * block * chunks);
       }
-      grow(s.kernel, (kernel_shares_reads ? 4 : 1) * policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
-      grow(s.rotated_query, (kernel_shares_reads ? max_tile_queries() : 1) * d);
+      grow(s.kernel, policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
+      grow(s.rotated_query, max_tile_queries() * d);
       if (config_.kv_storage == kv_precision::bf16) grow(s.converted, 2 * static_cast<std::size_t>(config_.chunk_size) * d);
       grow(s.selected, segments);
       grow(s.slot_starts, segments);
@@ -272,13 +266,10 @@ class attention {
       grow(s.states, max_tile_queries());
       grow(s.tile_queries, max_tile_queries());
       grow(s.tile_outputs, max_tile_queries());
-      if (kernel_shares_reads) {
-        grow(s.round_queries, max_tile_queries());
-        grow(s.round_outputs, max_tile_queries());
-        grow(s.round_states, max_tile_queries());
-        grow(s.round_members, max_tile_queries());
-        grow(s.round_lengths, max_tile_queries());
-      }
+      grow(s.round_queries, max_tile_queries());
+      grow(s.round_outputs, max_tile_queries());
+      grow(s.round_states, max_tile_queries());
+      grow(s.round_lengths, max_tile_queries());
     }
   }
 
@@ -516,40 +507,27 @@ class attention {
         }
       if (next == none) break;
       const auto [keys, values] = fp32_chunk(cache, next, longest, s);
-      if constexpr (kernel_shares_reads) {
-        // The round's queries, in order; runs of equal length go through the kernel together.
-        std::size_t m = 0;
-        for (std::size_t i = 0; i < n_queries; ++i) {
-          if (s.cursors[i] >= s.plan_counts[i]) continue;
-          const planned_segment& seg = s.plan[i * max_plan + s.cursors[i]];
-          if (seg.offset != next) continue;
-          float* rotated = s.rotated_query.data() + static_cast<std::ptrdiff_t>(m) * d;
-          rope_.rotate(s.tile_queries[i], rotated, seg.delta);
-          s.round_queries[m] = rotated;
-          s.round_outputs[m] = s.tile_outputs[i];
-          s.round_states[m] = s.states[i];
-          s.round_members[m] = i;
-          s.round_lengths[m] = seg.length;
-          ++m;
-          ++s.cursors[i];
-        }
-        for (std::size_t first = 0; first < m;) {
-          std::size_t last = first + 1;
-          while (last < m && s.round_lengths[last] == s.round_lengths[first]) ++last;
-          policies_.kernel.consume_shared(keys, values, s.round_lengths[first], s.round_queries.data() + first, last - first, d, scale,
-                                          s.round_states.data() + first, s.round_outputs.data() + first, s.kernel);
-          first = last;
-        }
-        for (std::size_t j = 0; j < m; ++j) s.states[s.round_members[j]] = s.round_states[j];
-      } else {
-        for (std::size_t i = 0; i < n_queries; ++i) {
-          if (s.cursors[i] >= s.plan_counts[i]) continue;
-          const planned_segment& seg = s.plan[i * max_plan + s.cursors[i]];
-          if (seg.offset != next) continue;
-          rope_.rotate(s.tile_queries[i], s.rotated_query.data(), seg.delta);
-          policies_.kernel.consume({s.rotated_query.data(), keys, values, seg.length}, d, scale, s.states[i], s.tile_outputs[i], s.kernel);
-          ++s.cursors[i];
-        }
+      // The round's queries, in order; runs of equal length go through the kernel together.
+      std::size_t m = 0;
+      for (std::size_t i = 0; i < n_queries; ++i) {
+        if (s.cursors[i] >= s.plan_counts[i]) continue;
+        const planned_segment& seg = s.plan[i * max_plan + s.cursors[i]];
+        if (seg.offset != next) continue;
+        float* rotated = s.rotated_query.data() + static_cast<std::ptrdiff_t>(m) * d;
+        rope_.rotate(s.tile_queries[i], rotated, seg.delta);
+        s.round_queries[m] = rotated;
+        s.round_outputs[m] = s.tile_outputs[i];
+        s.round_states[m] = &s.states[i];
+        s.round_lengths[m] = seg.length;
+        ++m;
+        ++s.cursors[i];
+      }
+      for (std::size_t begin = 0; begin < m;) {
+        std::size_t end = begin + 1;
+        while (end < m && s.round_lengths[end] == s.round_lengths[begin]) ++end;
+        consume_shared(policies_.kernel, keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
+                       s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
+        begin = end;
       }
     }
     for (std::size_t i = 0; i < n_queries; ++i) policies_.kernel.finish(s.states[i], s.tile_outputs[i], d);

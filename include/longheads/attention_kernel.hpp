@@ -59,13 +59,26 @@ void attend(const K& kernel, std::span<const kv_segment> segments, int head_dim,
   kernel.finish(state, out, head_dim);
 }
 
-/// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and values.
+/// Streams one segment of keys and values into n queries: in one pass with the kernel's
+/// consume_shared() where it has one, else query by query with consume().
+template <attention_kernel K>
+void consume_shared(const K& kernel, const float* keys, const float* values, std::int32_t length, const float* const* queries,
+                    std::size_t n, int head_dim, float scale, softmax_state* const* states, float* const* outs,
+                    std::span<float> scratch) noexcept {
+  if constexpr (requires { kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch); })
+    kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch);
+  else
+    for (std::size_t i = 0; i < n; ++i) kernel.consume({queries[i], keys, values, length}, head_dim, scale, *states[i], outs[i], scratch);
+}
+
+/// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and
+/// values, shared by up to four queries (consume_shared).
 struct online_softmax_kernel {
-  /// Floats of caller-owned scratch one call needs (policies never allocate).
+  /// Floats of caller-owned scratch one call needs (policies never allocate): logits of up to
+  /// four queries, each rounded up to whole batches, whose padding holds -inf so every
+  /// probability goes through the same vector exp whatever the segment's length.
   std::size_t scratch_floats(std::ptrdiff_t max_segment_length, int) const noexcept {
-    // Rounded up to whole batches: the padding holds -inf, so every probability goes through
-    // the same vector exp whatever the segment's length.
-    return static_cast<std::size_t>((max_segment_length + detail::simd_width - 1) / detail::simd_width * detail::simd_width);
+    return 4 * static_cast<std::size_t>(padded(max_segment_length));
   }
 
   /// Starts a query: resets the state and zeroes the output row.
@@ -77,33 +90,10 @@ struct online_softmax_kernel {
   /// Folds one segment into the query's running softmax and output row.
   void consume(const kv_segment& seg, int head_dim, float scale, softmax_state& state, float* out,
                std::span<float> scratch) const noexcept {
-    const std::ptrdiff_t d = head_dim;
-    float* logits = scratch.data();
-    float segment_max = -std::numeric_limits<float>::infinity();
-    // Prefetching a few rows ahead lets the loads overlap the arithmetic: measured +20% K/V read
-    // rate on one thread at 128k (bench decode/dense/llama2_7b/131072).
-    for (std::int32_t j = 0; j < seg.length; ++j) {
-      detail::prefetch_row(seg.keys + (j + 4) * d, d);
-      logits[j] = scale * detail::dot(seg.query, seg.keys + j * d, d);
-      segment_max = std::max(segment_max, logits[j]);
-    }
-    if (segment_max > state.running_max) {
-      // exp(-inf) = 0 on the first segment, so the empty accumulator needs no special case.
-      const float correction = std::exp(state.running_max - segment_max);
-      state.denominator *= correction;
-      detail::scale(correction, out, d);
-      state.running_max = segment_max;
-    }
-    const std::ptrdiff_t padded = (seg.length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
-    std::fill(logits + seg.length, logits + padded, -std::numeric_limits<float>::infinity());
-    const detail::float_batch shift(state.running_max);
-    for (std::ptrdiff_t j = 0; j < padded; j += detail::simd_width)
-      xsimd::exp(detail::float_batch::load_unaligned(logits + j) - shift).store_unaligned(logits + j);
-    for (std::int32_t j = 0; j < seg.length; ++j) {
-      state.denominator += logits[j];
-      detail::prefetch_row(seg.values + (j + 4) * d, d);
-      detail::axpy(logits[j], seg.values + j * d, out, d);
-    }
+    const float* query[1] = {seg.query};
+    softmax_state* states[1] = {&state};
+    float* outs[1] = {out};
+    consume_rows<1>(seg.keys, seg.values, seg.length, query, head_dim, scale, states, outs, scratch);
   }
 
   /// Normalises the output row once every segment has been consumed.
@@ -114,13 +104,14 @@ struct online_softmax_kernel {
   /// consume() for n queries reading the same keys and values (a kv group's heads, or
   /// neighbouring queries of a block), each with its own rotated query, state and output: every
   /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
-  /// consume()'s, so the results are the same bits. Scratch: 4 times scratch_floats().
+  /// consume()'s (dot_rows and axpy_rows guarantee it), so the results are the same bits.
   void consume_shared(const float* keys, const float* values, std::int32_t length, const float* const* queries, std::size_t n,
-                      int head_dim, float scale, softmax_state* states, float* const* outs, std::span<float> scratch) const noexcept {
+                      int head_dim, float scale, softmax_state* const* states, float* const* outs,
+                      std::span<float> scratch) const noexcept {
     std::size_t i = 0;
     for (; i + 4 <= n; i += 4) consume_rows<4>(keys, values, length, queries + i, head_dim, scale, states + i, outs + i, scratch);
     for (; i + 2 <= n; i += 2) consume_rows<2>(keys, values, length, queries + i, head_dim, scale, states + i, outs + i, scratch);
-    for (; i < n; ++i) consume({queries[i], keys, values, length}, head_dim, scale, states[i], outs[i], scratch);
+    for (; i < n; ++i) consume_rows<1>(keys, values, length, queries + i, head_dim, scale, states + i, outs + i, scratch);
   }
 
   /// The whole attention of one query over `segments`, in order.
@@ -129,21 +120,27 @@ struct online_softmax_kernel {
   }
 
  private:
+  static std::ptrdiff_t padded(std::ptrdiff_t length) noexcept {
+    return (length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
+  }
+
   template <std::size_t R>
   void consume_rows(const float* keys, const float* values, std::int32_t length, const float* const* queries, int head_dim,
-                    float scale, softmax_state* states, float* const* outs, std::span<float> scratch) const noexcept {
+                    float scale, softmax_state* const* states, float* const* outs, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t d = head_dim;
-    const std::ptrdiff_t padded = (length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
+    const std::ptrdiff_t width = padded(length);
     const float* rows[R];
     float* logits[R];
     float* out[R];
     float segment_max[R];
     for (std::size_t r = 0; r < R; ++r) {
       rows[r] = queries[r];
-      logits[r] = scratch.data() + static_cast<std::ptrdiff_t>(r) * padded;
+      logits[r] = scratch.data() + static_cast<std::ptrdiff_t>(r) * width;
       out[r] = outs[r];
       segment_max[r] = -std::numeric_limits<float>::infinity();
     }
+    // Prefetching a few rows ahead lets the loads overlap the arithmetic: measured +20% K/V read
+    // rate on one thread at 128k (bench decode/dense/llama2_7b/131072).
     for (std::int32_t j = 0; j < length; ++j) {
       float dots[R];
       detail::prefetch_row(keys + (j + 4) * d, d);
@@ -154,23 +151,24 @@ struct online_softmax_kernel {
       }
     }
     for (std::size_t r = 0; r < R; ++r) {
-      softmax_state& state = states[r];
+      softmax_state& state = *states[r];
       if (segment_max[r] > state.running_max) {
+        // exp(-inf) = 0 on the first segment, so the empty accumulator needs no special case.
         const float correction = std::exp(state.running_max - segment_max[r]);
         state.denominator *= correction;
         detail::scale(correction, out[r], d);
         state.running_max = segment_max[r];
       }
-      std::fill(logits[r] + length, logits[r] + padded, -std::numeric_limits<float>::infinity());
+      std::fill(logits[r] + length, logits[r] + width, -std::numeric_limits<float>::infinity());
       const detail::float_batch shift(state.running_max);
-      for (std::ptrdiff_t j = 0; j < padded; j += detail::simd_width)
+      for (std::ptrdiff_t j = 0; j < width; j += detail::simd_width)
         xsimd::exp(detail::float_batch::load_unaligned(logits[r] + j) - shift).store_unaligned(logits[r] + j);
     }
     for (std::int32_t j = 0; j < length; ++j) {
       float p[R];
       for (std::size_t r = 0; r < R; ++r) {
         p[r] = logits[r][j];
-        states[r].denominator += p[r];
+        states[r]->denominator += p[r];
       }
       detail::prefetch_row(values + (j + 4) * d, d);
       detail::axpy_rows<R>(p, values + j * d, out, d);
