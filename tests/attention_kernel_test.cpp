@@ -87,3 +87,47 @@ TEST_CASE("consume_shared streams one segment into several queries with the bits
         CHECK(shared_buf == single_buf);
       }
 }
+
+TEST_CASE("the kernel reads bf16 rows in place with the bits of reading them converted to fp32") {
+  static_assert(bf16_reading_kernel<online_softmax_kernel>);
+  const online_softmax_kernel kernel{};
+  std::uint32_t seed = 300;
+  // Head dims around the vector width exercise the widening load and the scalar tail.
+  for (int d : {6, 16, 18, 32, 64, 130})
+    for (int length : {1, 7, 16, 33})
+      for (std::size_t n : {1u, 2u, 3u, 4u, 5u}) {
+        CAPTURE(d);
+        CAPTURE(length);
+        CAPTURE(n);
+        const auto elements = 2 * static_cast<std::size_t>(length) * d;
+        const auto keys = test::random_floats(elements, seed++, 1.5f), values = test::random_floats(elements, seed++);
+        std::vector<bf16> keys16(elements), values16(elements);
+        to_bf16(keys.data(), keys16.data(), static_cast<std::ptrdiff_t>(elements));
+        to_bf16(values.data(), values16.data(), static_cast<std::ptrdiff_t>(elements));
+        std::vector<float> keys_wide(elements), values_wide(elements);
+        from_bf16(keys16.data(), keys_wide.data(), static_cast<std::ptrdiff_t>(elements));
+        from_bf16(values16.data(), values_wide.data(), static_cast<std::ptrdiff_t>(elements));
+        const auto queries = test::random_floats(n * d, seed++);
+
+        auto run = [&](const auto* k, const auto* v) {
+          std::vector<const float*> rows(n);
+          std::vector<float> buf(n * d), scratch(kernel.scratch_floats(length, d));
+          std::vector<float*> outs(n);
+          std::vector<softmax_state> states(n);
+          std::vector<softmax_state*> state_ptrs(n);
+          for (std::size_t r = 0; r < n; ++r) {
+            rows[r] = queries.data() + r * d;
+            outs[r] = buf.data() + r * d;
+            state_ptrs[r] = &states[r];
+            kernel.begin(states[r], outs[r], d);
+          }
+          for (int segment = 0; segment < 2; ++segment) {
+            const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(segment) * length * d;
+            kernel.consume_shared(k + at, v + at, length, rows.data(), n, d, 0.3f, state_ptrs.data(), outs.data(), scratch);
+          }
+          for (std::size_t r = 0; r < n; ++r) kernel.finish(states[r], outs[r], d);
+          return buf;
+        };
+        CHECK(run(keys16.data(), values16.data()) == run(keys_wide.data(), values_wide.data()));
+      }
+}

@@ -533,6 +533,25 @@ TEST_CASE("concurrent sequences: one attention and one cache per thread, a share
   for (std::size_t i = 0; i < seqs.size(); ++i) CHECK(got[i] == expected[i]);
 }
 
+/// The default kernel without its bf16 reads: the attention must convert bf16 chunks for it.
+struct fp32_only_kernel {
+  online_softmax_kernel inner;
+  std::size_t scratch_floats(std::ptrdiff_t length, int d) const noexcept { return inner.scratch_floats(length, d); }
+  void begin(softmax_state& state, float* out, int d) const noexcept { inner.begin(state, out, d); }
+  void consume(const kv_segment& seg, int d, float scale, softmax_state& state, float* out, std::span<float> scratch) const noexcept {
+    inner.consume(seg, d, scale, state, out, scratch);
+  }
+  void finish(const softmax_state& state, float* out, int d) const noexcept { inner.finish(state, out, d); }
+  void consume_shared(const float* keys, const float* values, std::int32_t length, const float* const* queries, std::size_t n, int d,
+                      float scale, softmax_state* const* states, float* const* outs, std::span<float> scratch) const noexcept {
+    inner.consume_shared(keys, values, length, queries, n, d, scale, states, outs, scratch);
+  }
+};
+static_assert(attention_kernel<fp32_only_kernel> && !bf16_reading_kernel<fp32_only_kernel>);
+struct converting_policies : paper_policies {
+  using kernel = fp32_only_kernel;
+};
+
 TEST_CASE("bf16 KV storage: half the K/V bytes, within 1e-2 of fp32, and the same exactness guarantees") {
   const int w = 8, budget = 4, d = 32, T = 300, hq = 4;
   rope r(d);
@@ -578,6 +597,9 @@ TEST_CASE("bf16 KV storage: half the K/V bytes, within 1e-2 of fp32, and the sam
       CHECK(seq.run(compact, 37) == out);
       attention<threaded_policies> pooled(bf16_config, r, {.executor = thread_pool_executor(3)});
       CHECK(seq.run(pooled, 1) == out);
+      // Reading bf16 in place gives the bits of converting each chunk first.
+      attention<converting_policies> converting(bf16_config, r);
+      CHECK(seq.run(converting, 0) == out);
     }
     // Inside the budget bf16 LongHeads is bf16 dense attention.
     attention_config lh = test::make_config(hq, hkv, d, w, 64), dense = test::make_config(hq, hkv, d, w, 64, attention_method::dense);

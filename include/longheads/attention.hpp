@@ -506,7 +506,6 @@ class attention {
           }
         }
       if (next == none) break;
-      const auto [keys, values] = fp32_chunk(cache, next, longest, s);
       // The round's queries, in order; runs of equal length go through the kernel together.
       std::size_t m = 0;
       for (std::size_t i = 0; i < n_queries; ++i) {
@@ -522,13 +521,27 @@ class attention {
         ++m;
         ++s.cursors[i];
       }
-      for (std::size_t begin = 0; begin < m;) {
-        std::size_t end = begin + 1;
-        while (end < m && s.round_lengths[end] == s.round_lengths[begin]) ++end;
-        consume_shared(policies_.kernel, keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
-                       s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
-        begin = end;
+      auto consume_round = [&](const auto* keys, const auto* values) {
+        for (std::size_t begin = 0; begin < m;) {
+          std::size_t end = begin + 1;
+          while (end < m && s.round_lengths[end] == s.round_lengths[begin]) ++end;
+          if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*keys)>, bf16>)
+            policies_.kernel.consume_shared(keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
+                                            s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
+          else
+            consume_shared(policies_.kernel, keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
+                           s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
+          begin = end;
+        }
+      };
+      if constexpr (bf16_reading_kernel<kernel_type>) {
+        if (config_.kv_storage == kv_precision::bf16) {
+          consume_round(cache.keys16_.data() + next, cache.values16_.data() + next);
+          continue;
+        }
       }
+      const auto [keys, values] = fp32_chunk(cache, next, longest, s);
+      consume_round(keys, values);
     }
     for (std::size_t i = 0; i < n_queries; ++i) policies_.kernel.finish(s.states[i], s.tile_outputs[i], d);
   }

@@ -71,6 +71,16 @@ void consume_shared(const K& kernel, const float* keys, const float* values, std
     for (std::size_t i = 0; i < n; ++i) kernel.consume({queries[i], keys, values, length}, head_dim, scale, *states[i], outs[i], scratch);
 }
 
+/// A kernel that also reads bf16 keys and values in place (consume_shared over bf16 rows,
+/// widening them in registers). The attention hands other kernels a bf16 chunk converted to
+/// fp32 in scratch, which costs a write and a re-read of twice the chunk's bytes.
+template <class K>
+concept bf16_reading_kernel = attention_kernel<K> && requires(const K& k, const bf16* rows, std::int32_t length, const float* const* queries,
+                                                              std::size_t n, int head_dim, float scale, softmax_state* const* states,
+                                                              float* const* outs, std::span<float> scratch) {
+  { k.consume_shared(rows, rows, length, queries, n, head_dim, scale, states, outs, scratch) } noexcept;
+};
+
 /// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and
 /// values, shared by up to four queries (consume_shared).
 struct online_softmax_kernel {
@@ -104,8 +114,11 @@ struct online_softmax_kernel {
   /// consume() for n queries reading the same keys and values (a kv group's heads, or
   /// neighbouring queries of a block), each with its own rotated query, state and output: every
   /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
-  /// consume()'s (dot_rows and axpy_rows guarantee it), so the results are the same bits.
-  void consume_shared(const float* keys, const float* values, std::int32_t length, const float* const* queries, std::size_t n,
+  /// consume()'s (dot_rows and axpy_rows guarantee it), so the results are the same bits. Keys
+  /// and values may be bf16, read in place: the bits are then those of consume() over the
+  /// rows converted with from_bf16.
+  template <detail::kv_element Element>
+  void consume_shared(const Element* keys, const Element* values, std::int32_t length, const float* const* queries, std::size_t n,
                       int head_dim, float scale, softmax_state* const* states, float* const* outs,
                       std::span<float> scratch) const noexcept {
     std::size_t i = 0;
@@ -124,8 +137,8 @@ struct online_softmax_kernel {
     return (length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
   }
 
-  template <std::size_t R>
-  void consume_rows(const float* keys, const float* values, std::int32_t length, const float* const* queries, int head_dim,
+  template <std::size_t R, detail::kv_element Element>
+  void consume_rows(const Element* keys, const Element* values, std::int32_t length, const float* const* queries, int head_dim,
                     float scale, softmax_state* const* states, float* const* outs, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t d = head_dim;
     const std::ptrdiff_t width = padded(length);
@@ -144,7 +157,7 @@ struct online_softmax_kernel {
     for (std::int32_t j = 0; j < length; ++j) {
       float dots[R];
       detail::prefetch_row(keys + (j + 4) * d, d);
-      detail::dot_rows<R>(rows, keys + j * d, d, dots);
+      detail::dot_rows(rows, keys + j * d, d, dots);
       for (std::size_t r = 0; r < R; ++r) {
         logits[r][j] = scale * dots[r];
         segment_max[r] = std::max(segment_max[r], logits[r][j]);
@@ -171,7 +184,7 @@ struct online_softmax_kernel {
         states[r]->denominator += p[r];
       }
       detail::prefetch_row(values + (j + 4) * d, d);
-      detail::axpy_rows<R>(p, values + j * d, out, d);
+      detail::axpy_rows(p, values + j * d, out, d);
     }
   }
 };
@@ -219,5 +232,6 @@ struct scalar_online_softmax_kernel {
 };
 
 static_assert(attention_kernel<online_softmax_kernel> && attention_kernel<scalar_online_softmax_kernel>);
+static_assert(bf16_reading_kernel<online_softmax_kernel> && !bf16_reading_kernel<scalar_online_softmax_kernel>);
 
 }  // namespace longheads

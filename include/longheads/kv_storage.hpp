@@ -2,9 +2,9 @@
 // How the cache stores keys and values: fp32, or bfloat16 (half the bytes; decode reads half).
 //
 // bf16 keeps fp32's exponent and 8 bits of mantissa, so converting never overflows and a
-// rounded key differs from the fp32 one by at most 2^-9 relative. The attention converts each
-// chunk back to fp32 once per read (for all the queries reading it) and computes in fp32, so
-// the kernels and encoders see ordinary floats.
+// rounded key differs from the fp32 one by at most 2^-9 relative. All arithmetic stays fp32:
+// the default kernel widens bf16 rows in registers as it loads them (bf16_reading_kernel);
+// encoders and other kernels get each chunk converted to fp32 in scratch once per read.
 #pragma once
 
 #include <bit>

@@ -1,40 +1,77 @@
 // SPDX-License-Identifier: MIT
-// Small xsimd loops shared by the kernels: dot product, y += a*x, y *= a.
+// Small xsimd loops shared by the kernels: dot product, y += a*x, y *= a. The shared operand
+// (a key or value row) may be fp32 or bf16; bf16 is widened in registers as it is loaded, so a
+// bf16 row costs half the memory traffic and the arithmetic sees exactly the floats that
+// from_bf16 would give.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
+#include <cstdint>
+#include <type_traits>
 #include <xsimd/xsimd.hpp>
+
+#include "../kv_storage.hpp"
 
 namespace longheads::detail {
 
 using float_batch = xsimd::batch<float>;
 inline constexpr std::ptrdiff_t simd_width = static_cast<std::ptrdiff_t>(float_batch::size);
 
+/// Element types a key or value row may be stored in.
+template <class T>
+concept kv_element = std::same_as<T, float> || std::same_as<T, bf16>;
+
+inline float_batch load_floats(const float* p) noexcept { return float_batch::load_unaligned(p); }
+
+/// simd_width bf16 values widened to floats (exact: a bf16 is the upper half of a float).
+/// A template only so that the branch for the other vector width is never instantiated.
+template <class Batch = float_batch>
+inline Batch load_floats(const bf16* p) noexcept {
+  // xsimd 8 has no widening load that stays in registers (its generic one goes through a
+  // stack buffer, which costs a store-forwarding stall per load), so the x86 paths are spelled out.
+#if defined(__AVX512F__)
+  if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>)
+    return Batch(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
+#endif
+#if defined(__AVX2__)
+  if constexpr (Batch::size == 8 && std::is_base_of_v<xsimd::avx2, typename Batch::arch_type>)
+    return Batch(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+#endif
+  alignas(Batch::arch_type::alignment()) float wide[Batch::size];
+  from_bf16(p, wide, Batch::size);
+  return Batch::load_aligned(wide);
+}
+
+inline float to_float(float x) noexcept { return x; }
+inline float to_float(bf16 x) noexcept { return from_bf16(x); }
+
 /// out[r] = a[r] . b for R rows sharing b. Every row goes through exactly the sequence of
 /// operations of dot(a[r], b, n), so results do not depend on R: callers rely on that for
 /// split-invariant scores (matmul.hpp).
-template <std::size_t R>
-inline void dot_rows(const float* const (&a)[R], const float* b, std::ptrdiff_t n, float (&out)[R]) noexcept {
+/// b may be a bf16 row: the result is then the bits of dot_rows over from_bf16(b).
+template <std::size_t R, kv_element B>
+inline void dot_rows(const float* const (&a)[R], const B* b, std::ptrdiff_t n, float (&out)[R]) noexcept {
   // Two accumulators per row hide the FMA latency; more buys nothing at head_dim <= 256.
   float_batch acc0[R], acc1[R];
   for (std::size_t r = 0; r < R; ++r) acc0[r] = acc1[r] = float_batch(0.0f);
   std::ptrdiff_t i = 0;
   for (; i + 2 * simd_width <= n; i += 2 * simd_width) {
-    const float_batch b0 = float_batch::load_unaligned(b + i), b1 = float_batch::load_unaligned(b + i + simd_width);
+    const float_batch b0 = load_floats(b + i), b1 = load_floats(b + i + simd_width);
     for (std::size_t r = 0; r < R; ++r) {
       acc0[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i), b0, acc0[r]);
       acc1[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i + simd_width), b1, acc1[r]);
     }
   }
   for (; i + simd_width <= n; i += simd_width) {
-    const float_batch b0 = float_batch::load_unaligned(b + i);
+    const float_batch b0 = load_floats(b + i);
     for (std::size_t r = 0; r < R; ++r) acc0[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i), b0, acc0[r]);
   }
   for (std::size_t r = 0; r < R; ++r) {
     float sum = xsimd::hadd(acc0[r] + acc1[r]);
-    for (std::ptrdiff_t j = i; j < n; ++j) sum = std::fma(a[r][j], b[j], sum);
+    for (std::ptrdiff_t j = i; j < n; ++j) sum = std::fma(a[r][j], to_float(b[j]), sum);
     out[r] = sum;
   }
 }
@@ -74,24 +111,26 @@ inline void axpy(float alpha, const float* x, float* y, std::ptrdiff_t n) noexce
 }
 
 /// y[r] += alpha[r] * x for R rows sharing x, each element through exactly the operation
-/// axpy(alpha[r], x, y[r], n) applies, so results do not depend on R.
-template <std::size_t R>
-inline void axpy_rows(const float (&alpha)[R], const float* x, float* const (&y)[R], std::ptrdiff_t n) noexcept {
+/// axpy(alpha[r], x, y[r], n) applies, so results do not depend on R. x may be a bf16 row.
+template <std::size_t R, kv_element X>
+inline void axpy_rows(const float (&alpha)[R], const X* x, float* const (&y)[R], std::ptrdiff_t n) noexcept {
   float_batch a[R];
   for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r]);
   std::ptrdiff_t i = 0;
   for (; i + simd_width <= n; i += simd_width) {
-    const float_batch xi = float_batch::load_unaligned(x + i);
+    const float_batch xi = load_floats(x + i);
     for (std::size_t r = 0; r < R; ++r) xsimd::fma(a[r], xi, float_batch::load_unaligned(y[r] + i)).store_unaligned(y[r] + i);
   }
   for (; i < n; ++i)
-    for (std::size_t r = 0; r < R; ++r) y[r][i] += alpha[r] * x[i];
+    for (std::size_t r = 0; r < R; ++r) y[r][i] += alpha[r] * to_float(x[i]);
 }
 
-/// Hints that the n floats at p will be read soon (a hint only: p may be past the data).
-inline void prefetch_row(const float* p, std::ptrdiff_t n) noexcept {
+/// Hints that the n elements at p will be read soon (a hint only: p may be past the data).
+template <kv_element T>
+inline void prefetch_row(const T* p, std::ptrdiff_t n) noexcept {
 #if defined(__GNUC__)
-  for (std::ptrdiff_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+  constexpr std::ptrdiff_t per_line = 64 / sizeof(T);
+  for (std::ptrdiff_t i = 0; i < n; i += per_line) __builtin_prefetch(p + i);
 #else
   (void)p;
   (void)n;
