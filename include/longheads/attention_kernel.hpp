@@ -114,7 +114,7 @@ struct online_softmax_kernel {
   /// consume() for n queries reading the same keys and values (a kv group's heads, or
   /// neighbouring queries of a block), each with its own rotated query, state and output: every
   /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
-  /// consume()'s (dot_rows and axpy_rows guarantee it), so the results are the same bits. Keys
+  /// consume()'s (dot_rows and accumulate_rows guarantee it), so the results are the same bits. Keys
   /// and values may be bf16, read in place: the bits are then those of consume() over the
   /// rows converted with from_bf16.
   template <detail::kv_element Element>
@@ -145,46 +145,58 @@ struct online_softmax_kernel {
     const float* rows[R];
     float* logits[R];
     float* out[R];
-    float segment_max[R];
     for (std::size_t r = 0; r < R; ++r) {
       rows[r] = queries[r];
       logits[r] = scratch.data() + static_cast<std::ptrdiff_t>(r) * width;
       out[r] = outs[r];
-      segment_max[r] = -std::numeric_limits<float>::infinity();
     }
-    // Prefetching a few rows ahead lets the loads overlap the arithmetic: measured +20% K/V read
-    // rate on one thread at 128k (bench decode/dense/llama2_7b/131072).
+    // Prefetching rows ahead lets the loads overlap the arithmetic (measured +20% K/V read rate
+    // on one thread at 128k, bench decode/dense/llama2_7b/131072); past the last key, the first
+    // values, so the value pass starts on warm lines.
+    constexpr std::int32_t ahead = 8;
     for (std::int32_t j = 0; j < length; ++j) {
       float dots[R];
-      detail::prefetch_row(keys + (j + 4) * d, d);
+      if (j + ahead < length)
+        detail::prefetch_row(keys + (j + ahead) * d, d);
+      else
+        detail::prefetch_row(values + (j + ahead - length) * d, d);
       detail::dot_rows(rows, keys + j * d, d, dots);
-      for (std::size_t r = 0; r < R; ++r) {
-        logits[r][j] = scale * dots[r];
-        segment_max[r] = std::max(segment_max[r], logits[r][j]);
-      }
+      for (std::size_t r = 0; r < R; ++r) logits[r][j] = scale * dots[r];
     }
+    // Max, exp and sum in whole batches: the padding holds -inf, whose exp adds 0.
+    using detail::float_batch;
     for (std::size_t r = 0; r < R; ++r) {
+      std::fill(logits[r] + length, logits[r] + width, -std::numeric_limits<float>::infinity());
+      float_batch batch_max(-std::numeric_limits<float>::infinity());
+      for (std::ptrdiff_t j = 0; j < width; j += detail::simd_width) batch_max = xsimd::max(batch_max, float_batch::load_unaligned(logits[r] + j));
+      alignas(float_batch::arch_type::alignment()) float lanes[detail::simd_width];
+      batch_max.store_aligned(lanes);
+      const float segment_max = *std::max_element(lanes, lanes + detail::simd_width);
       softmax_state& state = *states[r];
-      if (segment_max[r] > state.running_max) {
+      if (segment_max > state.running_max) {
         // exp(-inf) = 0 on the first segment, so the empty accumulator needs no special case.
-        const float correction = std::exp(state.running_max - segment_max[r]);
+        const float correction = std::exp(state.running_max - segment_max);
         state.denominator *= correction;
         detail::scale(correction, out[r], d);
-        state.running_max = segment_max[r];
+        state.running_max = segment_max;
       }
-      std::fill(logits[r] + length, logits[r] + width, -std::numeric_limits<float>::infinity());
-      const detail::float_batch shift(state.running_max);
-      for (std::ptrdiff_t j = 0; j < width; j += detail::simd_width)
-        xsimd::exp(detail::float_batch::load_unaligned(logits[r] + j) - shift).store_unaligned(logits[r] + j);
+      const float_batch shift(state.running_max);
+      float_batch sum(0.0f);
+      for (std::ptrdiff_t j = 0; j < width; j += detail::simd_width) {
+        const float_batch p = xsimd::exp(float_batch::load_unaligned(logits[r] + j) - shift);
+        p.store_unaligned(logits[r] + j);
+        sum += p;
+      }
+      state.denominator += xsimd::hadd(sum);
     }
-    for (std::int32_t j = 0; j < length; ++j) {
-      float p[R];
-      for (std::size_t r = 0; r < R; ++r) {
-        p[r] = logits[r][j];
-        states[r]->denominator += p[r];
-      }
-      detail::prefetch_row(values + (j + 4) * d, d);
-      detail::axpy_rows(p, values + j * d, out, d);
+    // Values in blocks of rows small enough to stay in L1 while every column block of the
+    // outputs sweeps them, the next block prefetched meanwhile.
+    constexpr std::int32_t block = 16;
+    const float* probabilities[R];
+    for (std::int32_t j0 = 0; j0 < length; j0 += block) {
+      for (std::int32_t j = j0 + block; j < std::min(length, j0 + 2 * block); ++j) detail::prefetch_row(values + j * d, d);
+      for (std::size_t r = 0; r < R; ++r) probabilities[r] = logits[r] + j0;
+      detail::accumulate_rows(probabilities, values + j0 * d, std::min(block, length - j0), out, d);
     }
   }
 };

@@ -110,19 +110,50 @@ inline void axpy(float alpha, const float* x, float* y, std::ptrdiff_t n) noexce
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-/// y[r] += alpha[r] * x for R rows sharing x, each element through exactly the operation
-/// axpy(alpha[r], x, y[r], n) applies, so results do not depend on R. x may be a bf16 row.
-template <std::size_t R, kv_element X>
-inline void axpy_rows(const float (&alpha)[R], const X* x, float* const (&y)[R], std::ptrdiff_t n) noexcept {
-  float_batch a[R];
-  for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r]);
-  std::ptrdiff_t i = 0;
-  for (; i + simd_width <= n; i += simd_width) {
-    const float_batch xi = load_floats(x + i);
-    for (std::size_t r = 0; r < R; ++r) xsimd::fma(a[r], xi, float_batch::load_unaligned(y[r] + i)).store_unaligned(y[r] + i);
+/// y[r] += alpha[r][j] * x_j for the rows x_j = x + j * stride, j < rows, in j order: per
+/// element exactly the operations of axpy(alpha[r][j], x_j, y[r], n) row by row, but each block
+/// of y stays in registers across the rows instead of going through memory once per row.
+template <std::size_t R, std::size_t B, kv_element X>
+inline void accumulate_block(const float* const (&alpha)[R], const X* x, std::ptrdiff_t rows, std::ptrdiff_t stride,
+                             float* const (&y)[R], std::ptrdiff_t column) noexcept {
+  float_batch acc[R][B];
+  for (std::size_t r = 0; r < R; ++r)
+    for (std::size_t b = 0; b < B; ++b) acc[r][b] = float_batch::load_unaligned(y[r] + column + static_cast<std::ptrdiff_t>(b) * simd_width);
+  for (std::ptrdiff_t j = 0; j < rows; ++j) {
+    const X* row = x + j * stride + column;
+    float_batch a[R];
+    for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r][j]);
+    for (std::size_t b = 0; b < B; ++b) {
+      const float_batch xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
+      for (std::size_t r = 0; r < R; ++r) acc[r][b] = xsimd::fma(a[r], xb, acc[r][b]);
+    }
   }
-  for (; i < n; ++i)
-    for (std::size_t r = 0; r < R; ++r) y[r][i] += alpha[r] * to_float(x[i]);
+  for (std::size_t r = 0; r < R; ++r)
+    for (std::size_t b = 0; b < B; ++b) acc[r][b].store_unaligned(y[r] + column + static_cast<std::ptrdiff_t>(b) * simd_width);
+}
+
+/// y[r] (n floats) += sum over j < rows of alpha[r][j] * x_j, x_j = x + j * n, accumulated in
+/// j order: the bits of calling axpy once per row and output, whatever R.
+template <std::size_t R, kv_element X>
+inline void accumulate_rows(const float* const (&alpha)[R], const X* x, std::ptrdiff_t rows, float* const (&y)[R], std::ptrdiff_t n) noexcept {
+  // Blocks as wide as fit in up to 16 accumulators (half the AVX-512 register file, so nothing
+  // spills), narrowing only for what is left: a narrow block makes each accumulator a long
+  // dependent chain of FMAs.
+  const std::ptrdiff_t vectors = n - n % simd_width;
+  std::ptrdiff_t i = 0;
+  auto blocks_of = [&]<std::size_t B>(std::integral_constant<std::size_t, B>) {
+    if constexpr (B * R <= 16)
+      for (; i + static_cast<std::ptrdiff_t>(B) * simd_width <= vectors; i += static_cast<std::ptrdiff_t>(B) * simd_width)
+        accumulate_block<R, B>(alpha, x, rows, n, y, i);
+  };
+  blocks_of(std::integral_constant<std::size_t, 16>{});
+  blocks_of(std::integral_constant<std::size_t, 8>{});
+  blocks_of(std::integral_constant<std::size_t, 4>{});
+  blocks_of(std::integral_constant<std::size_t, 2>{});
+  blocks_of(std::integral_constant<std::size_t, 1>{});
+  for (std::ptrdiff_t j = 0; j < rows; ++j)
+    for (std::ptrdiff_t k = vectors; k < n; ++k)
+      for (std::size_t r = 0; r < R; ++r) y[r][k] += alpha[r][j] * to_float(x[j * n + k]);
 }
 
 /// Hints that the n elements at p will be read soon (a hint only: p may be past the data).
