@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
 """Acceptance ratios of the performance issue from one longheads_bench JSON run.
 
-    build/bench/longheads_bench --benchmark_format=json --benchmark_out=bench.json --benchmark_out_format=json
+    build/bench/longheads_bench --benchmark_repetitions=3 --benchmark_out=bench.json --benchmark_out_format=json
     python3 bench/ratios.py bench.json
 
-Every ratio compares benchmarks of the same run (this machine is shared and noisy).
+Every ratio compares benchmarks of the same run (this machine is shared and noisy); with
+repetitions, each benchmark's median is used.
 """
 import json
 import sys
 
 
 def load(path):
+    """Benchmarks by name; with --benchmark_repetitions, each one's median over the repetitions."""
     with open(path) as f:
         data = json.load(f)
-    runs = {}
+    runs, medians = {}, {}
     for b in data["benchmarks"]:
-        if b.get("run_type", "iteration") != "iteration":
-            continue
-        name = b["name"].replace("/real_time", "").replace("/iterations:1", "")
-        runs[name] = b
+        name = b.get("run_name", b["name"]).replace("/real_time", "").replace("/iterations:1", "")
+        if b.get("run_type", "iteration") == "iteration":
+            runs.setdefault(name, b)
+        elif b.get("aggregate_name") == "median":
+            medians[name] = b
+    runs.update(medians)
     return data.get("context", {}), runs
 
 

@@ -202,7 +202,8 @@ class attention {
     std::vector<float> scorer;                  // scorer's own
     std::vector<float> encoder;                 // encoder's own
     std::vector<float> kernel;                  // kernel's own
-    std::vector<float> rotated_query;           // [d]
+    std::vector<float> rotated_query;           // [tile queries, d]
+    std::vector<float> chunk_queries;           // [w, d]: a chunk's queries rotated for its encoder
     std::vector<float> converted;               // [2, w, d]: a bf16 chunk's keys and values in fp32
     std::vector<std::int32_t> selected;         // [segments]
     std::vector<std::int32_t> candidates;       // [chunks]
@@ -257,6 +258,7 @@ class attention {
       }
       grow(s.kernel, policies_.kernel.scratch_floats(config_.chunk_size, config_.head_dim));
       grow(s.rotated_query, max_tile_queries() * d);
+      if (selects && tokens >= config_.chunk_size) grow(s.chunk_queries, static_cast<std::size_t>(config_.chunk_size) * d);
       if (config_.kv_storage == kv_precision::bf16) grow(s.converted, 2 * static_cast<std::size_t>(config_.chunk_size) * d);
       grow(s.selected, segments);
       grow(s.slot_starts, segments);
@@ -354,43 +356,88 @@ class attention {
         }
   }
 
+  /// Caches the call's keys and values and encodes every chunk the call completes. Chunks are
+  /// work items: each stores its tokens and, when it lies wholly inside the call, is encoded
+  /// right away from the call's own queries while its keys and values are hot (a prefill
+  /// encodes all its chunks in one parallel pass). A chunk begun by an earlier call takes its
+  /// queries from the cache's open chunk. Either way the encoder sees the same rotated queries,
+  /// so the representations do not depend on how the sequence was split into calls.
   void append(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) noexcept {
     const int w = config_.chunk_size;
-    const std::ptrdiff_t d = config_.head_dim;
     const bool encodes = config_.method == attention_method::longheads;
-    for (std::ptrdiff_t t = 0; t < q.tokens(); ++t) {
-      const std::int64_t position = cache.tokens_ + t;
-      const std::int64_t chunk = position / w, offset = position % w;
-      for (int g = 0; g < config_.n_kv_heads; ++g) {
-        if (config_.kv_storage == kv_precision::bf16) {
-          float* rotated = lanes_[0].rotated_query.data();  // append runs before any lane works
-          rope_.rotate(k.at(t, g), rotated, offset);
-          to_bf16(rotated, cache.mutable_keys_bf16(chunk, g) + offset * d, d);
-          to_bf16(v.at(t, g), cache.mutable_values_bf16(chunk, g) + offset * d, d);
-        } else {
-          rope_.rotate(k.at(t, g), cache.mutable_keys(chunk, g) + offset * d, offset);
-          std::copy_n(v.at(t, g), d, cache.mutable_values(chunk, g) + offset * d);
-        }
-      }
-      if (!encodes) continue;
-      for (int h = 0; h < config_.n_q_heads; ++h) rope_.rotate(q.at(t, h), cache.open_query(offset, h), offset);
-      if (offset == w - 1) encode_chunk(cache, chunk);
+    const std::int64_t first = cache.tokens_, end = first + q.tokens();
+    const std::int64_t first_chunk = first / w, chunks_touched = (end - 1) / w - first_chunk + 1;
+    auto store_chunk = [&](std::size_t item, std::size_t lane) {
+      const std::int64_t chunk = first_chunk + static_cast<std::int64_t>(item);
+      const std::int64_t begin = std::max(first, chunk * w), stop = std::min(end, (chunk + 1) * w);
+      for (std::int64_t p = begin; p < stop; ++p) store_token(cache, k, v, p - first, p, lanes_[lane]);
+      if (encodes && begin == chunk * w && stop == (chunk + 1) * w)
+        for (int h = 0; h < config_.n_q_heads; ++h) encode_head_from_call(cache, q, begin - first, chunk, h, lanes_[lane]);
+    };
+    run_parallel(static_cast<std::size_t>(chunks_touched), store_chunk);
+    if (encodes) {
+      // Queries of chunks the call leaves unfinished, or finishes without having begun, wait in
+      // the open chunk; a chunk an earlier call began is encoded from there once full.
+      const std::int64_t carried_end = first % w == 0 ? first : std::min(end, (first_chunk + 1) * w);
+      for (std::int64_t p = first; p < carried_end; ++p) open_query_rows(cache, q, p - first, p);
+      if (carried_end % w == 0 && carried_end > first) encode_open_chunk(cache, first_chunk);
+      for (std::int64_t p = std::max(carried_end, end / w * w); p < end; ++p) open_query_rows(cache, q, p - first, p);
     }
-    cache.tokens_ += q.tokens();
+    cache.tokens_ = end;
   }
 
-  void encode_chunk(kv_cache& cache, std::int64_t chunk) noexcept {
+  /// Token t of the call, at sequence position p: its keys rotated at their chunk-local position.
+  void store_token(kv_cache& cache, tensor_view<const float> k, tensor_view<const float> v, std::int64_t t, std::int64_t p,
+                   lane_scratch& s) const noexcept {
+    const int w = config_.chunk_size;
+    const std::ptrdiff_t d = config_.head_dim;
+    const std::int64_t chunk = p / w, offset = p % w;
+    for (int g = 0; g < config_.n_kv_heads; ++g) {
+      if (config_.kv_storage == kv_precision::bf16) {
+        float* rotated = s.rotated_query.data();
+        rope_.rotate(k.at(t, g), rotated, offset);
+        to_bf16(rotated, cache.mutable_keys_bf16(chunk, g) + offset * d, d);
+        to_bf16(v.at(t, g), cache.mutable_values_bf16(chunk, g) + offset * d, d);
+      } else {
+        rope_.rotate(k.at(t, g), cache.mutable_keys(chunk, g) + offset * d, offset);
+        std::copy_n(v.at(t, g), d, cache.mutable_values(chunk, g) + offset * d);
+      }
+    }
+  }
+
+  void open_query_rows(kv_cache& cache, tensor_view<const float> q, std::int64_t t, std::int64_t p) const noexcept {
+    const std::int64_t offset = p % config_.chunk_size;
+    for (int h = 0; h < config_.n_q_heads; ++h) rope_.rotate(q.at(t, h), cache.open_query(offset, h), offset);
+  }
+
+  /// Encodes head h of a chunk whose w tokens start at token t0 of the call, rotating their
+  /// queries into the lane's scratch.
+  void encode_head_from_call(kv_cache& cache, tensor_view<const float> q, std::int64_t t0, std::int64_t chunk, int h,
+                             lane_scratch& s) noexcept {
+    const int w = config_.chunk_size;
+    const std::ptrdiff_t d = config_.head_dim;
+    for (int offset = 0; offset < w; ++offset) rope_.rotate(q.at(t0 + offset, h), s.chunk_queries.data() + offset * d, offset);
+    encode_head(cache, chunk, h, {s.chunk_queries.data(), w, d}, s);
+  }
+
+  /// Encodes every head of a chunk from the cache's open chunk of queries.
+  void encode_open_chunk(kv_cache& cache, std::int64_t chunk) noexcept {
+    auto encode = [&](std::size_t h, std::size_t lane) {
+      const auto head = static_cast<int>(h);
+      encode_head(cache, chunk, head, {cache.open_query(0, head), config_.chunk_size, config_.head_dim, config_.n_q_heads * config_.head_dim},
+                  lanes_[lane]);
+    };
+    run_parallel(static_cast<std::size_t>(config_.n_q_heads), encode);
+  }
+
+  void encode_head(kv_cache& cache, std::int64_t chunk, int h, matrix_view<const float> queries, lane_scratch& s) noexcept {
     const int w = config_.chunk_size;
     const std::ptrdiff_t d = config_.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    auto encode_head = [&](std::size_t h, std::size_t lane) {
-      const int g = static_cast<int>(h) / config_.group_size();
-      const auto [keys, values] = fp32_chunk(cache, cache.kv_offset(chunk, g), w, lanes_[lane]);
-      const chunk_inputs in{{cache.open_query(0, static_cast<int>(h)), w, d, config_.n_q_heads * d}, {keys, w, d}, {values, w, d}, scale};
-      policies_.encoder.encode(in, {cache.mutable_representation(chunk, static_cast<int>(h)), cache.shape().representation_floats},
-                               lanes_[lane].encoder);
-    };
-    run_parallel(static_cast<std::size_t>(config_.n_q_heads), encode_head);
+    const int g = h / config_.group_size();
+    const auto [keys, values] = fp32_chunk(cache, cache.kv_offset(chunk, g), w, s);
+    const chunk_inputs in{queries, {keys, w, d}, {values, w, d}, scale};
+    policies_.encoder.encode(in, {cache.mutable_representation(chunk, h), cache.shape().representation_floats}, s.encoder);
   }
 
   template <class F>
