@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Small xsimd loops shared by the kernels: dot product, y += a*x, y *= a. The shared operand
+// Small xsimd loops shared by the kernels: dot products (one row against many, or a block of
+// rows reduced together), y += a*x, y *= a. The shared operand
 // (a key or value row) may be fp32 or bf16; bf16 is widened in registers as it is loaded, so a
 // bf16 row costs half the memory traffic and the arithmetic sees exactly the floats that
 // from_bf16 would give.
@@ -81,6 +82,68 @@ inline float dot(const float* a, const float* b, std::ptrdiff_t n) noexcept {
   float out[1];
   dot_rows<1>(rows, b, n, out);
   return out[0];
+}
+
+/// Lane j = the sum of rows[j]'s lanes, for simd_width rows at once (a transposing reduction:
+/// about two shuffles and adds per row instead of a full reduction each). Lane j depends only on
+/// rows[j], summed in a fixed order. (xsimd 8.1's haddp permutes some lanes on AVX-512, so the
+/// x86 paths are spelled out; elsewhere each row is reduced with hadd.)
+template <class Batch = float_batch>
+inline Batch sum_rows(const Batch* rows) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>) {
+    auto pairs = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); };
+    auto quads = [&](const Batch* r) {  // per 128-bit block: [r0, r1, r2, r3], each a sum of that block
+      const __m512d lo = _mm512_castps_pd(pairs(r[0], r[1])), hi = _mm512_castps_pd(pairs(r[2], r[3]));
+      return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)), _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
+    };
+    const __m512 a = quads(rows), b = quads(rows + 4), c = quads(rows + 8), d = quads(rows + 12);
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+    return Batch(_mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (Batch::size == 8 && std::is_base_of_v<xsimd::avx, typename Batch::arch_type>) {
+    auto pairs = [](__m256 a, __m256 b) { return _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)); };
+    auto quads = [&](const Batch* r) {
+      const __m256d lo = _mm256_castps_pd(pairs(r[0], r[1])), hi = _mm256_castps_pd(pairs(r[2], r[3]));
+      return _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(lo, hi)), _mm256_castpd_ps(_mm256_unpackhi_pd(lo, hi)));
+    };
+    const __m256 a = quads(rows), b = quads(rows + 4);
+    return Batch(_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)));
+  }
+#endif
+  alignas(Batch::arch_type::alignment()) float sums[Batch::size];
+  for (std::size_t j = 0; j < Batch::size; ++j) sums[j] = xsimd::hadd(rows[j]);
+  return Batch::load_aligned(sums);
+}
+
+/// out[j] = q . k_j for the count <= simd_width rows k_j = k + j * n. One accumulator per row,
+/// q loaded once per vector for all rows, the rows reduced together by one transposing
+/// horizontal add (instead of one reduction per row), then the tail of n past the last whole
+/// vector added row by row. A row's result depends only on q and that row, never on count or
+/// on the other rows. Writes simd_width floats at out.
+template <kv_element K>
+inline void dot_block(const float* q, const K* k, std::ptrdiff_t count, std::ptrdiff_t n, float* out) noexcept {
+  const std::ptrdiff_t vectors = n - n % simd_width;
+  float_batch acc[simd_width];
+  for (auto& a : acc) a = float_batch(0.0f);
+  if (count == simd_width) {  // the common case, with the row loop fully unrolled
+    for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
+      const float_batch qi = float_batch::load_unaligned(q + i);
+      for (std::ptrdiff_t j = 0; j < simd_width; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * n + i), acc[j]);
+    }
+  } else {
+    for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
+      const float_batch qi = float_batch::load_unaligned(q + i);
+      for (std::ptrdiff_t j = 0; j < count; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * n + i), acc[j]);
+    }
+  }
+  sum_rows(acc).store_unaligned(out);
+  if (vectors == n) return;
+  for (std::ptrdiff_t j = 0; j < count; ++j)
+    for (std::ptrdiff_t i = vectors; i < n; ++i) out[j] = std::fma(q[i], to_float(k[j * n + i]), out[j]);
 }
 
 /// sum_i max(q_i lo_i, q_i hi_i), in a fixed order (the bound score of key_bounds).
