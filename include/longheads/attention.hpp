@@ -572,12 +572,8 @@ class attention {
         for (std::size_t begin = 0; begin < m;) {
           std::size_t end = begin + 1;
           while (end < m && s.round_lengths[end] == s.round_lengths[begin]) ++end;
-          if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*keys)>, bf16>)
-            policies_.kernel.consume_shared(keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
-                                            s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
-          else
-            consume_shared(policies_.kernel, keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
-                           s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
+          consume_shared(policies_.kernel, keys, values, s.round_lengths[begin], s.round_queries.data() + begin, end - begin, d, scale,
+                         s.round_states.data() + begin, s.round_outputs.data() + begin, s.kernel);
           begin = end;
         }
       };

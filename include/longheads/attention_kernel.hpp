@@ -59,18 +59,6 @@ void attend(const K& kernel, std::span<const kv_segment> segments, int head_dim,
   kernel.finish(state, out, head_dim);
 }
 
-/// Streams one segment of keys and values into n queries: in one pass with the kernel's
-/// consume_shared() where it has one, else query by query with consume().
-template <attention_kernel K>
-void consume_shared(const K& kernel, const float* keys, const float* values, std::int32_t length, const float* const* queries,
-                    std::size_t n, int head_dim, float scale, softmax_state* const* states, float* const* outs,
-                    std::span<float> scratch) noexcept {
-  if constexpr (requires { kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch); })
-    kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch);
-  else
-    for (std::size_t i = 0; i < n; ++i) kernel.consume({queries[i], keys, values, length}, head_dim, scale, *states[i], outs[i], scratch);
-}
-
 /// A kernel that also reads bf16 keys and values in place (consume_shared over bf16 rows,
 /// widening them in registers). The attention hands other kernels a bf16 chunk converted to
 /// fp32 in scratch, which costs a write and a re-read of twice the chunk's bytes.
@@ -81,8 +69,23 @@ concept bf16_reading_kernel = attention_kernel<K> && requires(const K& k, const 
   { k.consume_shared(rows, rows, length, queries, n, head_dim, scale, states, outs, scratch) } noexcept;
 };
 
-/// The default kernel: xsimd dot products and axpys, one pass over each segment's keys and
-/// values, shared by up to four queries (consume_shared).
+/// Streams one segment of keys and values into n queries: in one pass with the kernel's
+/// consume_shared() where it has one, else query by query with consume(). bf16 rows only go to
+/// a bf16_reading_kernel.
+template <attention_kernel K, detail::kv_element Element>
+  requires std::same_as<Element, float> || bf16_reading_kernel<K>
+void consume_shared(const K& kernel, const Element* keys, const Element* values, std::int32_t length, const float* const* queries,
+                    std::size_t n, int head_dim, float scale, softmax_state* const* states, float* const* outs,
+                    std::span<float> scratch) noexcept {
+  if constexpr (requires { kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch); })
+    kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch);
+  else
+    for (std::size_t i = 0; i < n; ++i) kernel.consume({queries[i], keys, values, length}, head_dim, scale, *states[i], outs[i], scratch);
+}
+
+/// The default kernel: xsimd logits a block of keys at a time and a register-blocked value
+/// pass, one pass over each segment's keys and values, shared by up to four queries
+/// (consume_shared).
 struct online_softmax_kernel {
   /// Floats of caller-owned scratch one call needs (policies never allocate): logits of up to
   /// four queries, each rounded up to whole batches, whose padding holds -inf so every
@@ -114,7 +117,7 @@ struct online_softmax_kernel {
   /// consume() for n queries reading the same keys and values (a kv group's heads, or
   /// neighbouring queries of a block), each with its own rotated query, state and output: every
   /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
-  /// consume()'s (dot_rows and accumulate_rows guarantee it), so the results are the same bits. Keys
+  /// consume()'s (dot_block and accumulate_rows guarantee it), so the results are the same bits. Keys
   /// and values may be bf16, read in place: the bits are then those of consume() over the
   /// rows converted with from_bf16.
   template <detail::kv_element Element>
@@ -142,11 +145,9 @@ struct online_softmax_kernel {
                     float scale, softmax_state* const* states, float* const* outs, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t d = head_dim;
     const std::ptrdiff_t width = padded(length);
-    const float* rows[R];
     float* logits[R];
     float* out[R];
     for (std::size_t r = 0; r < R; ++r) {
-      rows[r] = queries[r];
       logits[r] = scratch.data() + static_cast<std::ptrdiff_t>(r) * width;
       out[r] = outs[r];
     }
@@ -160,7 +161,7 @@ struct online_softmax_kernel {
         else if (j - length < length)
           detail::prefetch_row(values + (j - length) * d, d);
       }
-      for (std::size_t r = 0; r < R; ++r) detail::dot_block(rows[r], keys + j0 * d, std::min(key_block, length - j0), d, logits[r] + j0);
+      for (std::size_t r = 0; r < R; ++r) detail::dot_block(queries[r], keys + j0 * d, std::min(key_block, length - j0), d, logits[r] + j0);
     }
     // Max, exp and sum in whole batches: the padding holds -inf, whose exp adds 0.
     using detail::float_batch;

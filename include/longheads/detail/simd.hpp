@@ -52,27 +52,26 @@ inline float to_float(bf16 x) noexcept { return from_bf16(x); }
 /// out[r] = a[r] . b for R rows sharing b. Every row goes through exactly the sequence of
 /// operations of dot(a[r], b, n), so results do not depend on R: callers rely on that for
 /// split-invariant scores (matmul.hpp).
-/// b may be a bf16 row: the result is then the bits of dot_rows over from_bf16(b).
-template <std::size_t R, kv_element B>
-inline void dot_rows(const float* const (&a)[R], const B* b, std::ptrdiff_t n, float (&out)[R]) noexcept {
+template <std::size_t R>
+inline void dot_rows(const float* const (&a)[R], const float* b, std::ptrdiff_t n, float (&out)[R]) noexcept {
   // Two accumulators per row hide the FMA latency; more buys nothing at head_dim <= 256.
   float_batch acc0[R], acc1[R];
   for (std::size_t r = 0; r < R; ++r) acc0[r] = acc1[r] = float_batch(0.0f);
   std::ptrdiff_t i = 0;
   for (; i + 2 * simd_width <= n; i += 2 * simd_width) {
-    const float_batch b0 = load_floats(b + i), b1 = load_floats(b + i + simd_width);
+    const float_batch b0 = float_batch::load_unaligned(b + i), b1 = float_batch::load_unaligned(b + i + simd_width);
     for (std::size_t r = 0; r < R; ++r) {
       acc0[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i), b0, acc0[r]);
       acc1[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i + simd_width), b1, acc1[r]);
     }
   }
   for (; i + simd_width <= n; i += simd_width) {
-    const float_batch b0 = load_floats(b + i);
+    const float_batch b0 = float_batch::load_unaligned(b + i);
     for (std::size_t r = 0; r < R; ++r) acc0[r] = xsimd::fma(float_batch::load_unaligned(a[r] + i), b0, acc0[r]);
   }
   for (std::size_t r = 0; r < R; ++r) {
     float sum = xsimd::hadd(acc0[r] + acc1[r]);
-    for (std::ptrdiff_t j = i; j < n; ++j) sum = std::fma(a[r][j], to_float(b[j]), sum);
+    for (std::ptrdiff_t j = i; j < n; ++j) sum = std::fma(a[r][j], b[j], sum);
     out[r] = sum;
   }
 }
