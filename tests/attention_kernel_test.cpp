@@ -11,8 +11,9 @@ TEST_CASE_TEMPLATE("attention kernels equal a naive softmax over all segments", 
   static_assert(attention_kernel<Kernel>);
   const Kernel kernel{};
   std::uint32_t seed = 1;
-  // Head dims and segment lengths around the SIMD width (8 or 16 floats) and beyond.
-  for (int d : {2, 6, 8, 14, 16, 18, 32, 64, 130})
+  // Head dims and segment lengths around the SIMD width (8 or 16 floats) and beyond; 64 and 128
+  // take dot_block's compile-time-length path.
+  for (int d : {2, 6, 8, 14, 16, 18, 32, 64, 128, 130})
     for (const std::vector<int>& lengths : std::vector<std::vector<int>>{{1}, {7}, {1, 1, 1}, {16, 3}, {17, 33, 5}, {64, 64, 1}}) {
       CAPTURE(d);
       int total = 0;
@@ -51,7 +52,7 @@ TEST_CASE_TEMPLATE("attention kernels equal a naive softmax over all segments", 
 TEST_CASE("consume_shared streams one segment into several queries with the bits of consume") {
   const online_softmax_kernel kernel{};
   std::uint32_t seed = 100;
-  for (int d : {6, 16, 18, 64, 130})
+  for (int d : {6, 16, 18, 64, 128, 130})
     for (int length : {1, 7, 16, 33})
       for (std::size_t n : {1u, 2u, 3u, 4u, 5u, 7u, 9u}) {
         CAPTURE(d);
@@ -93,7 +94,7 @@ TEST_CASE("the kernel reads bf16 rows in place with the bits of reading them con
   const online_softmax_kernel kernel{};
   std::uint32_t seed = 300;
   // Head dims around the vector width exercise the widening load and the scalar tail.
-  for (int d : {6, 16, 18, 32, 64, 130})
+  for (int d : {6, 16, 18, 32, 64, 128, 130})
     for (int length : {1, 7, 16, 33})
       for (std::size_t n : {1u, 2u, 3u, 4u, 5u}) {
         CAPTURE(d);

@@ -250,7 +250,8 @@ class attention {
       rope_.tabulate(std::min(max_sequence_tokens, std::max<std::int64_t>(context, rope_.tabulated_positions() * 3 / 2)));
     for (lane_scratch& s : lanes_) {
       if (selects) {
-        grow(s.scores, static_cast<std::size_t>(config_.group_size()) * block * chunks);
+        // a prefill block's group, or a decode item's groups (at most a tile of heads)
+        grow(s.scores, std::max(static_cast<std::size_t>(config_.group_size()) * block, max_tile_queries()) * chunks);
         grow(s.scorer, policies_.scorer.scratch_floats(config_, static_cast<std::ptrdiff_t>(block)));
         grow(s.encoder, policies_.encoder.scratch_floats(config_));
         grow(s.candidates, chunks);
@@ -446,7 +447,7 @@ class attention {
     policies_.executor.parallel_for(n, index_task(f));
   }
 
-  /// Work is split into items (kv group, part of its heads, query block); items never share
+  /// Work is split into items (kv groups, part of their heads, query block); items never share
   /// results, and each query's arithmetic is the same whatever item holds it, so the output is
   /// bit-identical for any thread count and any split of the sequence into calls.
   void attend(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections) noexcept {
@@ -463,66 +464,93 @@ class attention {
                           ? 1
                           : static_cast<int>(std::min<std::int64_t>(group, (lanes + items_per_part - 1) / items_per_part));
     const int heads_per_part = (group + parts - 1) / parts;
+    // A decode item takes several kv groups (as many as fill a tile, while every lane still gets
+    // one): the cache is chunk-major, so walking their chunks in address order reads the kv heads
+    // of each chunk side by side instead of jumping a whole row of heads per chunk.
+    const int span = q.tokens() == 1 && parts == 1
+                         ? static_cast<int>(std::clamp<std::int64_t>(std::min<std::int64_t>(static_cast<std::int64_t>(max_tile_queries()) / group,
+                                                                                             config_.n_kv_heads / lanes),
+                                                                     1, config_.n_kv_heads))
+                         : 1;
+    const int spans = (config_.n_kv_heads + span - 1) / span;
     auto work = [&](std::size_t item, std::size_t lane) {
       const auto index = static_cast<std::int64_t>(item);
       const std::int64_t b = index % blocks, part = index / blocks % parts, g = index / blocks / parts;
-      const int head_begin = static_cast<int>(g) * group + static_cast<int>(part) * heads_per_part;
-      const int head_end = std::min(static_cast<int>(g + 1) * group, head_begin + heads_per_part);
-      if (head_begin >= head_end) return;
+      const heads_of_item heads{static_cast<int>(g) * span, std::min(config_.n_kv_heads, static_cast<int>(g + 1) * span),
+                                static_cast<int>(part) * heads_per_part, std::min(group, static_cast<int>(part + 1) * heads_per_part)};
+      if (heads.first_in_group >= heads.end_in_group) return;
       const std::int64_t t0 = b * block;
-      attend_item(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), static_cast<int>(g), head_begin, head_end,
-                  shared, lanes_[lane]);
+      attend_item(cache, q, out, selections, first, t0, std::min(block, q.tokens() - t0), heads, shared, lanes_[lane]);
     };
-    run_parallel(static_cast<std::size_t>(config_.n_kv_heads * parts * blocks), work);
+    run_parallel(static_cast<std::size_t>(spans * parts * blocks), work);
   }
 
-  /// Queries [t0, t0 + count) of heads [head_begin, head_end), all of kv group g.
+  /// The query heads of one work item: heads [first_in_group, end_in_group) of each of the kv
+  /// groups [group_begin, group_end).
+  struct heads_of_item {
+    int group_begin, group_end, first_in_group, end_in_group;
+    int per_group() const noexcept { return end_in_group - first_in_group; }
+    int count() const noexcept { return (group_end - group_begin) * per_group(); }
+  };
+
+  /// Queries [t0, t0 + count) of the item's heads.
   void attend_item(kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
-                   std::int64_t first, std::int64_t t0, std::int64_t count, int g, int head_begin, int head_end, bool shared,
+                   std::int64_t first, std::int64_t t0, std::int64_t count, const heads_of_item& heads, bool shared,
                    lane_scratch& s) noexcept {
     const int w = config_.chunk_size;
-    const int heads = head_end - head_begin;
+    const int group = config_.group_size();
     const std::int64_t last_query_chunk = (first + t0 + count - 1) / w;
     // Score only when some query of the block has more context than the budget.
     const std::int64_t scored_chunks =
         config_.method == attention_method::longheads && last_query_chunk + 1 > config_.budget_chunks ? last_query_chunk : 0;
+    // Scores of the item's i-th head (or, shared, of its i-th group) start at i * stride.
     const std::ptrdiff_t stride = count * scored_chunks;
     if (scored_chunks > 0) {
-      float* target = shared ? s.group_scores.data() : s.scores.data();
-      for (int h = head_begin; h < head_end; ++h) {
-        const scoring_inputs in{q.head(h).slice_rows(t0, count), first + t0,
-                                cache.representations(h).first_rows(scored_chunks), &rope_, w};
-        policies_.scorer.score(in, {target + (h - head_begin) * stride, count, scored_chunks}, s.scorer);
+      for (int g = heads.group_begin; g < heads.group_end; ++g) {
+        float* target = shared ? s.group_scores.data() : s.scores.data() + (g - heads.group_begin) * heads.per_group() * stride;
+        for (int i = 0; i < heads.per_group(); ++i) {
+          const int h = g * group + heads.first_in_group + i;
+          const scoring_inputs in{q.head(h).slice_rows(t0, count), first + t0,
+                                  cache.representations(h).first_rows(scored_chunks), &rope_, w};
+          policies_.scorer.score(in, {target + i * stride, count, scored_chunks}, s.scorer);
+        }
+        if (shared)
+          for (std::ptrdiff_t e = 0; e < stride; ++e)
+            s.scores[static_cast<std::size_t>((g - heads.group_begin) * stride + e)] =
+                policies_.group_selection.combine(s.group_scores.data() + e, stride, heads.per_group());
       }
-      if (shared)
-        for (std::ptrdiff_t e = 0; e < stride; ++e)
-          s.scores[static_cast<std::size_t>(e)] = policies_.group_selection.combine(s.group_scores.data() + e, stride, heads);
     }
     const std::size_t max_plan = s.plan.size() / max_tile_queries();
-    const std::int64_t tile_rows = std::max<std::int64_t>(1, static_cast<std::int64_t>(max_tile_queries()) / heads);
+    const std::int64_t tile_rows = std::max<std::int64_t>(1, static_cast<std::int64_t>(max_tile_queries()) / heads.count());
     for (std::int64_t r0 = 0; r0 < count; r0 += tile_rows) {
       std::size_t n_queries = 0;
       for (std::int64_t r = r0; r < std::min(count, r0 + tile_rows); ++r) {
         const std::int64_t t = t0 + r, p = first + t;
-        std::int64_t query_position = 0;
-        std::size_t shared_count = 0;
-        if (shared) shared_count = select_chunks(p, {s.scores.data() + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s, query_position);
-        for (int h = head_begin; h < head_end; ++h, ++n_queries) {
-          planned_segment* plan = s.plan.data() + n_queries * max_plan;
-          std::size_t n = 0;
-          if (shared) {
-            n = plan_selected(cache, p, g, shared_count, query_position, s, plan);
-          } else {
-            const float* row = s.scores.data() + (h - head_begin) * stride + r * scored_chunks;
-            n = plan_query(cache, p, g, {row, static_cast<std::size_t>(scored_chunks)}, s, plan);
+        for (int g = heads.group_begin; g < heads.group_end; ++g) {
+          std::int64_t query_position = 0;
+          std::size_t shared_count = 0;
+          if (shared)
+            shared_count = select_chunks(
+                p, {s.scores.data() + (g - heads.group_begin) * stride + r * scored_chunks, static_cast<std::size_t>(scored_chunks)}, s,
+                query_position);
+          for (int i = 0; i < heads.per_group(); ++i, ++n_queries) {
+            const int h = g * group + heads.first_in_group + i;
+            planned_segment* plan = s.plan.data() + n_queries * max_plan;
+            std::size_t n = 0;
+            if (shared) {
+              n = plan_selected(cache, p, g, shared_count, query_position, s, plan);
+            } else {
+              const float* row = s.scores.data() + ((g - heads.group_begin) * heads.per_group() + i) * stride + r * scored_chunks;
+              n = plan_query(cache, p, g, {row, static_cast<std::size_t>(scored_chunks)}, s, plan);
+            }
+            if (config_.method == attention_method::longheads)
+              record_selection(cache, selections, t, q.tokens(), h, s, n);
+            else if (t == q.tokens() - 1)
+              record_chunks(cache, h, {plan, n});
+            s.plan_counts[n_queries] = n;
+            s.tile_queries[n_queries] = q.at(t, h);
+            s.tile_outputs[n_queries] = out.at(t, h);
           }
-          if (config_.method == attention_method::longheads)
-            record_selection(cache, selections, t, q.tokens(), h, s, n);
-          else if (t == q.tokens() - 1)
-            record_chunks(cache, h, {plan, n});
-          s.plan_counts[n_queries] = n;
-          s.tile_queries[n_queries] = q.at(t, h);
-          s.tile_outputs[n_queries] = out.at(t, h);
         }
       }
       run_plans(cache, n_queries, max_plan, s);
