@@ -118,18 +118,6 @@ inline Batch sum_rows(const Batch* rows) noexcept {
   return Batch::load_aligned(sums);
 }
 
-/// dot_block's accumulators for a whole block of simd_width rows of a length N known at compile
-/// time: every key address is then a constant offset from k (with a runtime length the compiler
-/// keeps a pointer per row, spills them, and reloads one per FMA).
-template <std::ptrdiff_t N, kv_element K>
-inline void dot_full_block(const float* q, const K* k, float_batch (&acc)[simd_width]) noexcept {
-  static_assert(N % simd_width == 0);
-  for (std::ptrdiff_t i = 0; i < N; i += simd_width) {
-    const float_batch qi = float_batch::load_unaligned(q + i);
-    for (std::ptrdiff_t j = 0; j < simd_width; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * N + i), acc[j]);
-  }
-}
-
 /// out[j] = q . k_j for the count <= simd_width rows k_j = k + j * n. One accumulator per row,
 /// q loaded once per vector for all rows, the rows reduced together by one transposing
 /// horizontal add (instead of one reduction per row), then the tail of n past the last whole
@@ -140,15 +128,22 @@ inline void dot_block(const float* q, const K* k, std::ptrdiff_t count, std::ptr
   const std::ptrdiff_t vectors = n - n % simd_width;
   float_batch acc[simd_width];
   for (auto& a : acc) a = float_batch(0.0f);
-  if (count == simd_width && n == 128) {  // the common cases: every accumulator's FMAs in the same order
-    dot_full_block<128>(q, k, acc);
-  } else if (count == simd_width && n == 64) {
-    dot_full_block<64>(q, k, acc);
-  } else if (count == simd_width) {  // the row loop fully unrolled
-    for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
+  // A whole block unrolls its row loop, and for the common head dims the row length is a
+  // compile-time constant too, so every key address is a constant offset from k (with a runtime
+  // length GCC keeps a pointer per row, spills them and reloads one per FMA). Every accumulator
+  // sees the same FMAs in the same order whichever branch runs.
+  auto whole_block = [&](auto length) {
+    for (std::ptrdiff_t i = 0; i + simd_width <= length; i += simd_width) {
       const float_batch qi = float_batch::load_unaligned(q + i);
-      for (std::ptrdiff_t j = 0; j < simd_width; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * n + i), acc[j]);
+      for (std::ptrdiff_t j = 0; j < simd_width; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * length + i), acc[j]);
     }
+  };
+  if (count == simd_width && n == 128) {
+    whole_block(std::integral_constant<std::ptrdiff_t, 128>{});
+  } else if (count == simd_width && n == 64) {
+    whole_block(std::integral_constant<std::ptrdiff_t, 64>{});
+  } else if (count == simd_width) {
+    whole_block(n);
   } else {
     for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
       const float_batch qi = float_batch::load_unaligned(q + i);
