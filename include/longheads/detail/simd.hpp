@@ -89,17 +89,26 @@ inline float dot(const float* a, const float* b, std::ptrdiff_t n) noexcept {
 /// x86 paths are spelled out; elsewhere each row is reduced with hadd.)
 template <class Batch = float_batch>
 inline Batch sum_rows(const Batch* rows) noexcept {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__GNUC__)
+  // Vector shuffles rather than the _mm512 intrinsics, which pass _mm512_undefined_ps() and so
+  // make GCC 12 warn -Wuninitialized in every file that inlines this (GCC bug 105593).
   if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>) {
-    auto pairs = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); };
-    auto quads = [&](const Batch* r) {  // per 128-bit block: [r0, r1, r2, r3], each a sum of that block
-      const __m512d lo = _mm512_castps_pd(pairs(r[0], r[1])), hi = _mm512_castps_pd(pairs(r[2], r[3]));
-      return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)), _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
+    auto pairs = [](__m512 a, __m512 b) -> __m512 {  // per 64-bit pair: [a, b], each a sum of that pair
+      return __builtin_shufflevector(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
+             __builtin_shufflevector(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+    };
+    auto quads = [&](const Batch* r) -> __m512 {  // per 128-bit block: [r0, r1, r2, r3], each a sum of that block
+      const __m512 lo = pairs(r[0], r[1]), hi = pairs(r[2], r[3]);
+      return __builtin_shufflevector(lo, hi, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+             __builtin_shufflevector(lo, hi, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
     };
     const __m512 a = quads(rows), b = quads(rows + 4), c = quads(rows + 8), d = quads(rows + 12);
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
-    return Batch(_mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1))));
+    const __m512 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const __m512 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    return Batch(__m512(__builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                        __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)));
   }
 #endif
 #if defined(__AVX__)
@@ -118,42 +127,47 @@ inline Batch sum_rows(const Batch* rows) noexcept {
   return Batch::load_aligned(sums);
 }
 
-/// out[j] = q . k_j for the count <= simd_width rows k_j = k + j * n. One accumulator per row,
-/// q loaded once per vector for all rows, the rows reduced together by one transposing
-/// horizontal add (instead of one reduction per row), then the tail of n past the last whole
-/// vector added row by row. A row's result depends only on q and that row, never on count or
-/// on the other rows. Writes simd_width floats at out.
-template <kv_element K>
-inline void dot_block(const float* q, const K* k, std::ptrdiff_t count, std::ptrdiff_t n, float* out) noexcept {
+/// out[r][j] = q[r] . k_j for R queries and the count <= simd_width rows k_j = k + j * n. The
+/// rows are read one after another, each in address order and once for all R queries: from
+/// memory that is one sequential stream, the hardware prefetcher's best case (walking the block
+/// column by column touches 16 lines at once, each for one load, and streamed at 40% of the
+/// rate). Each query keeps one accumulator per row; a query's rows are reduced together by one
+/// transposing horizontal add (instead of one reduction per row), then the tail of n past the
+/// last whole vector is added row by row. A result depends only on its query and its row, never
+/// on R, count or the other rows. Writes simd_width floats at each out[r].
+template <std::size_t R, kv_element K>
+inline void dot_block(const float* const (&q)[R], const K* k, std::ptrdiff_t count, std::ptrdiff_t n, float* const (&out)[R]) noexcept {
   const std::ptrdiff_t vectors = n - n % simd_width;
-  float_batch acc[simd_width];
-  for (auto& a : acc) a = float_batch(0.0f);
-  // A whole block unrolls its row loop, and for the common head dims the row length is a
-  // compile-time constant too, so every key address is a constant offset from k (with a runtime
-  // length GCC keeps a pointer per row, spills them and reloads one per FMA). Every accumulator
-  // sees the same FMAs in the same order whichever branch runs.
-  auto whole_block = [&](auto length) {
-    for (std::ptrdiff_t i = 0; i + simd_width <= length; i += simd_width) {
-      const float_batch qi = float_batch::load_unaligned(q + i);
-      for (std::ptrdiff_t j = 0; j < simd_width; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * length + i), acc[j]);
+  float_batch acc[R][simd_width];
+  // For a whole block of the common head dims the row count and length are compile-time
+  // constants: the loops unroll and every key address is a constant offset from k.
+  auto rows = [&](auto row_count, auto length) {
+    for (std::ptrdiff_t j = 0; j < row_count; ++j) {
+      float_batch row[R];
+      for (auto& a : row) a = float_batch(0.0f);
+      for (std::ptrdiff_t i = 0; i + simd_width <= length; i += simd_width) {
+        const float_batch key = load_floats(k + j * length + i);
+        for (std::size_t r = 0; r < R; ++r) row[r] = xsimd::fma(float_batch::load_unaligned(q[r] + i), key, row[r]);
+      }
+      for (std::size_t r = 0; r < R; ++r) acc[r][j] = row[r];
     }
   };
+  using whole = std::integral_constant<std::ptrdiff_t, simd_width>;
   if (count == simd_width && n == 128) {
-    whole_block(std::integral_constant<std::ptrdiff_t, 128>{});
+    rows(whole{}, std::integral_constant<std::ptrdiff_t, 128>{});
   } else if (count == simd_width && n == 64) {
-    whole_block(std::integral_constant<std::ptrdiff_t, 64>{});
-  } else if (count == simd_width) {
-    whole_block(n);
+    rows(whole{}, std::integral_constant<std::ptrdiff_t, 64>{});
   } else {
-    for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
-      const float_batch qi = float_batch::load_unaligned(q + i);
-      for (std::ptrdiff_t j = 0; j < count; ++j) acc[j] = xsimd::fma(qi, load_floats(k + j * n + i), acc[j]);
-    }
+    rows(count, n);
+    for (std::size_t r = 0; r < R; ++r)
+      for (std::ptrdiff_t j = count; j < simd_width; ++j) acc[r][j] = float_batch(0.0f);
   }
-  sum_rows(acc).store_unaligned(out);
-  if (vectors == n) return;
-  for (std::ptrdiff_t j = 0; j < count; ++j)
-    for (std::ptrdiff_t i = vectors; i < n; ++i) out[j] = std::fma(q[i], to_float(k[j * n + i]), out[j]);
+  for (std::size_t r = 0; r < R; ++r) {
+    sum_rows(acc[r]).store_unaligned(out[r]);
+    if (vectors == n) continue;
+    for (std::ptrdiff_t j = 0; j < count; ++j)
+      for (std::ptrdiff_t i = vectors; i < n; ++i) out[r][j] = std::fma(q[r][i], to_float(k[j * n + i]), out[r][j]);
+  }
 }
 
 /// sum_i max(q_i lo_i, q_i hi_i), in a fixed order (the bound score of key_bounds).
@@ -213,6 +227,25 @@ inline void accumulate_rows(const float* const (&alpha)[R], const X* x, std::ptr
   // spills), narrowing only for what is left: a narrow block makes each accumulator a long
   // dependent chain of FMAs.
   const std::ptrdiff_t vectors = n - n % simd_width;
+  if constexpr (R >= 2 && R % 2 == 0) {
+    // When R rows' accumulators for a whole row do not fit, two passes of R/2 read each row
+    // whole and in order (the second from L1) instead of one pass walking the rows column
+    // block by column block, which from memory streams at two thirds of the rate.
+    if (vectors / simd_width * static_cast<std::ptrdiff_t>(R) > 16) {
+      constexpr std::size_t H = R / 2;
+      const float* alpha_lo[H];
+      const float* alpha_hi[H];
+      float* y_lo[H];
+      float* y_hi[H];
+      std::copy(alpha, alpha + H, alpha_lo);
+      std::copy(alpha + H, alpha + R, alpha_hi);
+      std::copy(y, y + H, y_lo);
+      std::copy(y + H, y + R, y_hi);
+      accumulate_rows<H>(alpha_lo, x, rows, y_lo, n);
+      accumulate_rows<H>(alpha_hi, x, rows, y_hi, n);
+      return;
+    }
+  }
   std::ptrdiff_t i = 0;
   auto blocks_of = [&]<std::size_t B>(std::integral_constant<std::size_t, B>) {
     if constexpr (B * R <= 16)
@@ -227,18 +260,6 @@ inline void accumulate_rows(const float* const (&alpha)[R], const X* x, std::ptr
   for (std::ptrdiff_t j = 0; j < rows; ++j)
     for (std::ptrdiff_t k = vectors; k < n; ++k)
       for (std::size_t r = 0; r < R; ++r) y[r][k] += alpha[r][j] * to_float(x[j * n + k]);
-}
-
-/// Hints that the n elements at p will be read soon (a hint only: p may be past the data).
-template <kv_element T>
-inline void prefetch_row(const T* p, std::ptrdiff_t n) noexcept {
-#if defined(__GNUC__)
-  constexpr std::ptrdiff_t per_line = 64 / sizeof(T);
-  for (std::ptrdiff_t i = 0; i < n; i += per_line) __builtin_prefetch(p + i);
-#else
-  (void)p;
-  (void)n;
-#endif
 }
 
 /// y *= alpha
