@@ -4,6 +4,7 @@
 #include "test_support.hpp"
 
 #include <map>
+#include <memory_resource>
 #include <numeric>
 #include <thread>
 
@@ -490,6 +491,65 @@ TEST_CASE("ingest builds the cache prefill would, without outputs, and validates
   bad[5] = std::numeric_limits<float>::quiet_NaN();
   CHECK_THROWS_AS(a.ingest(by_ingest, seq.qv(0, 1), {bad.data(), 1, 2, d}, seq.vv(0, 1)), value_error);
   CHECK(by_ingest == before);
+}
+
+namespace {
+/// Counts the bytes a cache holds from it.
+class counting_resource final : public std::pmr::memory_resource {
+ public:
+  std::size_t live_bytes = 0, allocations = 0;
+
+ private:
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override {
+    live_bytes += bytes;
+    ++allocations;
+    return std::pmr::new_delete_resource()->allocate(bytes, alignment);
+  }
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
+    live_bytes -= bytes;
+    std::pmr::new_delete_resource()->deallocate(p, bytes, alignment);
+  }
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
+};
+}  // namespace
+
+TEST_CASE("a cache's buffers come from the memory resource it is given, with the same results") {
+  const int w = 8, budget = 4, d = 16, hq = 4, hkv = 2;
+  counting_resource memory;
+  for (attention_method method : {attention_method::longheads, attention_method::dense}) {
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+      const std::string case_name = to_string(method) + std::string(" ") + to_string(storage);
+      CAPTURE(case_name);
+      attention_config config = test::make_config(hq, hkv, d, w, budget, method);
+      config.kv_storage = storage;
+      attention<> a(config, rope(d));
+      const test::sequence seq(200, hq, hkv, d, 1700);
+      auto own = a.make_cache(40, &memory);
+      auto plain = a.make_cache(40);
+      CHECK(own.memory() == &memory);
+      CHECK(plain.memory() == std::pmr::get_default_resource());
+      CHECK(memory.live_bytes > 0);
+      // Every buffer the cache counts in bytes() is the resource's, growth included.
+      std::vector<float> out_own(static_cast<std::size_t>(200) * hq * d), out_plain(out_own.size());
+      for (int first = 0; first < 200; first += 50) {
+        a.prefill(own, seq.qv(first, 50), seq.kv(first, 50), seq.vv(first, 50), {out_own.data() + first * hq * d, 50, hq, d});
+        a.prefill(plain, seq.qv(first, 50), seq.kv(first, 50), seq.vv(first, 50), {out_plain.data() + first * hq * d, 50, hq, d});
+        REQUIRE(memory.live_bytes <= own.bytes());
+        CHECK(own.bytes() - memory.live_bytes < own.bytes() / 8);  // only the selection bookkeeping is elsewhere
+      }
+      CHECK(out_own == out_plain);
+      CHECK(own == plain);
+      // std::pmr's rules: a copy allocates from the default resource, a move keeps the source's.
+      const auto copy = own;
+      CHECK(copy.memory() == std::pmr::get_default_resource());
+      CHECK(copy == own);
+      auto moved = std::move(own);
+      CHECK(moved.memory() == &memory);
+    }
+  }
+  CHECK(memory.live_bytes == 0);  // every cache gave its blocks back
+  CHECK_THROWS_WITH_AS(attention<>(test::make_config(hq, hkv, d, w, budget), rope(d)).make_cache(0, nullptr),
+                       doctest::Contains("memory resource is null"), config_error);
 }
 
 TEST_CASE("a cache holding non-finite values equals its copy (fuzzer finding)") {

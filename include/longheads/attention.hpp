@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <memory_resource>
 #include <span>
 #include <string>
 #include <utility>
@@ -125,8 +126,9 @@ class attention {
 
   /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with
   /// reserve() for the scratch, calls up to that length never allocate (tests/allocation_test).
-  kv_cache make_cache(std::int64_t reserve_tokens = 0) const {
-    kv_cache cache(shape());
+  /// Its buffers come from `memory` (see kv_cache), which must outlive it.
+  kv_cache make_cache(std::int64_t reserve_tokens = 0, std::pmr::memory_resource* memory = std::pmr::get_default_resource()) const {
+    kv_cache cache(shape(), memory);
     cache.reserve(reserve_tokens);
     cache.reserve_selections(static_cast<std::size_t>(max_segments(reserve_tokens)));  // dense records every chunk
     return cache;

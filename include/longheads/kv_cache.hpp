@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory_resource>
 #include <span>
 #include <string>
 #include <vector>
@@ -50,10 +51,24 @@ inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int
 /// One sequence of one layer: keys rotated once at their local positions, values, the open
 /// chunk's queries and one representation per full chunk and query head, stored by chunk.
 /// Made by attention::make_cache(); copyable; equal (==) when every stored bit is.
+///
+/// Its buffers (keys, values, representations, open queries) come from a
+/// std::pmr::memory_resource, so an engine can put them on huge pages, NUMA-local or pinned
+/// memory; the resource must outlive the cache. Each buffer keeps the resource it was made
+/// with, as std::pmr containers do: a copy-constructed cache allocates from the default
+/// resource, a move-constructed one from the source's, and assignment keeps the target's.
 class kv_cache {
  public:
-  /// An empty cache. @throws shape_error if a dimension is not positive.
-  explicit kv_cache(const cache_shape& shape) : shape_(shape) {
+  /// An empty cache whose buffers come from `memory`.
+  /// @throws shape_error if a dimension is not positive; config_error if memory is null.
+  explicit kv_cache(const cache_shape& shape, std::pmr::memory_resource* memory = std::pmr::get_default_resource())
+      : shape_(shape),
+        keys_(checked(memory)),
+        values_(memory),
+        representations_(memory),
+        open_queries_(memory),
+        keys16_(memory),
+        values16_(memory) {
     if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0)
       detail::fail<shape_error>("kv_cache: every dimension must be > 0, got " + to_string(shape));
     open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
@@ -63,6 +78,8 @@ class kv_cache {
 
   /// The shape given at construction.
   const cache_shape& shape() const noexcept { return shape_; }
+  /// Where the buffers come from.
+  std::pmr::memory_resource* memory() const noexcept { return keys_.get_allocator().resource(); }
   /// Tokens in the sequence so far.
   std::int64_t tokens() const noexcept { return tokens_; }
   /// Chunks whose w tokens have all arrived (and are encoded).
@@ -186,8 +203,11 @@ class kv_cache {
     const std::size_t kv_floats = static_cast<std::size_t>(chunks) * kv_floats_per_chunk();
     const std::size_t rep_floats = static_cast<std::size_t>(chunks) * representation_floats_per_chunk();
     const bool compact = shape_.precision == kv_precision::bf16;
-    std::vector<float> keys(compact ? 0 : kv_floats), values(compact ? 0 : kv_floats), reps(rep_floats);
-    std::vector<bf16> keys16(compact ? kv_floats : 0), values16(compact ? kv_floats : 0);
+    // From the buffers' own resources (a copy's may differ from the constructor's), so the
+    // swaps below exchange storage of equal allocators.
+    std::pmr::vector<float> keys(compact ? 0 : kv_floats, keys_.get_allocator()), values(compact ? 0 : kv_floats, values_.get_allocator());
+    std::pmr::vector<float> reps(rep_floats, representations_.get_allocator());
+    std::pmr::vector<bf16> keys16(compact ? kv_floats : 0, keys16_.get_allocator()), values16(compact ? kv_floats : 0, values16_.get_allocator());
     const auto used = static_cast<std::size_t>((tokens_ + shape_.chunk_size - 1) / shape_.chunk_size) * kv_floats_per_chunk();
     if (compact) {
       std::copy_n(keys16_.begin(), used, keys16.begin());
@@ -208,8 +228,13 @@ class kv_cache {
   cache_shape shape_;
   std::int64_t tokens_ = 0;
   std::int64_t capacity_chunks_ = 0;
-  std::vector<float> keys_, values_, representations_, open_queries_;
-  std::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
+  static std::pmr::memory_resource* checked(std::pmr::memory_resource* memory) {
+    if (memory == nullptr) detail::fail<config_error>("kv_cache: the memory resource is null");
+    return memory;
+  }
+
+  std::pmr::vector<float> keys_, values_, representations_, open_queries_;
+  std::pmr::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
   std::vector<std::int32_t> selections_, selection_counts_;
   std::size_t selection_stride_ = 0;
 };
