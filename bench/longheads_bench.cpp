@@ -5,6 +5,7 @@
 //
 //   longheads_bench                       # the full suite (minutes; needs ~12 GB for 128k caches)
 //   longheads_bench --smoke               # tiny sizes, one repetition: the ctest entry
+//   longheads_bench --small-pages         # caches and probe buffers on 4 KB pages (default: huge pages)
 //   longheads_bench --benchmark_filter=decode --benchmark_format=json
 //
 // Names: <phase>/<method>/<shape>/<context>/threads:<n>, e.g. decode/longheads/llama3_8b/131072/threads:2.
@@ -12,11 +13,14 @@
 
 #include <longheads/longheads.hpp>
 
+#include "huge_pages.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory_resource>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -41,6 +45,14 @@ constexpr model_shape llama3_8b{"llama3_8b", 32, 8, 128};
 constexpr model_shape prefill_shape{"h8_kv8_d128", 8, 8, 128};
 
 bool smoke = false;  // --smoke: tiny sizes so the executable cannot rot (ctest runs it)
+bool small_pages = false;  // --small-pages: caches and probe buffers from new/delete, on 4 KB pages
+
+/// Where caches and probe buffers live: the same memory for both, so the probes measure what
+/// the kernels read from.
+std::pmr::memory_resource* bench_memory() {
+  static bench::huge_page_resource huge_pages;
+  return small_pages ? std::pmr::new_delete_resource() : &huge_pages;
+}
 
 struct threaded : paper_policies {
   using executor = thread_pool_executor;
@@ -86,7 +98,7 @@ kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64
   auto& slot = caches[key{s.name, context, static_cast<int>(method), static_cast<int>(storage)}];
   if (slot) return *slot;
   attention<threaded> a(config_for(s, method, 256, 16, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
-  slot = std::make_unique<kv_cache>(a.make_cache(context + (1 << 15)));  // room for the timed decode steps
+  slot = std::make_unique<kv_cache>(a.make_cache(context + (1 << 15), bench_memory()));  // room for the timed decode steps
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
     const std::int64_t n = std::min(block, context - first);
@@ -189,7 +201,7 @@ void prefill(benchmark::State& state, model_shape s, attention_method method, st
   a.reserve(tokens, tokens);
   for (auto _ : state) {
     state.PauseTiming();
-    kv_cache cache = a.make_cache(tokens);
+    kv_cache cache = a.make_cache(tokens, bench_memory());
     state.ResumeTiming();
     a.prefill(cache, {q.data(), tokens, s.n_q_heads, s.head_dim}, {k.data(), tokens, s.n_kv_heads, s.head_dim},
               {v.data(), tokens, s.n_kv_heads, s.head_dim}, {out.data(), tokens, s.n_q_heads, s.head_dim});
@@ -268,7 +280,7 @@ void component_kernel(benchmark::State& state, int segments, int w, int d) {
 // ------------------------------------------------------------------------------------ probes
 /// Read bandwidth: a vectorised sum over a buffer far larger than the caches, per thread.
 void probe_read_bandwidth(benchmark::State& state, std::size_t bytes_per_thread) {
-  std::vector<float> data(bytes_per_thread / sizeof(float), 1.0f);
+  std::pmr::vector<float> data(bytes_per_thread / sizeof(float), 1.0f, bench_memory());
   for (auto _ : state) benchmark::DoNotOptimize(read_sum(data.data(), data.size()));
   state.counters["GB/s"] = benchmark::Counter(static_cast<double>(bytes_per_thread) * static_cast<double>(state.iterations()) / 1e9,
                                               benchmark::Counter::kIsRate);
@@ -277,7 +289,7 @@ void probe_read_bandwidth(benchmark::State& state, std::size_t bytes_per_thread)
 /// STREAM triad a = b + s c, per thread; counts the 3 arrays' bytes.
 void probe_triad(benchmark::State& state, std::size_t bytes_per_array) {
   const std::size_t n = bytes_per_array / sizeof(float);
-  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  std::pmr::vector<float> a(n, 0.0f, bench_memory()), b(n, 1.0f, bench_memory()), c(n, 2.0f, bench_memory());
   for (auto _ : state) {
     for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
     benchmark::DoNotOptimize(a.data());
@@ -351,6 +363,10 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--smoke") == 0) {
       smoke = true;
+      continue;
+    }
+    if (std::strcmp(argv[i], "--small-pages") == 0) {
+      small_pages = true;
       continue;
     }
     args.push_back(argv[i]);
