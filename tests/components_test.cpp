@@ -73,11 +73,13 @@ TEST_CASE_TEMPLATE("chunk scorers match a naive dot product", Scorer, raw_query_
 
 TEST_CASE("the paper's selector matches a full sort, ties going to the lower chunk") {
   std::mt19937 rng(5);
-  for (int trial = 0; trial < 2000; ++trial) {
-    const int budget = 1 + static_cast<int>(rng() % 9);
+  for (int trial = 0; trial < 4000; ++trial) {
+    // Small budgets (the one-pass top-k) and large ones (nth_element past 32 picks).
+    const bool large = trial % 2 == 1;
+    const int budget = 1 + static_cast<int>(rng() % (large ? 48 : 9));
     const int locals = 1 + static_cast<int>(rng() % budget);
     const int sinks = static_cast<int>(rng() % (budget - locals + 1));
-    const std::int64_t i = static_cast<std::int64_t>(rng() % 40);
+    const std::int64_t i = static_cast<std::int64_t>(rng() % (large ? 120 : 40));
     // Few distinct values so ties are common.
     std::vector<float> scores(static_cast<std::size_t>(i));
     for (float& s : scores) s = static_cast<float>(rng() % 4);
