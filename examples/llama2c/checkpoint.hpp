@@ -6,8 +6,10 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -134,6 +136,21 @@ class checkpoint {
   const float* rms_final_ = nullptr;
   const float* classifier_ = nullptr;
 };
+
+/// A checkpoint named `name`: as given if it exists, else that file name under $LONGHEADS_MODELS,
+/// ../shared/models (from the working directory) and `checkout`/../shared/models.
+inline std::optional<std::filesystem::path> find_model(const std::string& name, const std::filesystem::path& checkout) {
+  namespace fs = std::filesystem;
+  if (fs::exists(name)) return fs::path(name);
+  std::vector<fs::path> dirs;
+  if (const char* env = std::getenv("LONGHEADS_MODELS")) dirs.emplace_back(env);
+  dirs.emplace_back("../shared/models");
+  dirs.emplace_back(checkout / ".." / "shared" / "models");
+  const fs::path file = fs::path(name).filename();
+  for (const auto& d : dirs)
+    if (fs::exists(d / file)) return d / file;
+  return std::nullopt;
+}
 
 /// A file of little-endian int32 token ids, each checked against the vocabulary.
 inline std::vector<std::int32_t> load_tokens(const std::filesystem::path& path, int vocab_size) {

@@ -19,36 +19,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "checkpoint.hpp"
 #include "transformer.hpp"
-
-namespace {
-namespace fs = std::filesystem;
-
-/// `name` as given if it exists, else under $LONGHEADS_MODELS, else under ../shared/models.
-fs::path find_model(const std::string& name) {
-  if (fs::exists(name)) return name;
-  std::vector<fs::path> dirs;
-  if (const char* env = std::getenv("LONGHEADS_MODELS")) dirs.emplace_back(env);
-  dirs.emplace_back("../shared/models");
-  for (const auto& dir : dirs)
-    if (fs::exists(dir / name)) return dir / name;
-  return {};
-}
-
-std::vector<std::int32_t> read_tokens(const fs::path& path) {
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  std::vector<std::int32_t> tokens(static_cast<std::size_t>(f.tellg()) / sizeof(std::int32_t));
-  f.seekg(0);
-  f.read(reinterpret_cast<char*>(tokens.data()), static_cast<std::streamsize>(tokens.size() * sizeof(std::int32_t)));
-  return tokens;
-}
-}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Overlap of the chunks query heads of one kv group select, on a real model"};
@@ -65,19 +41,18 @@ int main(int argc, char** argv) {
   app.add_option("--max-tokens", max_tokens, "feed at most this many tokens (0 = all)")->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
-  const fs::path model_path = find_model(model_name);
-  if (model_path.empty() || !fs::exists(tokens_path)) {
-    std::fprintf(stderr, "group_overlap: skipped, %s not found (looked in the working directory, $LONGHEADS_MODELS and ../shared/models)\n",
-                 model_path.empty() ? ("model '" + model_name + "'").c_str() : ("token file '" + tokens_path + "'").c_str());
+  const auto model_path = llama2c::find_model(model_name, LONGHEADS_SOURCE_DIR);
+  if (!model_path || !std::filesystem::exists(tokens_path)) {
+    const std::string missing = model_path ? "token file '" + tokens_path + "'" : "model '" + model_name + "'";
+    std::fprintf(stderr, "group_overlap: skipped, %s not found (models are also looked for in $LONGHEADS_MODELS and ../shared/models)\n",
+                 missing.c_str());
     return 77;
   }
   try {
-    llama2c::checkpoint ckpt(model_path);
+    llama2c::checkpoint ckpt(*model_path);
     const auto& c = ckpt.config();
-    std::vector<std::int32_t> ids = read_tokens(tokens_path);
+    std::vector<std::int32_t> ids = llama2c::load_tokens(tokens_path, c.vocab_size);
     if (max_tokens > 0 && static_cast<std::size_t>(max_tokens) < ids.size()) ids.resize(static_cast<std::size_t>(max_tokens));
-    for (std::int32_t& t : ids)
-      if (t < 0 || t >= c.vocab_size) throw std::runtime_error("token " + std::to_string(t) + " outside the model's vocabulary");
     const int heads = c.n_heads, group = c.n_heads / c.n_kv_heads, layers = c.n_layers;
     if (group < 2) throw std::runtime_error("the model has one query head per kv head: no groups to compare");
     const int picks = knobs.budget_chunks - knobs.sink_chunks - knobs.local_chunks;
@@ -124,7 +99,7 @@ int main(int argc, char** argv) {
       other_n += other_pairs[static_cast<std::size_t>(l)];
     }
     std::printf("%s: %d query heads, %d per kv head; w %d, k %d (%d picked by score); %zu tokens, %ld samples (last query of each %lld-token call)\n",
-                model_path.filename().c_str(), heads, group, knobs.chunk_size, knobs.budget_chunks, picks, ids.size(), samples,
+                model_path->filename().c_str(), heads, group, knobs.chunk_size, knobs.budget_chunks, picks, ids.size(), samples,
                 static_cast<long long>(block));
     std::printf("chunks two heads both picked by score, of %d: same kv group %.2f, different groups %.2f, independent random picks %.2f\n",
                 picks, same_all / static_cast<double>(same_n), other_all / static_cast<double>(other_n), random_sum / static_cast<double>(samples));

@@ -67,20 +67,6 @@ struct options {
   llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads}; }
 };
 
-/// --model as given if it exists, else that name under $LONGHEADS_MODELS, ../shared/models
-/// (from the working directory) and the checkout's ../shared/models.
-std::optional<fs::path> find_model(const std::string& name) {
-  if (fs::exists(name)) return fs::path(name);
-  std::vector<fs::path> dirs;
-  if (const char* env = std::getenv("LONGHEADS_MODELS")) dirs.emplace_back(env);
-  dirs.emplace_back("../shared/models");
-  dirs.emplace_back(fs::path(LONGHEADS_SOURCE_DIR) / ".." / "shared" / "models");
-  const fs::path file = fs::path(name).filename();
-  for (const auto& d : dirs)
-    if (fs::exists(d / file)) return d / file;
-  return std::nullopt;
-}
-
 template <class Policies>
 using model_type = llama2c::transformer<Policies>;
 
@@ -444,7 +430,7 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
 
 template <class Policies>
 int run(const options& o) {
-  const auto path = find_model(o.model);
+  const auto path = llama2c::find_model(o.model, LONGHEADS_SOURCE_DIR);
   if (!path)
     throw std::runtime_error("model '" + o.model +
                              "' not found (looked in the working directory, $LONGHEADS_MODELS and ../shared/models); "
