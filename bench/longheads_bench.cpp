@@ -58,6 +58,13 @@ struct threaded : paper_policies {
   using executor = thread_pool_executor;
 };
 
+/// A kv group's heads pick one set of chunks together (the largest score per chunk): the
+/// decode step then reads budget_chunks chunks per kv head at any length, which separates what
+/// the per-head picks cost in bytes from what the implementation costs (longheads-shared).
+struct threaded_group_max : threaded {
+  using group_selection = group_max_selection;
+};
+
 /// A pool of random floats; blocks are windows into it at varying offsets (cheap "random" data).
 const std::vector<float>& noise() {
   static const std::vector<float> pool = [] {
@@ -150,11 +157,12 @@ double same_memory_read_rate(const kv_cache& cache, unsigned threads) {
 }
 
 // ------------------------------------------------------------------------------------ decode
+template <class Policies = threaded>
 void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads,
             kv_precision storage) {
   const int w = 256, chunks = 16;
   kv_cache& cache = filled_cache(s, method, context, storage);
-  attention<threaded> a(config_for(s, method, w, chunks, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
+  attention<Policies> a(config_for(s, method, w, chunks, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
   a.reserve(cache.tokens() + (1 << 15), 1);
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
@@ -328,18 +336,26 @@ void register_all() {
         ->UseRealTime();
     benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
   }
-  // Method names: dense, longheads, and with bf16 K/V dense-bf16, longheads-bf16.
+  // Method names: dense, longheads, with bf16 K/V dense-bf16, longheads-bf16, and for the GQA
+  // shape longheads-shared (group_max_selection). Registered by shape and context, so each
+  // context's caches are built once.
+  auto register_decode = [&](const std::string& method, const model_shape& s, std::int64_t ctx, unsigned t, auto run, attention_method m,
+                             kv_precision storage) {
+    benchmark::RegisterBenchmark(("decode/" + method + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
+                                 run, s, m, ctx, t, storage)
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
+  };
   for (const model_shape& s : {llama2_7b, llama3_8b})
-    for (std::int64_t ctx : decode_contexts)
+    for (std::int64_t ctx : decode_contexts) {
       for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
         for (attention_method m : {attention_method::dense, attention_method::longheads})
-          for (unsigned t : thread_counts) {
-            const std::string method = std::string(to_string(m)) + (storage == kv_precision::bf16 ? "-bf16" : "");
-            benchmark::RegisterBenchmark(("decode/" + method + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
-                                         decode, s, m, ctx, t, storage)
-                ->UseRealTime()
-                ->Unit(benchmark::kMicrosecond);
-          }
+          for (unsigned t : thread_counts)
+            register_decode(std::string(to_string(m)) + (storage == kv_precision::bf16 ? "-bf16" : ""), s, ctx, t, decode<threaded>, m, storage);
+      if (s.n_kv_heads < s.n_q_heads)
+        for (unsigned t : thread_counts)
+          register_decode("longheads-shared", s, ctx, t, decode<threaded_group_max>, attention_method::longheads, kv_precision::fp32);
+    }
   for (std::int64_t n : prefill_tokens)
     for (attention_method m : {attention_method::dense, attention_method::longheads})
       for (unsigned t : thread_counts)

@@ -54,6 +54,11 @@ def main():
         for shape in ("llama2_7b", "llama3_8b"):
             ratio(f"decode longheads {shape}: 128k time / 8k time ({t} thread)", f"decode/longheads/{shape}/131072/threads:{t}",
                   f"decode/longheads/{shape}/8192/threads:{t}", 1.5, higher_is_better=False)
+        # Not a target: the GQA shape with a group's heads choosing together reads the same bytes
+        # at both lengths, which shows how much of the per-head growth above is bytes.
+        ratio(f"  the same, llama3_8b with shared group selection (longheads-shared) ({t} thread)",
+              f"decode/longheads-shared/llama3_8b/131072/threads:{t}", f"decode/longheads-shared/llama3_8b/8192/threads:{t}", 1.5,
+              higher_is_better=False)
         ratio(f"dense decode 128k: llama3_8b time / llama2_7b time ({t} thread)", f"decode/dense/llama3_8b/131072/threads:{t}",
               f"decode/dense/llama2_7b/131072/threads:{t}", 0.35, higher_is_better=False)
         ratio(f"prefill 32k: longheads faster than dense ({t} thread)", f"prefill/longheads/h8_kv8_d128/32768/threads:{t}",
