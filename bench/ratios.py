@@ -71,6 +71,12 @@ def main():
           "decode/longheads/llama2_7b/131072/threads:1", 1.6)
     ratio("decode 128k llama2_7b dense: 2 threads / 1 thread", "decode/dense/llama2_7b/131072/threads:2",
           "decode/dense/llama2_7b/131072/threads:1", 1.6)
+    # What the machine's memory gave a second reader in the same run, for reference: a
+    # memory-bound step gains about that much from a second thread (the probe's buffer is not
+    # the cache's memory, so the step can land either side of it).
+    probes = [counter(f"probe/read_bandwidth/threads:{t}", "GB/s") for t in (1, 2)]
+    if all(probes):
+        rows.append(("  for reference: read probe 2 threads / 1 thread", f"{probes[1] / probes[0]:.2f}x", "", ""))
     ratio("prefill 16k longheads: 2 threads / 1 thread", "prefill/longheads/h8_kv8_d128/16384/threads:2",
           "prefill/longheads/h8_kv8_d128/16384/threads:1", 1.8)
     for t in (1, 2):
