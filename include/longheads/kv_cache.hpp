@@ -5,7 +5,8 @@
 // streams through in place:
 //   keys             [chunk][H_kv][w][d]   rotated once, at local positions t mod w
 //   values           [chunk][H_kv][w][d]
-//   representations  [chunk][H_q][r]      one per full chunk and query head (the encoder's output)
+//   representations  [H_q][chunk][r]      one per full chunk and query head (the encoder's output);
+//                                         head-major so each head's scoring reads them in one run
 //   open queries     [w][H_q][d]          queries of the open chunk, locally rotated, until it is encoded
 // plus what every head selected for the last query. Filled only by longheads::attention.
 #pragma once
@@ -49,7 +50,7 @@ inline std::string to_string(const cache_shape& s) {
 inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int32_t>::max();
 
 /// One sequence of one layer: keys rotated once at their local positions, values, the open
-/// chunk's queries and one representation per full chunk and query head, stored by chunk.
+/// chunk's queries and one representation per full chunk and query head.
 /// Made by attention::make_cache(); copyable; equal (==) when every stored bit is.
 ///
 /// Its buffers (keys, values, representations, open queries) come from a
@@ -120,7 +121,7 @@ class kv_cache {
   /// The representations of one query head's full chunks, [full_chunks, r].
   matrix_view<const float> representations(int q_head) const noexcept {
     const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
-    return {representations_.data() + q_head * r, full_chunks(), r, shape_.n_q_heads * r};
+    return {representations_.data() + representation_offset(0, q_head), full_chunks(), r, r};
   }
   /// Chunk ids query head `q_head` read for the last query of the last call, ascending.
   std::span<const std::int32_t> last_selection(int q_head) const noexcept {
@@ -140,7 +141,7 @@ class kv_cache {
     if (a.shape_ != b.shape_ || a.tokens_ != b.tokens_ || a.selection_counts_ != b.selection_counts_) return false;
     const std::size_t chunks = static_cast<std::size_t>((a.tokens_ + a.shape_.chunk_size - 1) / a.shape_.chunk_size);
     const std::size_t kv = chunks * a.kv_floats_per_chunk();
-    const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.representation_floats_per_chunk();
+    const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.shape_.representation_floats;  // per head
     const std::size_t open = static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
                              static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
     auto same = [](const auto& x, const auto& y, std::size_t n) {
@@ -153,8 +154,11 @@ class kv_cache {
     const bool kv_same = a.shape_.precision == kv_precision::bf16
                              ? same(a.keys16_, b.keys16_, kv) && same(a.values16_, b.values16_, kv)
                              : same(a.keys_, b.keys_, kv) && same(a.values_, b.values_, kv);
-    return kv_same &&
-           same(a.representations_, b.representations_, reps) && same(a.open_queries_, b.open_queries_, open);
+    for (int h = 0; h < a.shape_.n_q_heads; ++h)
+      if (reps > 0 && std::memcmp(a.representations_.data() + a.representation_offset(0, h), b.representations_.data() + b.representation_offset(0, h),
+                                  reps * sizeof(float)) != 0)
+        return false;
+    return kv_same && same(a.open_queries_, b.open_queries_, open);
   }
 
  private:
@@ -176,10 +180,11 @@ class kv_cache {
   float* mutable_values(std::int64_t chunk, int kv_head) noexcept { return values_.data() + kv_offset(chunk, kv_head); }
   bf16* mutable_keys_bf16(std::int64_t chunk, int kv_head) noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
   bf16* mutable_values_bf16(std::int64_t chunk, int kv_head) noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
-  float* mutable_representation(std::int64_t chunk, int q_head) noexcept {
-    return representations_.data() + static_cast<std::size_t>(chunk) * representation_floats_per_chunk() +
-           static_cast<std::size_t>(q_head) * shape_.representation_floats;
+  std::size_t representation_offset(std::int64_t chunk, int q_head) const noexcept {
+    return (static_cast<std::size_t>(q_head) * static_cast<std::size_t>(capacity_chunks_) + static_cast<std::size_t>(chunk)) *
+           shape_.representation_floats;
   }
+  float* mutable_representation(std::int64_t chunk, int q_head) noexcept { return representations_.data() + representation_offset(chunk, q_head); }
   float* open_query(std::int64_t offset, int q_head) noexcept {
     return open_queries_.data() + (static_cast<std::size_t>(offset) * static_cast<std::size_t>(shape_.n_q_heads) +
                                    static_cast<std::size_t>(q_head)) * static_cast<std::size_t>(shape_.head_dim);
@@ -216,7 +221,11 @@ class kv_cache {
       std::copy_n(keys_.begin(), used, keys.begin());
       std::copy_n(values_.begin(), used, values.begin());
     }
-    std::copy_n(representations_.begin(), static_cast<std::size_t>(full_chunks()) * representation_floats_per_chunk(), reps.begin());
+    // Head-major: each head's run moves to its place in the larger capacity.
+    const std::size_t rep_run = static_cast<std::size_t>(full_chunks()) * shape_.representation_floats;
+    for (int h = 0; h < shape_.n_q_heads; ++h)
+      std::copy_n(representations_.begin() + static_cast<std::ptrdiff_t>(representation_offset(0, h)), rep_run,
+                  reps.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(h) * static_cast<std::size_t>(chunks) * shape_.representation_floats));
     keys_.swap(keys);
     values_.swap(values);
     keys16_.swap(keys16);
