@@ -69,8 +69,8 @@ inline void loaded_once([[maybe_unused]] float_batch& x) noexcept {
 }
 
 /// a * b + c, rounded once. xsimd 8.1 has no AVX-512 fma: it computes a * b + c through two
-/// intrinsics, which GCC fuses but clang does not (a multiply and an add, rounded twice, and
-/// the four-query kernel 35% slower in L2).
+/// intrinsics, which GCC fuses but clang does not (a multiply and an add, rounded twice, so
+/// clang builds gave other bits than GCC builds).
 inline float_batch fma(const float_batch& a, const float_batch& b, const float_batch& c) noexcept {
 #if defined(__AVX512F__)
   if constexpr (std::is_base_of_v<xsimd::avx512f, float_batch::arch_type>) return float_batch(_mm512_fmadd_ps(a, b, c));
@@ -325,3 +325,5 @@ inline void scale(float alpha, float* y, std::ptrdiff_t n) noexcept {
 }
 
 }  // namespace longheads::detail
+
+#undef LONGHEADS_UNROLL
