@@ -182,14 +182,25 @@ inline void dot_block(const float* const (&q)[R], const K* k, std::ptrdiff_t cou
       float_batch row[R];
       LONGHEADS_UNROLL
       for (auto& a : row) a = float_batch(0.0f);
-      // A plain bound: GCC ignores an unroll pragma on a loop bounded by an integral_constant.
-      const std::ptrdiff_t vectors_in_row = length / simd_width;
-      LONGHEADS_UNROLL
-      for (std::ptrdiff_t v = 0; v < vectors_in_row; ++v) {
-        float_batch key = load_floats(k + j * length + v * simd_width);
-        if constexpr (R > 1) loaded_once(key);
+      // The same loop twice: unrolled when the length is a compile-time constant (as a plain
+      // constexpr bound: GCC ignores the pragma on a bound that converts an integral_constant),
+      // left alone otherwise (clang warns when it cannot unroll a loop it was told to).
+      if constexpr (requires { decltype(length)::value; }) {
+        constexpr std::ptrdiff_t vectors_in_row = decltype(length)::value / simd_width;
         LONGHEADS_UNROLL
-        for (std::size_t r = 0; r < R; ++r) row[r] = detail::fma(float_batch::load_unaligned(q[r] + v * simd_width), key, row[r]);
+        for (std::ptrdiff_t v = 0; v < vectors_in_row; ++v) {
+          float_batch key = load_floats(k + j * length + v * simd_width);
+          if constexpr (R > 1) loaded_once(key);
+          LONGHEADS_UNROLL
+          for (std::size_t r = 0; r < R; ++r) row[r] = detail::fma(float_batch::load_unaligned(q[r] + v * simd_width), key, row[r]);
+        }
+      } else {
+        for (std::ptrdiff_t v = 0; v < length / simd_width; ++v) {
+          float_batch key = load_floats(k + j * length + v * simd_width);
+          if constexpr (R > 1) loaded_once(key);
+          LONGHEADS_UNROLL
+          for (std::size_t r = 0; r < R; ++r) row[r] = detail::fma(float_batch::load_unaligned(q[r] + v * simd_width), key, row[r]);
+        }
       }
       LONGHEADS_UNROLL
       for (std::size_t r = 0; r < R; ++r) acc[r][j] = row[r];
