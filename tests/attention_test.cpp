@@ -568,6 +568,26 @@ TEST_CASE("a cache holding non-finite values equals its copy (fuzzer finding)") 
   CHECK(copy == cache);
 }
 
+TEST_CASE("caches that differ only in one head's chunk representations are not equal") {
+  // Same keys and values, no open chunk; one query of the first chunk differs, so only that
+  // chunk's representations (which the encoder pools with the chunk's queries) differ. The
+  // caches are grown differently so the representations sit at different offsets.
+  const int w = 8, budget = 4, d = 16, hq = 4, hkv = 2, tokens = 3 * w;
+  attention<> a(test::make_config(hq, hkv, d, w, budget), rope(d));
+  const test::sequence seq(tokens, hq, hkv, d, 2100);
+  test::sequence changed = seq;
+  changed.q[static_cast<std::size_t>(3 * d + 5)] += 1.0f;  // token 0, query head 3
+  auto reference = a.make_cache(tokens), same = a.make_cache(0), other = a.make_cache(0);
+  a.ingest(reference, seq.qv(0, tokens), seq.kv(0, tokens), seq.vv(0, tokens));
+  for (int first = 0; first < tokens; first += w) {
+    a.ingest(same, seq.qv(first, w), seq.kv(first, w), seq.vv(first, w));
+    a.ingest(other, changed.qv(first, w), changed.kv(first, w), changed.vv(first, w));
+  }
+  CHECK(same == reference);
+  CHECK_FALSE(other == reference);
+  CHECK_FALSE(other == same);
+}
+
 TEST_CASE("concurrent sequences: one attention and one cache per thread, a shared thread pool") {
   // The threading contract (docs/errors.md): an attention object and a cache are used by one
   // thread at a time; separate sequences run concurrently, even sharing one pool. Run under

@@ -144,21 +144,17 @@ class kv_cache {
     const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.shape_.representation_floats;  // per head
     const std::size_t open = static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
                              static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
-    auto same = [](const auto& x, const auto& y, std::size_t n) {
-      return n == 0 || std::memcmp(x.data(), y.data(), n * sizeof(x[0])) == 0;
-    };
+    auto same = [](const auto* x, const auto* y, std::size_t n) { return n == 0 || std::memcmp(x, y, n * sizeof(*x)) == 0; };
     for (std::size_t h = 0; h < a.selection_counts_.size(); ++h) {
       auto sa = a.last_selection(static_cast<int>(h)), sb = b.last_selection(static_cast<int>(h));
       if (!std::equal(sa.begin(), sa.end(), sb.begin(), sb.end())) return false;
     }
     const bool kv_same = a.shape_.precision == kv_precision::bf16
-                             ? same(a.keys16_, b.keys16_, kv) && same(a.values16_, b.values16_, kv)
-                             : same(a.keys_, b.keys_, kv) && same(a.values_, b.values_, kv);
+                             ? same(a.keys16_.data(), b.keys16_.data(), kv) && same(a.values16_.data(), b.values16_.data(), kv)
+                             : same(a.keys_.data(), b.keys_.data(), kv) && same(a.values_.data(), b.values_.data(), kv);
     for (int h = 0; h < a.shape_.n_q_heads; ++h)
-      if (reps > 0 && std::memcmp(a.representations_.data() + a.representation_offset(0, h), b.representations_.data() + b.representation_offset(0, h),
-                                  reps * sizeof(float)) != 0)
-        return false;
-    return kv_same && same(a.open_queries_, b.open_queries_, open);
+      if (!same(a.representations(h).data(), b.representations(h).data(), reps)) return false;
+    return kv_same && same(a.open_queries_.data(), b.open_queries_.data(), open);
   }
 
  private:
@@ -180,10 +176,12 @@ class kv_cache {
   float* mutable_values(std::int64_t chunk, int kv_head) noexcept { return values_.data() + kv_offset(chunk, kv_head); }
   bf16* mutable_keys_bf16(std::int64_t chunk, int kv_head) noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
   bf16* mutable_values_bf16(std::int64_t chunk, int kv_head) noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
-  std::size_t representation_offset(std::int64_t chunk, int q_head) const noexcept {
-    return (static_cast<std::size_t>(q_head) * static_cast<std::size_t>(capacity_chunks_) + static_cast<std::size_t>(chunk)) *
+  // Head-major: each head's representations are one run of `capacity` chunks.
+  std::size_t representation_offset(std::int64_t chunk, int q_head, std::int64_t capacity) const noexcept {
+    return (static_cast<std::size_t>(q_head) * static_cast<std::size_t>(capacity) + static_cast<std::size_t>(chunk)) *
            shape_.representation_floats;
   }
+  std::size_t representation_offset(std::int64_t chunk, int q_head) const noexcept { return representation_offset(chunk, q_head, capacity_chunks_); }
   float* mutable_representation(std::int64_t chunk, int q_head) noexcept { return representations_.data() + representation_offset(chunk, q_head); }
   float* open_query(std::int64_t offset, int q_head) noexcept {
     return open_queries_.data() + (static_cast<std::size_t>(offset) * static_cast<std::size_t>(shape_.n_q_heads) +
@@ -221,11 +219,10 @@ class kv_cache {
       std::copy_n(keys_.begin(), used, keys.begin());
       std::copy_n(values_.begin(), used, values.begin());
     }
-    // Head-major: each head's run moves to its place in the larger capacity.
+    // Each head's run moves to its place in the larger capacity.
     const std::size_t rep_run = static_cast<std::size_t>(full_chunks()) * shape_.representation_floats;
     for (int h = 0; h < shape_.n_q_heads; ++h)
-      std::copy_n(representations_.begin() + static_cast<std::ptrdiff_t>(representation_offset(0, h)), rep_run,
-                  reps.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(h) * static_cast<std::size_t>(chunks) * shape_.representation_floats));
+      std::copy_n(representations_.data() + representation_offset(0, h), rep_run, reps.data() + representation_offset(0, h, chunks));
     keys_.swap(keys);
     values_.swap(values);
     keys16_.swap(keys16);
