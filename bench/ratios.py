@@ -94,6 +94,15 @@ def main():
             f = dense / same
             rows.append((f"  the same over the probe read of the cache's own K/V ({t} thread)",
                          f"{f:.0%} ({dense:.1f} of {same:.1f} GB/s)", f">= {target:.0%}", "met" if f >= target else "NOT met"))
+    # Not a target: the GQA step's read rate against its own cache's, which tells whether the
+    # GQA ratio above missed on memory (both steps near their caches' rates) or on the
+    # four-query kernel (this one well below).
+    for t in (1, 2):
+        same = counter(f"decode/dense/llama3_8b/131072/threads:{t}", "same_memory_read_GB/s")
+        gqa = counter(f"decode/dense/llama3_8b/131072/threads:{t}", "GB/s")
+        if same and gqa:
+            rows.append((f"  for reference: dense decode 128k llama3_8b K/V read rate / its cache's own probe read ({t} thread)",
+                         f"{gqa / same:.0%} ({gqa:.1f} of {same:.1f} GB/s)", "", ""))
     fma = [counter(f"probe/fma_peak/threads:{t}", "GFLOP/s") for t in (1, 2)]
     width = max(len(r[0]) for r in rows)
     print(f"host: {context.get('host_name', '?')}, {context.get('num_cpus', '?')} cpus, {context.get('date', '')}")
