@@ -47,8 +47,8 @@ constexpr model_shape prefill_shape{"h8_kv8_d128", 8, 8, 128};
 bool smoke = false;  // --smoke: tiny sizes so the executable cannot rot (ctest runs it)
 bool small_pages = false;  // --small-pages: caches, probe and prefill buffers from new/delete, on 4 KB pages
 
-/// Where caches, probe buffers and prefill activations live: the same memory for all, so the probes measure what
-/// the kernels read from.
+/// Where caches, probe buffers and prefill activations live: the same memory for all, so the
+/// probes measure what the kernels read from.
 std::pmr::memory_resource* bench_memory() {
   static bench::huge_page_resource huge_pages;
   return small_pages ? std::pmr::new_delete_resource() : &huge_pages;
@@ -200,9 +200,9 @@ void prefill(benchmark::State& state, model_shape s, attention_method method, st
   const int w = 64, chunks = 8;
   attention<threaded> a(config_for(s, method, w, chunks), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
-  // The host's activations come from the same memory as the caches: on this VM, 4 KB pages
-  // under [T, H, d] rows (a block's rows of one head are 4 KB apart) made LongHeads prefill
-  // 16k 1.3x slower (1.31 vs 1.01 s, dense 6.9 vs 6.4 s); --small-pages shows it.
+  // The host's activations come from the same memory as the caches: on this VM, plain vectors
+  // (4 KB pages, 16 bytes off a line) under [T, H, d] rows, a block's rows of one head 4 KB
+  // apart, made LongHeads prefill 16k 1.2-1.3x slower (1.20-1.30 vs 1.01 s; dense 6.9 vs 6.4 s).
   std::pmr::vector<float> q(static_cast<std::size_t>(tokens) * hq, bench_memory()), k(static_cast<std::size_t>(tokens) * hkv, bench_memory()),
       v(k.size(), bench_memory()), out(q.size(), bench_memory());
   for (std::size_t i = 0; i < q.size(); i += 4096) std::copy_n(noise_at(i, 4096), std::min<std::size_t>(4096, q.size() - i), q.begin() + static_cast<std::ptrdiff_t>(i));
