@@ -184,7 +184,7 @@ struct online_softmax_kernel {
       const float_batch shift(state.running_max);
       float_batch sum(0.0f);
       for (std::ptrdiff_t j = 0; j < width; j += detail::simd_width) {
-        const float_batch p = xsimd::exp(float_batch::load_unaligned(logits[r] + j) - shift);
+        const float_batch p = detail::exp(float_batch::load_unaligned(logits[r] + j) - shift);
         p.store_unaligned(logits[r] + j);
         sum += p;
       }
@@ -196,7 +196,9 @@ struct online_softmax_kernel {
     const float* probabilities[R];
     for (std::int32_t j0 = 0; j0 < length; j0 += block) {
       for (std::size_t r = 0; r < R; ++r) probabilities[r] = logits[r] + j0;
-      detail::accumulate_rows(probabilities, values + j0 * d, std::min(block, length - j0), out, d);
+      const std::int32_t next = std::min(length, j0 + block);
+      detail::accumulate_rows(probabilities, values + j0 * d, next - j0, out, d,
+                              detail::upcoming_rows<Element>{values + next * d, std::min(block, length - next)});
     }
   }
 };
