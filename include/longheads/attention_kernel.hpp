@@ -152,8 +152,10 @@ struct online_softmax_kernel {
       out[r] = outs[r];
     }
     // Logits a block of keys at a time for all R queries, each key loaded once. No software
-    // prefetch: the keys, then the values, are read in address order, which the hardware
-    // prefetcher streams faster than bursts of prefetches would (24 vs 18 GB/s from memory).
+    // prefetch here: the keys, then the values, are read in address order, which the hardware
+    // prefetcher streams faster than bursts of prefetches would (24 vs 18 GB/s from memory);
+    // only the value pass's second pass over a block, which loads nothing from memory,
+    // prefetches the next block (accumulate_rows).
     constexpr auto key_block = static_cast<std::int32_t>(detail::simd_width);
     const float* query_rows[R];
     float* block_logits[R];
