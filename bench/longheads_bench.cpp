@@ -3,9 +3,10 @@
 // component alone, and probes of this machine's memory bandwidth and FMA peak, so every report
 // can state the fraction of the machine's limits reached in the same run.
 //
-//   longheads_bench                       # the full suite (minutes; needs ~12 GB for 128k caches)
+//   longheads_bench                       # the full suite (minutes; needs ~7 GB for 128k caches)
 //   longheads_bench --smoke               # tiny sizes, one repetition: the ctest entry
 //   longheads_bench --small-pages         # caches, probe and prefill buffers on 4 KB pages (default: huge pages)
+//   longheads_bench --rounds=3            # each group of compared benchmarks 3 times, interleaved (register_all)
 //   longheads_bench --benchmark_filter=decode --benchmark_format=json
 //
 // Names: <phase>/<method>/<shape>/<context>/threads:<n>, e.g. decode/longheads/llama3_8b/131072/threads:2.
@@ -18,6 +19,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory_resource>
@@ -46,6 +49,7 @@ constexpr model_shape prefill_shape{"h8_kv8_d128", 8, 8, 128};
 
 bool smoke = false;  // --smoke: tiny sizes so the executable cannot rot (ctest runs it)
 bool small_pages = false;  // --small-pages: caches, probe and prefill buffers from new/delete, on 4 KB pages
+int rounds = 1;  // --rounds=N: each group's benchmarks N times, interleaved (register_all)
 
 /// Where caches, probe buffers and prefill activations live: the same memory for all, so the
 /// probes measure what the kernels read from.
@@ -96,16 +100,25 @@ attention_config config_for(const model_shape& s, attention_method method, int c
   return c;
 }
 
-/// A cache holding `context` tokens, built with ingest() in blocks and kept while benchmarks
-/// of the same shape and context run (the 128k caches of one shape take ~13 GB together).
+/// Tokens of room past the context for the timed decode steps, each of which appends one: one
+/// round of a cache's benchmarks (four at most, 0.5 s each) takes under 3000 steps even at 8k;
+/// beyond it the cache grows, as an engine's would.
+std::int64_t decode_room() { return std::int64_t{4096} * (rounds + 1); }
+
+/// A cache holding `context` tokens, built with ingest() in blocks and kept while the
+/// benchmarks of its group (context, method, storage; every shape) run, which the
+/// registration keeps together (the 128k fp32 caches of both shapes take ~7 GB).
 kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage) {
-  using key = std::tuple<std::string, std::int64_t, int, int>;
+  using key = std::tuple<std::int64_t, int, int, std::string>;
   static std::map<key, std::unique_ptr<kv_cache>> caches;
-  std::erase_if(caches, [&](const auto& entry) { return std::get<0>(entry.first) != s.name || std::get<1>(entry.first) != context; });
-  auto& slot = caches[key{s.name, context, static_cast<int>(method), static_cast<int>(storage)}];
+  const key wanted{context, static_cast<int>(method), static_cast<int>(storage), s.name};
+  std::erase_if(caches, [&](const auto& entry) {
+    return std::get<0>(entry.first) != context || std::get<1>(entry.first) != std::get<1>(wanted) || std::get<2>(entry.first) != std::get<2>(wanted);
+  });
+  auto& slot = caches[wanted];
   if (slot) return *slot;
   attention<threaded> a(config_for(s, method, 256, 16, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
-  slot = std::make_unique<kv_cache>(a.make_cache(context + (1 << 15), bench_memory()));  // room for the timed decode steps
+  slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room(), bench_memory()));
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
     const std::int64_t n = std::min(block, context - first);
@@ -163,7 +176,7 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   const int w = 256, chunks = 16;
   kv_cache& cache = filled_cache(s, method, context, storage);
   attention<Policies> a(config_for(s, method, w, chunks, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
-  a.reserve(cache.tokens() + (1 << 15), 1);
+  a.reserve(cache.tokens() + decode_room(), 1);
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
   std::int64_t step = 0;
@@ -326,23 +339,27 @@ void probe_fma_peak(benchmark::State& state) {
                                                  benchmark::Counter::kIsRate);
 }
 
+/// Registers the suite in groups whose benchmarks are compared with each other: decode by
+/// context, storage and method (both shapes, so one group's caches are built once and kept),
+/// prefill by length, the components. With --rounds=N each group runs N times over, its
+/// benchmarks one after another in each round, so the two sides of a ratio are measured
+/// seconds apart rather than minutes (this VM's memory rate drifts 10-30% over minutes; with
+/// --benchmark_repetitions a benchmark's repetitions run back to back instead). The read and
+/// triad probes run in the rounds of the group the read-rate target compares them with: dense
+/// fp32 decode at the longest context.
 void register_all() {
   const std::vector<std::int64_t> decode_contexts = smoke ? std::vector<std::int64_t>{2048} : std::vector<std::int64_t>{8192, 32768, 131072};
   const std::vector<std::int64_t> prefill_tokens = smoke ? std::vector<std::int64_t>{1024} : std::vector<std::int64_t>{4096, 16384, 32768};
   const std::vector<unsigned> thread_counts = {1, 2};
   const std::size_t probe_bytes = smoke ? (std::size_t{1} << 20) : (std::size_t{1} << 29);
-  for (unsigned t : thread_counts) {
-    benchmark::RegisterBenchmark("probe/read_bandwidth", probe_read_bandwidth, probe_bytes / t)
-        ->Threads(static_cast<int>(t))
-        ->UseRealTime();
-    benchmark::RegisterBenchmark("probe/triad", probe_triad, probe_bytes / 4 / t)
-        ->Threads(static_cast<int>(t))
-        ->UseRealTime();
-    benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
-  }
+  auto in_rounds = [](auto&& register_group) {
+    for (int round = 0; round < rounds; ++round) register_group();
+  };
+  in_rounds([&] {
+    for (unsigned t : thread_counts) benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
+  });
   // Method names: dense, longheads, with bf16 K/V dense-bf16, longheads-bf16, and for the GQA
-  // shape longheads-shared (group_max_selection). Registered by shape and context, so each
-  // context's caches are built once.
+  // shape longheads-shared (group_max_selection, which reads the longheads fp32 caches).
   auto register_decode = [&](const std::string& method, const model_shape& s, std::int64_t ctx, unsigned t, auto run, attention_method m,
                              kv_precision storage) {
     benchmark::RegisterBenchmark(("decode/" + method + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
@@ -350,30 +367,40 @@ void register_all() {
         ->UseRealTime()
         ->Unit(benchmark::kMicrosecond);
   };
-  for (const model_shape& s : {llama2_7b, llama3_8b})
-    for (std::int64_t ctx : decode_contexts) {
-      for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
-        for (attention_method m : {attention_method::dense, attention_method::longheads})
-          for (unsigned t : thread_counts)
-            register_decode(std::string(to_string(m)) + (storage == kv_precision::bf16 ? "-bf16" : ""), s, ctx, t, decode<threaded>, m, storage);
-      if (s.n_kv_heads < s.n_q_heads)
-        for (unsigned t : thread_counts)
-          register_decode("longheads-shared", s, ctx, t, decode<threaded_group_max>, attention_method::longheads, kv_precision::fp32);
-    }
+  for (std::int64_t ctx : decode_contexts)
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+      for (attention_method m : {attention_method::dense, attention_method::longheads})
+        in_rounds([&] {
+          if (ctx == decode_contexts.back() && storage == kv_precision::fp32 && m == attention_method::dense)
+            for (unsigned t : thread_counts) {
+              benchmark::RegisterBenchmark("probe/read_bandwidth", probe_read_bandwidth, probe_bytes / t)->Threads(static_cast<int>(t))->UseRealTime();
+              benchmark::RegisterBenchmark("probe/triad", probe_triad, probe_bytes / 4 / t)->Threads(static_cast<int>(t))->UseRealTime();
+            }
+          const std::string method = std::string(to_string(m)) + (storage == kv_precision::bf16 ? "-bf16" : "");
+          for (const model_shape& s : {llama2_7b, llama3_8b})
+            for (unsigned t : thread_counts) register_decode(method, s, ctx, t, decode<threaded>, m, storage);
+          if (storage == kv_precision::fp32 && m == attention_method::longheads)
+            for (unsigned t : thread_counts)
+              register_decode("longheads-shared", llama3_8b, ctx, t, decode<threaded_group_max>, attention_method::longheads, kv_precision::fp32);
+        });
   for (std::int64_t n : prefill_tokens)
-    for (attention_method m : {attention_method::dense, attention_method::longheads})
-      for (unsigned t : thread_counts)
-        benchmark::RegisterBenchmark(("prefill/" + std::string(to_string(m)) + "/" + prefill_shape.name + "/" + std::to_string(n) + "/threads:" + std::to_string(t)).c_str(),
-                                     prefill, prefill_shape, m, n, t)
-            ->UseRealTime()
-            ->Unit(benchmark::kMillisecond)
-            ->Iterations(1);
-  benchmark::RegisterBenchmark("component/encode/attention_pooled/w256_d128", component_encode<attention_pooled_encoder>, 256, 128);
-  benchmark::RegisterBenchmark("component/encode/key_bounds/w256_d128", component_encode<key_bounds_encoder>, 256, 128);
-  benchmark::RegisterBenchmark("component/score/q64_d128/512", component_score, 64, 512, 128);
-  benchmark::RegisterBenchmark("component/select/k16/512", component_select, 512, 16);
-  benchmark::RegisterBenchmark("component/kernel/xsimd/k16_w256_d128", component_kernel<online_softmax_kernel>, 16, 256, 128);
-  benchmark::RegisterBenchmark("component/kernel/scalar/k16_w256_d128", component_kernel<scalar_online_softmax_kernel>, 16, 256, 128);
+    in_rounds([&] {
+      for (attention_method m : {attention_method::dense, attention_method::longheads})
+        for (unsigned t : thread_counts)
+          benchmark::RegisterBenchmark(("prefill/" + std::string(to_string(m)) + "/" + prefill_shape.name + "/" + std::to_string(n) + "/threads:" + std::to_string(t)).c_str(),
+                                       prefill, prefill_shape, m, n, t)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond)
+              ->Iterations(1);
+    });
+  in_rounds([&] {
+    benchmark::RegisterBenchmark("component/encode/attention_pooled/w256_d128", component_encode<attention_pooled_encoder>, 256, 128);
+    benchmark::RegisterBenchmark("component/encode/key_bounds/w256_d128", component_encode<key_bounds_encoder>, 256, 128);
+    benchmark::RegisterBenchmark("component/score/q64_d128/512", component_score, 64, 512, 128);
+    benchmark::RegisterBenchmark("component/select/k16/512", component_select, 512, 16);
+    benchmark::RegisterBenchmark("component/kernel/xsimd/k16_w256_d128", component_kernel<online_softmax_kernel>, 16, 256, 128);
+    benchmark::RegisterBenchmark("component/kernel/scalar/k16_w256_d128", component_kernel<scalar_online_softmax_kernel>, 16, 256, 128);
+  });
 }
 
 }  // namespace
@@ -387,6 +414,16 @@ int main(int argc, char** argv) {
     }
     if (std::strcmp(argv[i], "--small-pages") == 0) {
       small_pages = true;
+      continue;
+    }
+    if (std::strncmp(argv[i], "--rounds=", 9) == 0) {
+      char* end = nullptr;
+      const long n = std::strtol(argv[i] + 9, &end, 10);
+      if (end == argv[i] + 9 || *end != '\0' || n < 1 || n > 100) {
+        std::fprintf(stderr, "longheads_bench: --rounds wants a whole number from 1 to 100, got '%s'\n", argv[i] + 9);
+        return 1;
+      }
+      rounds = static_cast<int>(n);
       continue;
     }
     args.push_back(argv[i]);

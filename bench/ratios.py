@@ -1,34 +1,44 @@
 #!/usr/bin/env python3
 """Acceptance ratios of the performance issue from one longheads_bench JSON run.
 
-    build/bench/longheads_bench --benchmark_repetitions=3 --benchmark_out=bench.json --benchmark_out_format=json
+    build/bench/longheads_bench --rounds=3 --benchmark_out=bench.json --benchmark_out_format=json
     python3 bench/ratios.py bench.json
 
-Every ratio compares benchmarks of the same run (this machine is shared and noisy); with
-repetitions, each benchmark's median is used.
+Every ratio compares benchmarks of the same run (this machine is shared and noisy). A benchmark
+run several times (--rounds, or --benchmark_repetitions) gives several measurements: a ratio of
+two benchmarks run equally often is the median of the ratios of their k-th measurements (with
+--rounds the k-th measurements of one group come from the same round, seconds apart), any
+other figure the median of its measurements.
 """
 import json
+import statistics
 import sys
 
 
 def load(path):
-    """Benchmarks by name; with --benchmark_repetitions, each one's median over the repetitions."""
+    """Every measurement of each benchmark, in the order run (aggregates are left out)."""
     with open(path) as f:
         data = json.load(f)
-    runs, medians = {}, {}
+    runs = {}
     for b in data["benchmarks"]:
+        if b.get("run_type", "iteration") != "iteration":
+            continue
         name = b.get("run_name", b["name"]).replace("/real_time", "").replace("/iterations:1", "")
-        if b.get("run_type", "iteration") == "iteration":
-            runs.setdefault(name, b)
-        elif b.get("aggregate_name") == "median":
-            medians[name] = b
-    runs.update(medians)
+        runs.setdefault(name, []).append(b)
     return data.get("context", {}), runs
 
 
 def seconds(b):
     scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
     return b["real_time"] * scale
+
+
+def paired(numerators, denominators, value):
+    """The median of value(n_k) / value(d_k) over measurements k when both ran equally often,
+    else the ratio of the medians."""
+    if len(numerators) == len(denominators):
+        return statistics.median(value(n) / value(d) for n, d in zip(numerators, denominators))
+    return statistics.median(map(value, numerators)) / statistics.median(map(value, denominators))
 
 
 def main():
@@ -39,12 +49,25 @@ def main():
         if numerator not in runs or denominator not in runs:
             rows.append((label, "missing", target, ""))
             return
-        r = seconds(runs[denominator]) / seconds(runs[numerator]) if higher_is_better else seconds(runs[numerator]) / seconds(runs[denominator])
+        r = paired(runs[denominator], runs[numerator], seconds) if higher_is_better else paired(runs[numerator], runs[denominator], seconds)
         ok = r >= target if higher_is_better else r <= target
         rows.append((label, f"{r:.2f}x", (">= " if higher_is_better else "<= ") + f"{target}x", "met" if ok else "NOT met"))
 
+    def has(name, key):
+        return name in runs and all(key in b for b in runs[name])
+
     def counter(name, key):
-        return runs[name][key] if name in runs and key in runs[name] else None
+        """The median of a counter over the benchmark's measurements."""
+        return statistics.median(b[key] for b in runs[name]) if has(name, key) else None
+
+    def counter_ratio(numerator, numerator_key, denominator, denominator_key):
+        """numerator's counter over denominator's, paired by measurement as ratios of times are."""
+        if not (has(numerator, numerator_key) and has(denominator, denominator_key)):
+            return None
+        pairs = list(zip(runs[numerator], runs[denominator])) if len(runs[numerator]) == len(runs[denominator]) else None
+        if pairs:
+            return statistics.median(n[numerator_key] / d[denominator_key] for n, d in pairs)
+        return counter(numerator, numerator_key) / counter(denominator, denominator_key)
 
     for t in (1, 2):
         ratio(f"decode 128k llama2_7b: longheads faster than dense ({t} thread)", f"decode/longheads/llama2_7b/131072/threads:{t}",
@@ -74,35 +97,35 @@ def main():
     # What the machine's memory gave a second reader in the same run, for reference: a
     # memory-bound step gains about that much from a second thread (the probe's buffer is not
     # the cache's memory, so the step can land either side of it).
-    probes = [counter(f"probe/read_bandwidth/threads:{t}", "GB/s") for t in (1, 2)]
-    if all(probes):
-        rows.append(("  for reference: read probe 2 threads / 1 thread", f"{probes[1] / probes[0]:.2f}x", "", ""))
+    probe_scaling = counter_ratio("probe/read_bandwidth/threads:2", "GB/s", "probe/read_bandwidth/threads:1", "GB/s")
+    if probe_scaling:
+        rows.append(("  for reference: read probe 2 threads / 1 thread", f"{probe_scaling:.2f}x", "", ""))
     ratio("prefill 16k longheads: 2 threads / 1 thread", "prefill/longheads/h8_kv8_d128/16384/threads:2",
           "prefill/longheads/h8_kv8_d128/16384/threads:1", 1.8)
     for t in (1, 2):
-        probe = counter(f"probe/read_bandwidth/threads:{t}", "GB/s")
-        dense = counter(f"decode/dense/llama2_7b/131072/threads:{t}", "GB/s")
+        step, probe_name = f"decode/dense/llama2_7b/131072/threads:{t}", f"probe/read_bandwidth/threads:{t}"
+        probe, dense = counter(probe_name, "GB/s"), counter(step, "GB/s")
         target = 0.85 if t == 1 else 0.75
         if probe and dense:
-            f = dense / probe
+            f = counter_ratio(step, "GB/s", probe_name, "GB/s")
             rows.append((f"dense decode 128k llama2_7b K/V read rate / read-bandwidth probe ({t} thread)",
                          f"{f:.0%} ({dense:.1f} of {probe:.1f} GB/s)", f">= {target:.0%}", "met" if f >= target else "NOT met"))
         # The same probe loop over the cache's own K/V, run inside that benchmark: the read rate
         # of exactly the memory the step reads (this VM's read rate differs between buffers).
-        same = counter(f"decode/dense/llama2_7b/131072/threads:{t}", "same_memory_read_GB/s")
+        same = counter(step, "same_memory_read_GB/s")
         if same and dense:
-            f = dense / same
+            f = counter_ratio(step, "GB/s", step, "same_memory_read_GB/s")
             rows.append((f"  the same over the probe read of the cache's own K/V ({t} thread)",
                          f"{f:.0%} ({dense:.1f} of {same:.1f} GB/s)", f">= {target:.0%}", "met" if f >= target else "NOT met"))
     # Not a target: the GQA step's read rate against its own cache's, which tells whether the
     # GQA ratio above missed on memory (both steps near their caches' rates) or on the
     # four-query kernel (this one well below).
     for t in (1, 2):
-        same = counter(f"decode/dense/llama3_8b/131072/threads:{t}", "same_memory_read_GB/s")
-        gqa = counter(f"decode/dense/llama3_8b/131072/threads:{t}", "GB/s")
+        step = f"decode/dense/llama3_8b/131072/threads:{t}"
+        same, gqa = counter(step, "same_memory_read_GB/s"), counter(step, "GB/s")
         if same and gqa:
             rows.append((f"  for reference: dense decode 128k llama3_8b K/V read rate / its cache's own probe read ({t} thread)",
-                         f"{gqa / same:.0%} ({gqa:.1f} of {same:.1f} GB/s)", "", ""))
+                         f"{counter_ratio(step, 'GB/s', step, 'same_memory_read_GB/s'):.0%} ({gqa:.1f} of {same:.1f} GB/s)", "", ""))
     fma = [counter(f"probe/fma_peak/threads:{t}", "GFLOP/s") for t in (1, 2)]
     width = max(len(r[0]) for r in rows)
     print(f"host: {context.get('host_name', '?')}, {context.get('num_cpus', '?')} cpus, {context.get('date', '')}")
