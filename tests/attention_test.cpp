@@ -3,6 +3,7 @@
 
 #include "test_support.hpp"
 
+#include <cstring>
 #include <map>
 #include <memory_resource>
 #include <numeric>
@@ -123,6 +124,46 @@ TEST_CASE("appending tokens never changes earlier outputs") {
     const auto part = shorter.run(a);
     CHECK(test::max_abs_diff(part, std::vector<float>(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(part.size()))) == 0.0);
   }
+}
+
+TEST_CASE("truncate rewinds a cache: the same tokens after it give the same bits as the first time") {
+  const int w = 8, budget = 3, d = 16;
+  for (attention_method method : {attention_method::longheads, attention_method::dense})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+      CAPTURE(to_string(method));
+      CAPTURE(to_string(storage));
+      attention_config config = test::make_config(4, 2, d, w, budget, method);
+      config.kv_storage = storage;
+      attention<> a(config, rope(d));
+      const test::sequence seq(120, 4, 2, d, 610);
+      std::vector<float> first(40 * 4 * d), again(first.size());
+      // Back to a chunk boundary (64, past the budget, after 40 more tokens), and within the
+      // open chunk (98 of 96..103, after 4 more).
+      for (auto [prefix, more] : {std::pair{64, 40}, std::pair{98, 4}}) {
+        CAPTURE(prefix);
+        auto cache = a.make_cache();
+        a.ingest(cache, seq.qv(0, prefix), seq.kv(0, prefix), seq.vv(0, prefix));
+        a.prefill(cache, seq.qv(prefix, more), seq.kv(prefix, more), seq.vv(prefix, more), {first.data(), more, 4, d});
+        const kv_cache after_first = cache;
+        cache.truncate(prefix);
+        CHECK(cache.tokens() == prefix);
+        CHECK(cache.last_selection(0).empty());
+        a.prefill(cache, seq.qv(prefix, more), seq.kv(prefix, more), seq.vv(prefix, more), {again.data(), more, 4, d});
+        CHECK(std::memcmp(first.data(), again.data(), static_cast<std::size_t>(more) * 4 * d * sizeof(float)) == 0);
+        CHECK(cache == after_first);
+      }
+      // Rejected: past the end, negative, and inside a full chunk; the cache is left as it was.
+      auto cache = a.make_cache();
+      a.ingest(cache, seq.qv(0, 50), seq.kv(0, 50), seq.vv(0, 50));
+      const kv_cache before = cache;
+      CHECK_THROWS_AS(cache.truncate(51), limit_error);
+      CHECK_THROWS_AS(cache.truncate(-1), limit_error);
+      CHECK_THROWS_WITH(cache.truncate(41), doctest::Contains("41 tokens; the cache holds 50 and can go back to a multiple of the chunk size 8 or to any length from 48"));
+      CHECK(cache == before);
+      cache.truncate(48);
+      cache.truncate(0);
+      CHECK(cache.tokens() == 0);
+    }
 }
 
 TEST_CASE("selections: right count, sorted, sinks and locals present, nothing from the future") {

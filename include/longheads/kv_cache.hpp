@@ -109,6 +109,24 @@ class kv_cache {
     std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
   }
 
+  /// Forgets every token from position `tokens` on and keeps the memory: later calls then see
+  /// the cache that held those `tokens` tokens (no last selection is recorded, as after
+  /// clear()). Rewinds to a chunk boundary (a multiple of chunk_size) or within the open chunk:
+  /// an earlier chunk's queries, which its encoding needs, are not kept. For going back to a
+  /// shared prefix, or a benchmark that starts every run from the same context.
+  /// @throws limit_error if `tokens` is negative, past tokens(), or inside an earlier chunk
+  /// than the open one without being a chunk boundary; strong guarantee.
+  void truncate(std::int64_t tokens) {
+    const std::int64_t open_chunk_start = full_chunks() * shape_.chunk_size;
+    if (tokens < 0 || tokens > tokens_ || (tokens < open_chunk_start && tokens % shape_.chunk_size != 0))
+      detail::fail<limit_error>("kv_cache::truncate: " + std::to_string(tokens) + " tokens; the cache holds " + std::to_string(tokens_) +
+                                " and can go back to a multiple of the chunk size " + std::to_string(shape_.chunk_size) +
+                                " or to any length from " + std::to_string(open_chunk_start));
+    if (tokens == tokens_) return;
+    tokens_ = tokens;
+    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
+  }
+
   /// [w, d] keys of one chunk of one kv head, rotated at local positions (fp32 caches).
   const float* keys(std::int64_t chunk, int kv_head) const noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
   /// [w, d] values of one chunk of one kv head (fp32 caches).
