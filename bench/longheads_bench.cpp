@@ -49,7 +49,7 @@ constexpr model_shape prefill_shape{"h8_kv8_d128", 8, 8, 128};
 
 bool smoke = false;  // --smoke: tiny sizes so the executable cannot rot (ctest runs it)
 bool small_pages = false;  // --small-pages: caches, probe and prefill buffers from new/delete, on 4 KB pages
-int rounds = 1;  // --rounds=N: each group's benchmarks N times, interleaved (register_all)
+int group_rounds = 1;  // --rounds=N: each group's benchmarks N times, interleaved (register_all)
 
 /// Where caches, probe buffers and prefill activations live: the same memory for all, so the
 /// probes measure what the kernels read from.
@@ -100,10 +100,10 @@ attention_config config_for(const model_shape& s, attention_method method, int c
   return c;
 }
 
-/// Tokens of room past the context for the timed decode steps, each of which appends one: one
-/// round of a cache's benchmarks (four at most, 0.5 s each) takes under 3000 steps even at 8k;
-/// beyond it the cache grows, as an engine's would.
-std::int64_t decode_room() { return std::int64_t{4096} * (rounds + 1); }
+/// Tokens of room past the context for the timed steps of one decode run, each of which
+/// appends one (a run of 0.5 s takes under 1000 steps even at 8k; beyond the room the cache
+/// grows, as an engine's would). Every run starts from the context again (kv_cache::truncate).
+constexpr std::int64_t decode_room = 4096;
 
 /// A cache holding `context` tokens, built with ingest() in blocks and kept while the
 /// benchmarks of its group (context, method, storage; every shape) run, which the
@@ -118,7 +118,7 @@ kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64
   auto& slot = caches[wanted];
   if (slot) return *slot;
   attention<threaded> a(config_for(s, method, 256, 16, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
-  slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room(), bench_memory()));
+  slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room, bench_memory()));
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
     const std::int64_t n = std::min(block, context - first);
@@ -175,8 +175,11 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
             kv_precision storage) {
   const int w = 256, chunks = 16;
   kv_cache& cache = filled_cache(s, method, context, storage);
+  // The steps of earlier runs on this cache appended tokens: at 8k the rounds' steps would
+  // otherwise grow the context by half before the last run.
+  cache.truncate(context);
   attention<Policies> a(config_for(s, method, w, chunks, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
-  a.reserve(cache.tokens() + decode_room(), 1);
+  a.reserve(context + decode_room, 1);
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
   std::int64_t step = 0;
@@ -353,7 +356,7 @@ void register_all() {
   const std::vector<unsigned> thread_counts = {1, 2};
   const std::size_t probe_bytes = smoke ? (std::size_t{1} << 20) : (std::size_t{1} << 29);
   auto in_rounds = [](auto&& register_group) {
-    for (int round = 0; round < rounds; ++round) register_group();
+    for (int round = 0; round < group_rounds; ++round) register_group();
   };
   in_rounds([&] {
     for (unsigned t : thread_counts) benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
@@ -423,7 +426,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "longheads_bench: --rounds wants a whole number from 1 to 100, got '%s'\n", argv[i] + 9);
         return 1;
       }
-      rounds = static_cast<int>(n);
+      group_rounds = static_cast<int>(n);
       continue;
     }
     args.push_back(argv[i]);
