@@ -3,8 +3,8 @@
 // component alone, and probes of this machine's memory bandwidth and FMA peak, so every report
 // can state the fraction of the machine's limits reached in the same run.
 //
-//   longheads_bench                       # the full suite (minutes; needs ~7 GB for 128k caches)
-//   longheads_bench --smoke               # tiny sizes, one repetition: the ctest entry
+//   longheads_bench                       # the full suite (minutes; ~9 GB peak with the 128k caches)
+//   longheads_bench --smoke               # tiny sizes, one repetition (the ctest entry adds --rounds=2)
 //   longheads_bench --small-pages         # caches, probe and prefill buffers on 4 KB pages (default: huge pages)
 //   longheads_bench --rounds=3            # each group of compared benchmarks 3 times, interleaved (register_all)
 //   longheads_bench --benchmark_filter=decode --benchmark_format=json
