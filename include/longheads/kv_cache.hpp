@@ -104,10 +104,7 @@ class kv_cache {
   }
 
   /// Forgets the sequence, keeps the memory.
-  void clear() noexcept {
-    tokens_ = 0;
-    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
-  }
+  void clear() noexcept { rewind(0); }
 
   /// Forgets every token from position `tokens` on and keeps the memory: later calls then see
   /// the cache that held those `tokens` tokens (no last selection is recorded, as after
@@ -122,9 +119,7 @@ class kv_cache {
       detail::fail<limit_error>("kv_cache::truncate: " + std::to_string(tokens) + " tokens; the cache holds " + std::to_string(tokens_) +
                                 " and can go back to a multiple of the chunk size " + std::to_string(shape_.chunk_size) +
                                 " or to any length from " + std::to_string(open_chunk_start));
-    if (tokens == tokens_) return;
-    tokens_ = tokens;
-    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
+    rewind(tokens);
   }
 
   /// [w, d] keys of one chunk of one kv head, rotated at local positions (fp32 caches).
@@ -178,6 +173,11 @@ class kv_cache {
  private:
   template <class>
   friend class attention;
+
+  void rewind(std::int64_t tokens) noexcept {
+    tokens_ = tokens;
+    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
+  }
 
   std::size_t kv_floats_per_chunk() const noexcept {
     return static_cast<std::size_t>(shape_.n_kv_heads) * static_cast<std::size_t>(shape_.chunk_size) *
