@@ -33,12 +33,13 @@ def seconds(b):
     return b["real_time"] * scale
 
 
-def paired(numerators, denominators, value):
-    """The median of value(n_k) / value(d_k) over measurements k when both ran equally often,
-    else the ratio of the medians."""
+def paired(numerators, denominators, value, denominator_value=None):
+    """The median of value(n_k) / denominator_value(d_k) (default: value) over measurements k
+    when both ran equally often, else the ratio of the medians."""
+    denominator_value = denominator_value or value
     if len(numerators) == len(denominators):
-        return statistics.median(value(n) / value(d) for n, d in zip(numerators, denominators))
-    return statistics.median(map(value, numerators)) / statistics.median(map(value, denominators))
+        return statistics.median(value(n) / denominator_value(d) for n, d in zip(numerators, denominators))
+    return statistics.median(map(value, numerators)) / statistics.median(map(denominator_value, denominators))
 
 
 def main():
@@ -64,10 +65,7 @@ def main():
         """numerator's counter over denominator's, paired by measurement as ratios of times are."""
         if not (has(numerator, numerator_key) and has(denominator, denominator_key)):
             return None
-        pairs = list(zip(runs[numerator], runs[denominator])) if len(runs[numerator]) == len(runs[denominator]) else None
-        if pairs:
-            return statistics.median(n[numerator_key] / d[denominator_key] for n, d in pairs)
-        return counter(numerator, numerator_key) / counter(denominator, denominator_key)
+        return paired(runs[numerator], runs[denominator], lambda b: b[numerator_key], lambda b: b[denominator_key])
 
     for t in (1, 2):
         ratio(f"decode 128k llama2_7b: longheads faster than dense ({t} thread)", f"decode/longheads/llama2_7b/131072/threads:{t}",
