@@ -190,18 +190,20 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
     ++step;
   }
   // K/V bytes the kernel reads per step, from the last step's choices: each chunk is read once
-  // for all heads of its kv group that chose it (dense: every chunk once per group), plus
-  // LongHeads' scoring pass over every head's chunk representations.
+  // for all heads of its kv group that chose it (dense: every chunk once per group), the last
+  // query's own chunk only up to the query, plus LongHeads' scoring pass over every head's
+  // chunk representations.
   const double kv_row = 2.0 * s.head_dim * static_cast<double>(kv_element_bytes(storage));
   const int group = s.n_q_heads / s.n_kv_heads;
-  double chunk_reads = 0;
+  const std::int64_t query_chunk = (cache.tokens() - 1) / w;
+  double rows_read = 0;
   for (int g = 0; g < s.n_kv_heads; ++g) {
     std::set<std::int32_t> chunks_of_group;
     for (int h = g * group; h < (g + 1) * group; ++h)
       for (std::int32_t c : cache.last_selection(h)) chunks_of_group.insert(c);
-    chunk_reads += static_cast<double>(chunks_of_group.size());
+    for (std::int32_t c : chunks_of_group) rows_read += static_cast<double>(c == query_chunk ? cache.tokens() - c * std::int64_t{w} : w);
   }
-  double bytes = chunk_reads * w * kv_row;
+  double bytes = rows_read * kv_row;
   if (method == attention_method::longheads)
     bytes += static_cast<double>(s.n_q_heads) * static_cast<double>(cache.full_chunks()) *
              static_cast<double>(cache.shape().representation_floats) * sizeof(float);
