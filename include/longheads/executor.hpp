@@ -52,7 +52,13 @@ struct serial_executor {
 };
 
 /// A fixed pool of threads; the calling thread works as lane 0. Copies share one pool, so the
-/// handle can sit in a policy bundle. Calls from several threads take turns.
+/// handle can sit in a policy bundle (or in the policies of every layer of a model).
+///
+/// Every parallel_for is a job of its own: the pool's workers take items from any open job,
+/// and each caller works through its own job's items too, so several threads calling at once
+/// share the workers instead of queueing for the pool, and a parallel_for called from inside
+/// an item (the same pool, nested) runs without deadlock: its caller never waits for an item
+/// that nobody has started. Lane numbers are per job: the caller is lane 0, worker i is lane i.
 class thread_pool_executor {
  public:
   /// @param threads total lanes including the caller; 0 means std::thread::hardware_concurrency().
@@ -65,6 +71,25 @@ class thread_pool_executor {
   void parallel_for(std::size_t n, index_task task) const { pool_->run(n, task); }
 
  private:
+  /// One parallel_for: lives on its caller's stack, linked into the pool's open jobs while it
+  /// has unclaimed items. Items are claimed with one atomic counter.
+  struct job {
+    const index_task* task = nullptr;
+    std::size_t items = 0;
+    std::atomic<std::size_t> next{0};
+    std::size_t finished = 0;  // items run to the end (guarded by the pool's mutex)
+    std::size_t helpers = 0;   // workers holding this job (guarded by the pool's mutex)
+    job* prev = nullptr;       // the open-jobs list, intrusive so that posting never allocates
+    job* following = nullptr;
+    bool open() const noexcept { return next.load(std::memory_order_relaxed) < items; }
+    /// Runs items until none is left; returns how many this lane ran.
+    std::size_t drain(std::size_t lane) {
+      std::size_t ran = 0;
+      for (std::size_t i = next.fetch_add(1); i < items; i = next.fetch_add(1), ++ran) (*task)(i, lane);
+      return ran;
+    }
+  };
+
   struct pool {
     explicit pool(std::size_t lanes) {
       for (std::size_t lane = 1; lane < lanes; ++lane) workers.emplace_back([this, lane] { work(lane); });
@@ -77,21 +102,32 @@ class thread_pool_executor {
       wake.notify_all();
       for (auto& t : workers) t.join();
     }
-    void drain(std::size_t lane) {
-      for (std::size_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) (*task)(i, lane);
+    job* first_open() const noexcept {
+      for (job* j = open_jobs; j != nullptr; j = j->following)
+        if (j->open()) return j;
+      return nullptr;
+    }
+    void link(job& j) noexcept {
+      j.following = open_jobs;
+      if (open_jobs != nullptr) open_jobs->prev = &j;
+      open_jobs = &j;
+    }
+    void unlink(job& j) noexcept {
+      (j.prev != nullptr ? j.prev->following : open_jobs) = j.following;
+      if (j.following != nullptr) j.following->prev = j.prev;
     }
     void work(std::size_t lane) {
-      std::uint64_t seen = 0;
+      std::unique_lock lock(mutex);
       for (;;) {
-        {
-          std::unique_lock lock(mutex);
-          wake.wait(lock, [&] { return stopping || generation != seen; });
-          if (stopping) return;
-          seen = generation;
-        }
-        drain(lane);
-        std::lock_guard lock(mutex);
-        if (--busy == 0) done.notify_one();
+        job* j = nullptr;
+        wake.wait(lock, [&] { return stopping || (j = first_open()) != nullptr; });
+        if (stopping) return;
+        ++j->helpers;
+        lock.unlock();
+        const std::size_t ran = j->drain(lane);
+        lock.lock();
+        j->finished += ran;
+        if (--j->helpers == 0 && j->finished == j->items) done.notify_all();
       }
     }
     void run(std::size_t n, index_task t) {
@@ -99,30 +135,26 @@ class thread_pool_executor {
         for (std::size_t i = 0; i < n; ++i) t(i, 0);
         return;
       }
-      std::lock_guard turn(caller);
+      job j;
+      j.task = &t;
+      j.items = n;
       {
         std::lock_guard lock(mutex);
-        task = &t;
-        items = n;
-        next.store(0);
-        busy = workers.size();
-        ++generation;
+        link(j);
       }
       wake.notify_all();
-      drain(0);
+      const std::size_t ran = j.drain(0);
       std::unique_lock lock(mutex);
-      done.wait(lock, [&] { return busy == 0; });
+      unlink(j);  // every item is claimed: no worker takes it up any more
+      j.finished += ran;
+      done.wait(lock, [&] { return j.helpers == 0 && j.finished == j.items; });
     }
 
     std::vector<std::thread> workers;
-    std::mutex caller, mutex;
+    std::mutex mutex;
     std::condition_variable wake, done;
-    std::uint64_t generation = 0;
     bool stopping = false;
-    std::size_t busy = 0;
-    std::size_t items = 0;
-    std::atomic<std::size_t> next{0};
-    const index_task* task = nullptr;
+    job* open_jobs = nullptr;
   };
   std::shared_ptr<pool> pool_;
 };
