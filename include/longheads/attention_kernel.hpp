@@ -190,7 +190,7 @@ struct online_softmax_kernel {
         p.store_unaligned(logits[r] + j);
         sum += p;
       }
-      state.denominator += xsimd::hadd(sum);
+      state.denominator += detail::reduce_add(sum);
     }
     // Values in blocks of rows small enough to stay in L1 while every column block of the
     // outputs sweeps them.

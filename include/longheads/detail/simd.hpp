@@ -32,6 +32,17 @@ namespace longheads::detail {
 using float_batch = xsimd::batch<float>;
 inline constexpr std::ptrdiff_t simd_width = static_cast<std::ptrdiff_t>(float_batch::size);
 
+/// The sum of a batch's lanes: the one place the library names xsimd's reduction, which xsimd 8
+/// calls hadd and later releases reduce_add (hadd deprecated in 9, then removed).
+template <class Batch>
+inline auto reduce_add(const Batch& x) noexcept {
+#if XSIMD_VERSION_MAJOR >= 9
+  return xsimd::reduce_add(x);
+#else
+  return xsimd::hadd(x);
+#endif
+}
+
 /// Element types a key or value row may be stored in.
 template <class T>
 concept kv_element = std::same_as<T, float> || std::same_as<T, bf16>;
@@ -115,7 +126,7 @@ inline void dot_rows(const float* const (&a)[R], const float* b, std::ptrdiff_t 
   }
   LONGHEADS_UNROLL
   for (std::size_t r = 0; r < R; ++r) {
-    float sum = xsimd::hadd(acc0[r] + acc1[r]);
+    float sum = reduce_add(acc0[r] + acc1[r]);
     for (std::ptrdiff_t j = i; j < n; ++j) sum = std::fma(a[r][j], b[j], sum);
     out[r] = sum;
   }
@@ -131,7 +142,7 @@ inline float dot(const float* a, const float* b, std::ptrdiff_t n) noexcept {
 /// Lane j = the sum of rows[j]'s lanes, for simd_width rows at once (a transposing reduction:
 /// about two shuffles and adds per row instead of a full reduction each). Lane j depends only on
 /// rows[j], summed in a fixed order. (xsimd 8.1's haddp permutes some lanes on AVX-512, so the
-/// x86 paths are spelled out; elsewhere each row is reduced with hadd.)
+/// x86 paths are spelled out; elsewhere each row is reduced with reduce_add.)
 template <class Batch = float_batch>
 inline Batch sum_rows(const Batch* rows) noexcept {
 #if defined(__AVX512F__) && defined(__GNUC__)
@@ -168,7 +179,7 @@ inline Batch sum_rows(const Batch* rows) noexcept {
   }
 #endif
   alignas(Batch::arch_type::alignment()) float sums[Batch::size];
-  for (std::size_t j = 0; j < Batch::size; ++j) sums[j] = xsimd::hadd(rows[j]);
+  for (std::size_t j = 0; j < Batch::size; ++j) sums[j] = reduce_add(rows[j]);
   return Batch::load_aligned(sums);
 }
 
@@ -248,7 +259,7 @@ inline float bound_dot(const float* q, const float* lo, const float* hi, std::pt
     const float_batch q0 = float_batch::load_unaligned(q + i);
     acc0 += xsimd::max(q0 * float_batch::load_unaligned(lo + i), q0 * float_batch::load_unaligned(hi + i));
   }
-  float sum = xsimd::hadd(acc0 + acc1);
+  float sum = reduce_add(acc0 + acc1);
   for (; i < n; ++i) sum += std::max(q[i] * lo[i], q[i] * hi[i]);
   return sum;
 }
