@@ -56,11 +56,38 @@ inline void softmax_in_place(float* x, std::ptrdiff_t n) noexcept {
   for (std::ptrdiff_t i = 0; i < n; ++i) sum += x[i] = std::exp(x[i] - top);
   scale(1.0f / sum, x, n);
 }
+
+/// Rows of Q K^T computed at a time by the encoders that need the chunk's own attention: their
+/// scratch is then linear in the chunk size (a w x w matrix at w = 65536 would be 16 GiB). A
+/// multiple of 4, so matmul_nt groups the rows as it would for the whole matrix (same bits).
+inline constexpr std::ptrdiff_t attention_rows_per_block = 16;
+
+/// Calls row(r, probabilities) for r = 0..w-1 in order, where probabilities is row r of
+/// softmax(scale Q K^T), computed a block of rows at a time in `scratch` (block * w floats).
+template <class Row>
+void for_each_attention_row(const chunk_inputs& in, float* scratch, Row&& row) noexcept {
+  const std::ptrdiff_t w = in.keys.rows();
+  for (std::ptrdiff_t r0 = 0; r0 < w; r0 += attention_rows_per_block) {
+    const std::ptrdiff_t rows = std::min(attention_rows_per_block, w - r0);
+    const matrix_view<float> probs(scratch, rows, w);
+    matmul_nt(in.queries.slice_rows(r0, rows), in.keys, probs);
+    for (std::ptrdiff_t r = 0; r < rows; ++r) {
+      scale(in.scale, probs.row(r), w);
+      softmax_in_place(probs.row(r), w);
+      row(r0 + r, probs.row(r));
+    }
+  }
+}
+inline std::size_t attention_rows_floats(const attention_config& cfg) noexcept {
+  return static_cast<std::size_t>(std::min<std::ptrdiff_t>(attention_rows_per_block, cfg.chunk_size)) * static_cast<std::size_t>(cfg.chunk_size);
+}
+
 }  // namespace detail
 
 /// The paper's encoder (see the file comment). Cost per chunk: a w x w x d product plus
-/// O(w d). Every step is a fixed-order loop, so the bits of a representation depend only on
-/// the chunk, never on the thread, the buffer addresses or how the sequence was split.
+/// O(w d); scratch O(w), the attention matrix taken a block of rows at a time. Every step is a
+/// fixed-order loop, so the bits of a representation depend only on the chunk, never on the
+/// thread, the buffer addresses or how the sequence was split.
 struct attention_pooled_encoder {
   /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
@@ -68,8 +95,7 @@ struct attention_pooled_encoder {
   }
   /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg) const noexcept {
-    const auto w = static_cast<std::size_t>(cfg.chunk_size);
-    return w * w + 2 * w + static_cast<std::size_t>(cfg.head_dim);
+    return detail::attention_rows_floats(cfg) + 2 * static_cast<std::size_t>(cfg.chunk_size) + static_cast<std::size_t>(cfg.head_dim);
   }
   /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
@@ -77,18 +103,12 @@ struct attention_pooled_encoder {
   /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
-    const matrix_view<float> probs(scratch.data(), w, w);
-    float* column_mean = scratch.data() + w * w;
+    float* column_mean = scratch.data() + std::min(detail::attention_rows_per_block, w) * w;
     float* key_weights = column_mean + w;
     float* summary = key_weights + w;
-    matmul_nt(in.queries, in.keys, probs);  // Q K^T
-    for (std::ptrdiff_t r = 0; r < w; ++r) {
-      detail::scale(in.scale, probs.row(r), w);
-      detail::softmax_in_place(probs.row(r), w);
-    }
     // mean_i (P V)_i = (mean_i P_i) V: one w-vector times V instead of a w x w x d product.
     std::fill_n(column_mean, w, 0.0f);
-    for (std::ptrdiff_t r = 0; r < w; ++r) detail::axpy(1.0f, probs.row(r), column_mean, w);
+    detail::for_each_attention_row(in, scratch.data(), [&](std::ptrdiff_t, const float* p) { detail::axpy(1.0f, p, column_mean, w); });
     std::fill_n(summary, d, 0.0f);
     for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(column_mean[j] / static_cast<float>(w), in.values.row(j), summary, d);
     for (std::ptrdiff_t j = 0; j < w; ++j) key_weights[j] = in.scale * detail::dot(summary, in.keys.row(j), d);
@@ -157,8 +177,7 @@ struct representative_keys_encoder {
   }
   /// Floats of caller-owned scratch one call needs (policies never allocate).
   std::size_t scratch_floats(const attention_config& cfg) const noexcept {
-    const auto w = static_cast<std::size_t>(cfg.chunk_size);
-    return w * w + 2 * w;
+    return detail::attention_rows_floats(cfg) + 2 * static_cast<std::size_t>(cfg.chunk_size);
   }
   /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config& cfg) const {
@@ -169,16 +188,10 @@ struct representative_keys_encoder {
   /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
-    const matrix_view<float> probs(scratch.data(), w, w);
-    float* mass = scratch.data() + w * w;
+    float* mass = scratch.data() + std::min(detail::attention_rows_per_block, w) * w;
     float* order = mass + w;  // key indices, as floats (exact below 2^24)
-    matmul_nt(in.queries, in.keys, probs);
     std::fill_n(mass, w, 0.0f);
-    for (std::ptrdiff_t r = 0; r < w; ++r) {
-      detail::scale(in.scale, probs.row(r), w);
-      detail::softmax_in_place(probs.row(r), w);
-      detail::axpy(1.0f, probs.row(r), mass, w);
-    }
+    detail::for_each_attention_row(in, scratch.data(), [&](std::ptrdiff_t, const float* p) { detail::axpy(1.0f, p, mass, w); });
     for (std::ptrdiff_t j = 0; j < w; ++j) order[j] = static_cast<float>(j);
     const auto more_mass = [&](float a, float b) {
       const float ma = mass[static_cast<std::ptrdiff_t>(a)], mb = mass[static_cast<std::ptrdiff_t>(b)];
