@@ -14,6 +14,7 @@
 
 #include <longheads/longheads.hpp>
 
+#include "counters.hpp"
 #include "huge_pages.hpp"
 
 #include <algorithm>
@@ -109,6 +110,10 @@ constexpr std::int64_t decode_room = 4096;
 /// benchmarks of its group (context, method, storage; every shape) run, which the
 /// registration keeps together (the 128k fp32 caches of both shapes take ~7 GB).
 kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage) {
+  // The resource first: function-local statics are destroyed in reverse order of construction,
+  // so the caches then give their blocks back before the resource goes (a filtered run that
+  // reached no probe used to construct it second and crash at exit).
+  std::pmr::memory_resource* memory = bench_memory();
   using key = std::tuple<std::int64_t, int, int, std::string>;
   static std::map<key, std::unique_ptr<kv_cache>> caches;
   const key wanted{context, static_cast<int>(method), static_cast<int>(storage), s.name};
@@ -118,7 +123,7 @@ kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64
   auto& slot = caches[wanted];
   if (slot) return *slot;
   attention<threaded> a(config_for(s, method, 256, 16, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
-  slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room, bench_memory()));
+  slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room, memory));
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
     const std::int64_t n = std::min(block, context - first);
@@ -139,7 +144,7 @@ float read_sum(const float* p, std::size_t n) {
     a2 += batch::load_unaligned(p + i + 2 * batch::size);
     a3 += batch::load_unaligned(p + i + 3 * batch::size);
   }
-  return xsimd::hadd(a0 + a1 + a2 + a3);
+  return longheads::detail::reduce_add(a0 + a1 + a2 + a3);
 }
 
 /// The read probe over a cache's own K/V bytes (fp32, every full chunk of every kv head, in
@@ -182,13 +187,48 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   a.reserve(context + decode_room, 1);
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
+  // Each step's own time, for p50/p99/max, and the chunk-completion steps' (they encode the
+  // chunk for every head); a ring of the last steps, allocated before timing.
+  std::vector<double> step_us(1 << 16);
+  std::vector<double> completion_us;
+  completion_us.reserve(1 << 12);
   std::int64_t step = 0;
-  for (auto _ : state) {
+  auto one_step = [&] {
+    // Back to the stated context every w steps: the steps cycle through one chunk, so the
+    // context stays within w tokens of the stated one and every w steps hold one completion.
+    if (cache.tokens() == context + w) cache.truncate(context);
+    const bool completes = (cache.tokens() + 1) % w == 0;
+    const auto start = std::chrono::steady_clock::now();
     a.decode(cache, {noise_at(step, hq), 1, s.n_q_heads, s.head_dim}, {noise_at(step + 1, hkv), 1, s.n_kv_heads, s.head_dim},
              {noise_at(step + 2, hkv), 1, s.n_kv_heads, s.head_dim}, {out.data(), 1, s.n_q_heads, s.head_dim});
     benchmark::DoNotOptimize(out.data());
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    step_us[static_cast<std::size_t>(step) % step_us.size()] = us;
+    if (completes && completion_us.size() < completion_us.capacity()) completion_us.push_back(us);
     ++step;
+  };
+  if (method == attention_method::longheads) {
+    // LongHeads' timed steps cover whole chunks (iterations in batches of w), so the mean
+    // weighs the completion step as decoding does: once every w tokens.
+    while (state.KeepRunningBatch(w))
+      for (int i = 0; i < w; ++i) one_step();
+  } else {
+    // Dense steps cost the same at a chunk's end (nothing is encoded); a whole chunk of 128k
+    // dense steps would take 13 s a run.
+    for (auto _ : state) one_step();
   }
+  auto percentile = [](std::vector<double> x, double q) {
+    if (x.empty()) return 0.0;
+    const auto at = static_cast<std::ptrdiff_t>(q * static_cast<double>(x.size() - 1) + 0.5);
+    std::nth_element(x.begin(), x.begin() + at, x.end());
+    return x[static_cast<std::size_t>(at)];
+  };
+  step_us.resize(std::min<std::size_t>(step_us.size(), static_cast<std::size_t>(step)));
+  state.counters["step_p50_us"] = percentile(step_us, 0.5);
+  state.counters["step_p99_us"] = percentile(step_us, 0.99);
+  state.counters["step_max_us"] = step_us.empty() ? 0.0 : *std::max_element(step_us.begin(), step_us.end());
+  state.counters["completion_steps"] = static_cast<double>(completion_us.size());
+  state.counters["completion_step_us"] = percentile(completion_us, 0.5);
   // K/V bytes the kernel reads per step, from the last step's choices: each chunk is read once
   // for all heads of its kv group that chose it (dense: every chunk once per group), the last
   // query's own chunk only up to the query, plus LongHeads' scoring pass over every head's
@@ -237,11 +277,10 @@ void prefill(benchmark::State& state, model_shape s, attention_method method, st
               {v.data(), tokens, s.n_kv_heads, s.head_dim}, {out.data(), tokens, s.n_q_heads, s.head_dim});
     benchmark::DoNotOptimize(out.data());
   }
-  // Attention flops (QK and PV, 2 flops per multiply-add): dense sums p + 1 keys per query;
-  // LongHeads min(p + 1, budget) plus scoring and chunk encoding.
+  // Attention flops (QK and PV, 2 flops per multiply-add) over the keys each query reads
+  // (bench::keys_read), plus LongHeads' scoring and chunk encoding.
   double keys = 0;
-  const double budget = static_cast<double>(w) * chunks;
-  for (std::int64_t p = 0; p < tokens; ++p) keys += method == attention_method::dense ? static_cast<double>(p + 1) : std::min<double>(p + 1, budget);
+  for (std::int64_t p = 0; p < tokens; ++p) keys += static_cast<double>(bench::keys_read(method, p, w, chunks));
   double flops = 4.0 * s.head_dim * keys * s.n_q_heads;
   if (method == attention_method::longheads) {
     const double full_chunks = static_cast<double>(tokens / w);
