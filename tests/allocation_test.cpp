@@ -54,28 +54,50 @@ struct pooled_quest_group : pooled {
   using group_selection = group_max_selection;
 };
 
-/// Decodes `steps` tokens after a reserved, warmed-up prefill; returns the allocations made
+/// How the host prepares the cache and the scratch before decoding: every public way.
+enum class preparation {
+  make_cache_reserved,     // attention::make_cache(n) + attention::reserve(n, prompt)
+  cache_reserve,           // kv_cache(shape) + kv_cache::reserve(n) + attention::reserve(n, prompt) (examples/llama2c)
+  copy_of_reserved,        // a copy of a reserved cache
+  truncated,               // a reserved cache that held more tokens, truncated back
+};
+
+/// Decodes `steps` tokens after a prefill and one warm-up step; returns the allocations made
 /// while decoding.
 template <class Policies>
 long allocations_while_decoding(attention_method method, typename attention<Policies>::policy_set policies = {},
-                                kv_precision storage = kv_precision::fp32) {
-  const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 100;
+                                kv_precision storage = kv_precision::fp32, preparation how = preparation::make_cache_reserved) {
+  const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 200;
   const test::sequence seq(prompt + steps, hq, hkv, d, 77);
   attention_config config = test::make_config(hq, hkv, d, w, budget, method);
   config.kv_storage = storage;
   attention<Policies> a(config, rope(d), std::move(policies));
   a.reserve(prompt + steps, prompt);
-  auto cache = a.make_cache(prompt + steps);
   std::vector<float> out(static_cast<std::size_t>(prompt + steps) * hq * d);
-  auto feed = [&](int first, int count) {
+  auto feed = [&](kv_cache& cache, int first, int count) {
     a.prefill(cache, seq.qv(first, count), seq.kv(first, count), seq.vv(first, count),
               {out.data() + static_cast<std::ptrdiff_t>(first) * hq * d, count, hq, d});
   };
-  feed(0, prompt - 1);
-  feed(prompt - 1, 1);  // warm-up decode
+  kv_cache cache(a.shape());
+  switch (how) {
+    case preparation::make_cache_reserved: cache = a.make_cache(prompt + steps); break;
+    case preparation::cache_reserve: cache.reserve(prompt + steps); break;
+    case preparation::copy_of_reserved: {
+      const kv_cache reserved = a.make_cache(prompt + steps);
+      cache = reserved;
+      break;
+    }
+    case preparation::truncated:
+      cache = a.make_cache(prompt + steps);
+      feed(cache, 0, prompt + steps);
+      cache.truncate(0);
+      break;
+  }
+  feed(cache, 0, prompt - 1);
+  feed(cache, prompt - 1, 1);  // warm-up decode
   allocations = 0;
   counting = true;
-  for (int t = prompt; t < prompt + steps; ++t) feed(t, 1);  // crosses 6 chunk boundaries (encoding)
+  for (int t = prompt; t < prompt + steps; ++t) feed(cache, t, 1);  // crosses 12 chunk boundaries (encoding)
   counting = false;
   return allocations.load();
 }
@@ -89,6 +111,16 @@ TEST_CASE("decode after reserve and one warm-up step allocates nothing") {
   CHECK(allocations_while_decoding<pooled_quest_group>(attention_method::longheads, {.executor = thread_pool_executor(2)}) == 0);
   CHECK(allocations_while_decoding<paper_policies>(attention_method::longheads, {}, kv_precision::bf16) == 0);
   CHECK(allocations_while_decoding<paper_policies>(attention_method::dense, {}, kv_precision::bf16) == 0);
+}
+
+TEST_CASE("every public way of preparing a cache gives allocation-free decode (review finding 3)") {
+  for (preparation how : {preparation::cache_reserve, preparation::copy_of_reserved, preparation::truncated})
+    for (attention_method method : {attention_method::longheads, attention_method::dense, attention_method::sink_window}) {
+      CAPTURE(static_cast<int>(how));
+      CAPTURE(to_string(method));
+      CHECK(allocations_while_decoding<paper_policies>(method, {}, kv_precision::fp32, how) == 0);
+      CHECK(allocations_while_decoding<pooled>(method, {.executor = thread_pool_executor(2)}, kv_precision::bf16, how) == 0);
+    }
 }
 
 TEST_CASE("the counter sees allocations (the test above can fail)") {

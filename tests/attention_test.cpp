@@ -29,9 +29,10 @@ TEST_CASE("within the budget LongHeads is exactly dense causal attention") {
       attention<> lh(test::make_config(heads.hq, heads.hkv, d, w, budget), r);
       const test::sequence seq(w * budget, heads.hq, heads.hkv, d, 100 + heads.hkv);
       const auto expected = reference::dense_causal(seq.problem(r));
-      CHECK(test::max_abs_diff(seq.run(lh), expected) <= tolerance);
+      const auto out = seq.run(lh);
+      CHECK(test::max_abs_diff(out, expected) <= tolerance);
       attention<> dense(test::make_config(heads.hq, heads.hkv, d, w, budget, attention_method::dense), r);
-      CHECK(test::max_abs_diff(seq.run(dense), expected) <= tolerance);
+      CHECK(seq.run(dense) == out);  // exactly: the same bits as the dense method
     }
 }
 
@@ -95,7 +96,7 @@ TEST_CASE("prefill, token-by-token decode and any split give the same outputs") 
       const auto whole = seq.run(a);
       for (int split : {1, 2, 5, 7, 8, 21, 64}) {
         CAPTURE(split);
-        CHECK(test::max_abs_diff(seq.run(a, split), whole) <= tolerance);
+        CHECK(seq.run(a, split) == whole);
       }
       // An irregular split crossing chunk boundaries at odd places.
       auto cache = a.make_cache();
@@ -108,7 +109,7 @@ TEST_CASE("prefill, token-by-token decode and any split give the same outputs") 
                   {out.data() + first * heads.hq * d, count, heads.hq, d});
         first += count;
       }
-      CHECK(test::max_abs_diff(out, whole) <= tolerance);
+      CHECK(out == whole);
     }
 }
 
@@ -415,7 +416,7 @@ TEST_CASE("swapped policies compose and match the naive algorithm given the same
   const auto expected = reference::longheads(ref_problem, s, &expected_sel);
   CHECK(sel == expected_sel);
   CHECK(test::max_abs_diff(out, expected) <= tolerance);
-  CHECK(test::max_abs_diff(seq.run(a, 1), out) <= tolerance);
+  CHECK(seq.run(a, 1) == out);
 }
 
 namespace {
@@ -462,9 +463,12 @@ TEST_CASE_TEMPLATE("selection policies beyond the paper's pass the same exactnes
     const int w = 8, budget = 4, d = 16;
     rope r(d, 10000.0, rope_layout::interleaved);
     attention<Policies> a(test::make_config(heads.hq, heads.hkv, d, w, budget), r);
-    // Fits the budget: exactly dense causal attention.
+    // Fits the budget: exactly dense causal attention (the dense method's bits).
     const test::sequence short_seq(w * budget, heads.hq, heads.hkv, d, 1300);
-    CHECK(test::max_abs_diff(short_seq.run(a), reference::dense_causal(short_seq.problem(r))) <= tolerance);
+    const auto short_out = short_seq.run(a);
+    CHECK(test::max_abs_diff(short_out, reference::dense_causal(short_seq.problem(r))) <= tolerance);
+    attention<Policies> dense(test::make_config(heads.hq, heads.hkv, d, w, budget, attention_method::dense), r);
+    CHECK(short_seq.run(dense) == short_out);
     // Past the budget: the naive algorithm with the same encoder and scorer, same selections.
     const test::sequence seq(6 * w * budget + 3, heads.hq, heads.hkv, d, 1400);
     std::vector<std::int32_t> sel, expected_sel;
@@ -710,7 +714,10 @@ TEST_CASE("bf16 KV storage: half the K/V bytes, within 1e-2 of fp32, and the sam
         for (std::size_t i = row * d; i < (row + 1) * d; ++i) worst = std::max(worst, std::abs(double(out[i]) - double(expected[i])));
       }
       CHECK(worst <= 1e-2 * largest);
-      CHECK(same_choice >= rows * 95 / 100);
+      // Near-ties flip 2 of 1200 rows in the case that flips most (docs/performance.md); a
+      // regression that flips more than twice that fails.
+      MESSAGE("rows whose selection differs: " << rows - same_choice << " of " << rows);
+      CHECK(rows - same_choice <= 4);
       if (!selects) CHECK(same_choice == rows);
 
       // Prefill, decode and splits give the same bits; so do threads.
@@ -726,7 +733,7 @@ TEST_CASE("bf16 KV storage: half the K/V bytes, within 1e-2 of fp32, and the sam
     attention_config lh = test::make_config(hq, hkv, d, w, 64), dense = test::make_config(hq, hkv, d, w, 64, attention_method::dense);
     lh.kv_storage = dense.kv_storage = kv_precision::bf16;
     attention<> a(lh, r), b(dense, r);
-    CHECK(test::max_abs_diff(seq.run(a), seq.run(b)) <= tolerance);
+    CHECK(seq.run(a) == seq.run(b));
   }
   // A bf16 cache does not serve an fp32 attention.
   attention_config c = test::make_config(hq, 2, d, w, budget);

@@ -68,6 +68,13 @@ struct attention_config {
     need(budget_chunks > 0, "budget_chunks must be > 0, got " + std::to_string(budget_chunks));
     need(budget_tokens() <= (std::int64_t{1} << 30),
          "budget_chunks * chunk_size must be <= 2^30 tokens, got " + std::to_string(budget_tokens()));
+    // A cache holds the open chunk's queries of every head, a chunk's keys and values of every
+    // kv head are one block, and a lane converts or rotates a chunk at a time: beyond this no
+    // memory holds one chunk of a layer (in double, so the product cannot overflow).
+    const double chunk_floats = double(chunk_size) * double(n_q_heads) * double(head_dim);
+    need(chunk_floats <= double(std::int64_t{1} << 31),
+         "chunk_size * n_q_heads * head_dim (one chunk's queries, which a cache keeps while the chunk is open) must be <= 2^31 floats, got " +
+             std::to_string(chunk_floats));
     need(sink_chunks >= 0, "sink_chunks must be >= 0, got " + std::to_string(sink_chunks));
     need(local_chunks >= 1, "local_chunks must be >= 1 (the current chunk holds the query), got " +
                                 std::to_string(local_chunks));

@@ -8,7 +8,9 @@
 //   representations  [H_q][chunk][r]      one per full chunk and query head (the encoder's output);
 //                                         head-major so each head's scoring reads them in one run
 //   open queries     [w][H_q][d]          queries of the open chunk, locally rotated, until it is encoded
-// plus what every head selected for the last query. Filled only by longheads::attention.
+// plus what every head selected for the last query. The cache does its own appends (rotating
+// keys, converting to the storage type, keeping the open chunk's queries) and bookkeeping; the
+// attention's stages call those writers in the order the algorithm runs.
 #pragma once
 
 #include <algorithm>
@@ -19,10 +21,13 @@
 #include <memory_resource>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "errors.hpp"
 #include "kv_storage.hpp"
+#include "rope.hpp"
 #include "views.hpp"
 
 namespace longheads {
@@ -51,7 +56,9 @@ inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int
 
 /// One sequence of one layer: keys rotated once at their local positions, values, the open
 /// chunk's queries and one representation per full chunk and query head.
-/// Made by attention::make_cache(); copyable; equal (==) when every stored bit is.
+/// Made by attention::make_cache(); copyable; equal (==) when every stored bit is. Hosts read
+/// it and call reserve(), clear() and truncate(); the writers below the readers are the
+/// attention's stages' (calling them directly bypasses the attention's validation).
 ///
 /// Its buffers (keys, values, representations, open queries) come from a
 /// std::pmr::memory_resource, so an engine can put them on huge pages, NUMA-local or pinned
@@ -95,6 +102,9 @@ class kv_cache {
       detail::fail<limit_error>("kv_cache: " + std::to_string(tokens) + " tokens is beyond the limit of " +
                                 std::to_string(max_sequence_tokens));
     const std::int64_t chunks = (tokens + shape_.chunk_size - 1) / shape_.chunk_size;
+    // The last selection of every head: at most one entry per chunk (dense attention reads
+    // them all), so a reserved cache never grows it while decoding.
+    reserve_selections(static_cast<std::size_t>(chunks));
     if (chunks <= capacity_chunks_) return;
     const std::size_t per_chunk = std::max(kv_floats_per_chunk(), representation_floats_per_chunk());
     if (static_cast<std::size_t>(chunks) > std::numeric_limits<std::ptrdiff_t>::max() / sizeof(float) / 4 / per_chunk)
@@ -170,52 +180,118 @@ class kv_cache {
     return kv_same && same(a.open_queries_.data(), b.open_queries_.data(), open);
   }
 
- private:
-  template <class>
-  friend class attention;
-
-  void rewind(std::int64_t tokens) noexcept {
-    tokens_ = tokens;
-    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
-  }
-
-  std::size_t kv_floats_per_chunk() const noexcept {
-    return static_cast<std::size_t>(shape_.n_kv_heads) * static_cast<std::size_t>(shape_.chunk_size) *
-           static_cast<std::size_t>(shape_.head_dim);
-  }
-  std::size_t representation_floats_per_chunk() const noexcept {
-    return static_cast<std::size_t>(shape_.n_q_heads) * shape_.representation_floats;
-  }
+  ///@{
+  /// Where one chunk of one kv head starts in the key and value storage, in elements, and the
+  /// elements of one chunk of every kv head: the attention plans reads as such offsets.
   std::size_t kv_offset(std::int64_t chunk, int kv_head) const noexcept {
     return (static_cast<std::size_t>(chunk) * static_cast<std::size_t>(shape_.n_kv_heads) + static_cast<std::size_t>(kv_head)) *
            static_cast<std::size_t>(shape_.chunk_size) * static_cast<std::size_t>(shape_.head_dim);
   }
-  float* mutable_keys(std::int64_t chunk, int kv_head) noexcept { return keys_.data() + kv_offset(chunk, kv_head); }
-  float* mutable_values(std::int64_t chunk, int kv_head) noexcept { return values_.data() + kv_offset(chunk, kv_head); }
-  bf16* mutable_keys_bf16(std::int64_t chunk, int kv_head) noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
-  bf16* mutable_values_bf16(std::int64_t chunk, int kv_head) noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
+  std::size_t kv_floats_per_chunk() const noexcept {
+    return static_cast<std::size_t>(shape_.n_kv_heads) * static_cast<std::size_t>(shape_.chunk_size) *
+           static_cast<std::size_t>(shape_.head_dim);
+  }
+  ///@}
+  /// Keys, then values, from element `offset` of the storage, in the storage's element type
+  /// (float for fp32 caches, bf16 for bf16 ones).
+  template <class Element>
+  const Element* keys_at(std::size_t offset) const noexcept {
+    if constexpr (std::is_same_v<Element, bf16>) return keys16_.data() + offset;
+    else return keys_.data() + offset;
+  }
+  /// @copydoc keys_at
+  template <class Element>
+  const Element* values_at(std::size_t offset) const noexcept {
+    if constexpr (std::is_same_v<Element, bf16>) return values16_.data() + offset;
+    else return values_.data() + offset;
+  }
+
+  /// `tokens` keys and values from element `offset` of the storage as fp32: in place in an
+  /// fp32 cache, converted from bf16 into `scratch` ([2, w, d] floats) in a bf16 one.
+  std::pair<const float*, const float*> fp32_rows(std::size_t offset, std::int64_t tokens, std::span<float> scratch) const noexcept {
+    if (shape_.precision == kv_precision::fp32) return {keys_.data() + offset, values_.data() + offset};
+    const std::ptrdiff_t n = tokens * shape_.head_dim;
+    float* keys = scratch.data();
+    float* values = keys + static_cast<std::ptrdiff_t>(shape_.chunk_size) * shape_.head_dim;
+    from_bf16(keys16_.data() + offset, keys, n);
+    from_bf16(values16_.data() + offset, values, n);
+    return {keys, values};
+  }
+
+  // ----------------------------------------------------------------- the attention's writers
+  /// Stores row t of k and v as the token at sequence position `position`: keys rotated at the
+  /// local position position mod w, both converted to the storage type. `scratch` holds d floats
+  /// (a bf16 cache rotates there first). The position must be allocated (reserve()).
+  void store_token(std::int64_t position, tensor_view<const float> k, tensor_view<const float> v, std::ptrdiff_t t, const rope& rotary,
+                   std::span<float> scratch) noexcept {
+    const std::int64_t chunk = position / shape_.chunk_size, offset = position % shape_.chunk_size;
+    const std::ptrdiff_t d = shape_.head_dim;
+    const std::size_t row = static_cast<std::size_t>(offset * d);
+    for (int g = 0; g < shape_.n_kv_heads; ++g) {
+      const std::size_t at = kv_offset(chunk, g) + row;
+      if (shape_.precision == kv_precision::bf16) {
+        rotary.rotate(k.at(t, g), scratch.data(), offset);
+        to_bf16(scratch.data(), keys16_.data() + at, d);
+        to_bf16(v.at(t, g), values16_.data() + at, d);
+      } else {
+        rotary.rotate(k.at(t, g), keys_.data() + at, offset);
+        std::copy_n(v.at(t, g), d, values_.data() + at);
+      }
+    }
+  }
+  /// Keeps row t of q, the token at `position`, rotated at its local position, in the open
+  /// chunk until the chunk is full and encoded.
+  void store_open_queries(std::int64_t position, tensor_view<const float> q, std::ptrdiff_t t, const rope& rotary) noexcept {
+    const std::int64_t offset = position % shape_.chunk_size;
+    for (int h = 0; h < shape_.n_q_heads; ++h) rotary.rotate(q.at(t, h), open_query_row(offset, h), offset);
+  }
+  /// The open chunk's queries of one head, [w, d], rotated at local positions 0..w-1.
+  matrix_view<const float> open_queries(int q_head) const noexcept {
+    return {open_queries_.data() + static_cast<std::size_t>(q_head) * static_cast<std::size_t>(shape_.head_dim), shape_.chunk_size,
+            shape_.head_dim, static_cast<std::ptrdiff_t>(shape_.n_q_heads) * shape_.head_dim};
+  }
+  /// Where chunk `chunk`'s representation for query head `q_head` is written once it is full.
+  std::span<float> representation_slot(std::int64_t chunk, int q_head) noexcept {
+    return {representations_.data() + representation_offset(chunk, q_head), shape_.representation_floats};
+  }
+  /// Ends an append: the cache now holds `tokens` tokens, stored above, and no last selection
+  /// until a computing call records one (ingest computes none).
+  void commit(std::int64_t tokens) noexcept { rewind(tokens); }
+  /// Records the chunks query head `q_head` read for the last query, ascending (at most one
+  /// per chunk of the reserved length).
+  void record_selection(int q_head, std::span<const std::int32_t> chunks) noexcept {
+    std::copy(chunks.begin(), chunks.end(), selections_.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(q_head) * selection_stride_));
+    selection_counts_[static_cast<std::size_t>(q_head)] = static_cast<std::int32_t>(chunks.size());
+  }
+
+ private:
+  void rewind(std::int64_t tokens) noexcept {
+    tokens_ = tokens;
+    std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
+  }
+  std::size_t representation_floats_per_chunk() const noexcept {
+    return static_cast<std::size_t>(shape_.n_q_heads) * shape_.representation_floats;
+  }
   // Head-major: each head's representations are one run of `capacity` chunks.
   std::size_t representation_offset(std::int64_t chunk, int q_head, std::int64_t capacity) const noexcept {
     return (static_cast<std::size_t>(q_head) * static_cast<std::size_t>(capacity) + static_cast<std::size_t>(chunk)) *
            shape_.representation_floats;
   }
   std::size_t representation_offset(std::int64_t chunk, int q_head) const noexcept { return representation_offset(chunk, q_head, capacity_chunks_); }
-  float* mutable_representation(std::int64_t chunk, int q_head) noexcept { return representations_.data() + representation_offset(chunk, q_head); }
-  float* open_query(std::int64_t offset, int q_head) noexcept {
+  float* open_query_row(std::int64_t offset, int q_head) noexcept {
     return open_queries_.data() + (static_cast<std::size_t>(offset) * static_cast<std::size_t>(shape_.n_q_heads) +
                                    static_cast<std::size_t>(q_head)) * static_cast<std::size_t>(shape_.head_dim);
   }
+  // Geometric, like the buffers' growth: a cache that was not reserved grows it rarely.
   void reserve_selections(std::size_t per_head) {
     if (per_head <= selection_stride_) return;
+    per_head = std::max(per_head, selection_stride_ + selection_stride_ / 2);
     std::vector<std::int32_t> grown(per_head * static_cast<std::size_t>(shape_.n_q_heads));
     for (std::size_t h = 0; h < selection_counts_.size(); ++h)
       std::copy_n(selections_.begin() + static_cast<std::ptrdiff_t>(h * selection_stride_), selection_counts_[h],
                   grown.begin() + static_cast<std::ptrdiff_t>(h * per_head));
     selections_ = std::move(grown);
     selection_stride_ = per_head;
-  }
-  std::span<std::int32_t> selection_slot(int q_head) noexcept {
-    return std::span<std::int32_t>(selections_).subspan(static_cast<std::size_t>(q_head) * selection_stride_, selection_stride_);
   }
 
   // Geometric growth (see reserve) keeps appends amortised O(1). The copies leave *this

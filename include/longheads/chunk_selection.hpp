@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: MIT
+// Selection: scores a block of queries against the full chunks, then picks each query's chunks.
+//
+// Per work item: the scorer fills one score per (head, query, chunk) for the chunks that were
+// full before the block's last query (a kv group combines its heads' scores first when it
+// selects together); per query, the head selector picks the chunks and the RoPE remapper gives
+// them slots. The scores of query p only read chunks full before p's chunk, so p's choice is
+// the same whichever block or call it comes in.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "attention_config.hpp"
+#include "chunk_scorer.hpp"
+#include "group_selection.hpp"
+#include "head_selector.hpp"
+#include "kv_cache.hpp"
+#include "planner.hpp"
+#include "rope.hpp"
+#include "rope_remapper.hpp"
+#include "views.hpp"
+#include "work_items.hpp"
+
+namespace longheads {
+
+/// A lane's scratch for selection; each buffer sizes itself for a context and a block.
+struct selection_scratch {
+  std::vector<float> scores;              ///< [heads of the item (or its groups), block, chunks]
+  std::vector<float> group_scores;        ///< [group_size, block, chunks] (shared group selection)
+  std::vector<float> scorer;              ///< the scorer's own
+  std::vector<std::int32_t> selected;     ///< [segments]: a query's chosen chunks (baselines: chunks read)
+  std::vector<std::int32_t> candidates;   ///< [chunks]: the selector's own
+  std::vector<std::int64_t> slot_starts;  ///< [segments]
+
+  /// Room for contexts of `chunks` chunks, blocks of `block` queries, items of up to
+  /// `item_heads` heads, `segments` chunks per query and `scorer_floats` of the scorer's scratch.
+  void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
+               std::size_t segments, std::size_t scorer_floats) {
+    if (selects) {
+      grow(scores, std::max(static_cast<std::size_t>(config.group_size()) * block, item_heads) * chunks);
+      grow(scorer, scorer_floats);
+      grow(candidates, chunks);
+      if (shared) grow(group_scores, static_cast<std::size_t>(config.group_size()) * block * chunks);
+    }
+    grow(selected, segments);
+    grow(slot_starts, segments);
+  }
+
+  /// Geometric growth, so a context that grows a token at a time reallocates rarely.
+  template <class T>
+  static void grow(std::vector<T>& v, std::size_t n) {
+    if (v.size() < n) v.resize(std::max(n, v.size() + v.size() / 2));
+  }
+};
+
+/// Chunks the queries [first, last] score: none while the last one's context fits the budget
+/// (it reads every chunk), else every chunk full before the last one's chunk.
+inline std::int64_t chunks_to_score(const attention_config& config, std::int64_t last_position) noexcept {
+  const std::int64_t last_chunk = last_position / config.chunk_size;
+  return last_chunk + 1 > config.budget_chunks ? last_chunk : 0;
+}
+
+/// Scores the item's queries (positions first + item.t0 onwards) against chunks [0, chunks):
+/// head i of the item, row r at s.scores[(i * count + r) * chunks]; with shared selection,
+/// group j's combined scores at s.scores[(j * count + r) * chunks].
+template <chunk_scorer Scorer, group_selection Group>
+void score_block(const Scorer& scorer, const Group& group_selection, const attention_config& config, const rope& rotary,
+                 const kv_cache& cache, tensor_view<const float> q, std::int64_t first, const work_item& item, std::int64_t chunks,
+                 selection_scratch& s) noexcept {
+  const heads_of_item& heads = item.heads;
+  const std::ptrdiff_t stride = item.count * chunks;
+  for (int g = heads.group_begin; g < heads.group_end; ++g) {
+    float* target = Group::shared ? s.group_scores.data() : s.scores.data() + (g - heads.group_begin) * heads.per_group() * stride;
+    for (int i = 0; i < heads.per_group(); ++i) {
+      const int h = g * config.group_size() + heads.first_in_group + i;
+      const scoring_inputs in{q.head(h).slice_rows(item.t0, item.count), first + item.t0, cache.representations(h).first_rows(chunks),
+                              &rotary, config.chunk_size};
+      scorer.score(in, {target + i * stride, item.count, chunks}, s.scorer);
+    }
+    if constexpr (Group::shared)
+      for (std::ptrdiff_t e = 0; e < stride; ++e)
+        s.scores[static_cast<std::size_t>((g - heads.group_begin) * stride + e)] = group_selection.combine(s.group_scores.data() + e, stride, heads.per_group());
+  }
+}
+
+/// LongHeads' choice for query position p from its scores of the full chunks before its own
+/// (scores.size() of them; none while the context fits the budget), in s.selected and
+/// s.slot_starts until the next call.
+template <head_selector Selector, rope_remapper Remapper>
+chunk_choice choose_chunks(const Selector& selector, const Remapper& remapper, const attention_config& config, std::int64_t p,
+                           std::span<const float> scores, selection_scratch& s) noexcept {
+  const int w = config.chunk_size;
+  const selection_request request{p / w, config.budget_chunks, config.sink_chunks, config.local_chunks};
+  const std::size_t count = selector.select(request, scores, s.selected, s.candidates);
+  const std::span<const std::int32_t> chunks(s.selected.data(), count);
+  const std::int64_t query_position = remapper.remap(chunks, p, w, s.slot_starts);
+  return {chunks, std::span<const std::int64_t>(s.slot_starts.data(), count), query_position};
+}
+
+/// Query t's chunks into the caller's selections ([T, H_q, k], -1 padded; if given) and, for
+/// the call's last query (of `tokens`), into the cache's last selection of head h.
+inline void record_selection(const attention_config& config, kv_cache& cache, std::span<std::int32_t> selections, std::int64_t t,
+                             std::int64_t tokens, int h, std::span<const std::int32_t> chunks) noexcept {
+  if (!selections.empty()) {
+    std::int32_t* row = selections.data() + (t * config.n_q_heads + h) * config.budget_chunks;
+    std::fill(std::copy(chunks.begin(), chunks.end(), row), row + config.budget_chunks, -1);
+  }
+  if (t == tokens - 1) cache.record_selection(h, chunks);
+}
+
+}  // namespace longheads
