@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention_config.hpp"
+#include "detail/grow.hpp"
 #include "chunk_scorer.hpp"
 #include "group_selection.hpp"
 #include "head_selector.hpp"
@@ -29,9 +30,9 @@ namespace longheads {
 
 /// A lane's scratch for selection; each buffer sizes itself for a context and a block.
 struct selection_scratch {
-  std::vector<float> scores;              ///< [heads of the item (or its groups), block, chunks]
-  std::vector<float> group_scores;        ///< [group_size, block, chunks] (shared group selection)
-  std::vector<float> scorer;              ///< the scorer's own
+  detail::scratch_vector<float> scores;        ///< [heads of the item (or its groups), block, chunks]
+  detail::scratch_vector<float> group_scores;  ///< [group_size, block, chunks] (shared group selection)
+  detail::scratch_vector<float> scorer;        ///< the scorer's own
   std::vector<std::int32_t> selected;     ///< [segments]: a query's chosen chunks (baselines: chunks read)
   std::vector<std::int32_t> candidates;   ///< [chunks]: the selector's own
   std::vector<std::int64_t> slot_starts;  ///< [segments]
@@ -41,20 +42,15 @@ struct selection_scratch {
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
                std::size_t segments, std::size_t scorer_floats) {
     if (selects) {
-      grow(scores, std::max(static_cast<std::size_t>(config.group_size()) * block, item_heads) * chunks);
-      grow(scorer, scorer_floats);
-      grow(candidates, chunks);
-      if (shared) grow(group_scores, static_cast<std::size_t>(config.group_size()) * block * chunks);
+      detail::grow(scores, std::max(static_cast<std::size_t>(config.group_size()) * block, item_heads) * chunks);
+      detail::grow(scorer, scorer_floats);
+      detail::grow(candidates, chunks);
+      if (shared) detail::grow(group_scores, static_cast<std::size_t>(config.group_size()) * block * chunks);
     }
-    grow(selected, segments);
-    grow(slot_starts, segments);
+    detail::grow(selected, segments);
+    detail::grow(slot_starts, segments);
   }
 
-  /// Geometric growth, so a context that grows a token at a time reallocates rarely.
-  template <class T>
-  static void grow(std::vector<T>& v, std::size_t n) {
-    if (v.size() < n) v.resize(std::max(n, v.size() + v.size() / 2));
-  }
 };
 
 /// Chunks the queries [first, last] score: none while the last one's context fits the budget

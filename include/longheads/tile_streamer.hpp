@@ -16,6 +16,7 @@
 
 #include "attention_config.hpp"
 #include "attention_kernel.hpp"
+#include "detail/grow.hpp"
 #include "kv_cache.hpp"
 #include "planner.hpp"
 #include "rope.hpp"
@@ -31,18 +32,18 @@ class tile_scratch {
     const auto d = static_cast<std::size_t>(config.head_dim), w = static_cast<std::size_t>(config.chunk_size);
     max_plan_ = std::max(max_plan_, segments);
     capacity_ = std::max(capacity_, queries);
-    grow(plan_, capacity_ * max_plan_);
-    for (auto* v : {&plan_counts_, &cursors_}) grow(*v, capacity_);
-    grow(states_, capacity_);
-    grow(queries_, capacity_);
-    grow(round_queries_, capacity_);
-    grow(outputs_, capacity_);
-    grow(round_outputs_, capacity_);
-    grow(round_states_, capacity_);
-    grow(round_lengths_, capacity_);
-    grow(rotated_, capacity_ * d);
-    grow(kernel_, kernel_floats);
-    if (config.kv_storage == kv_precision::bf16) grow(converted_, 2 * w * d);
+    detail::grow(plan_, capacity_ * max_plan_);
+    for (auto* v : {&plan_counts_, &cursors_}) detail::grow(*v, capacity_);
+    detail::grow(states_, capacity_);
+    detail::grow(queries_, capacity_);
+    detail::grow(round_queries_, capacity_);
+    detail::grow(outputs_, capacity_);
+    detail::grow(round_outputs_, capacity_);
+    detail::grow(round_states_, capacity_);
+    detail::grow(round_lengths_, capacity_);
+    detail::grow(rotated_, capacity_ * d);
+    detail::grow(kernel_, kernel_floats);
+    if (config.kv_storage == kv_precision::bf16) detail::grow(converted_, 2 * w * d);
   }
 
   /// Empties the tile.
@@ -121,10 +122,6 @@ class tile_scratch {
   }
 
  private:
-  template <class T>
-  static void grow(std::vector<T>& v, std::size_t n) {
-    if (v.size() < n) v.resize(std::max(n, v.size() + v.size() / 2));
-  }
 
   std::size_t size_ = 0, capacity_ = 0, max_plan_ = 0;
   std::vector<planned_segment> plan_;            // [capacity, max_plan]
@@ -134,9 +131,9 @@ class tile_scratch {
   std::vector<float*> outputs_, round_outputs_;
   std::vector<softmax_state*> round_states_;
   std::vector<std::int32_t> round_lengths_;
-  std::vector<float> rotated_;    // [capacity, d]: the round's rotated queries
-  std::vector<float> kernel_;     // the kernel's own
-  std::vector<float> converted_;  // [2, w, d]: a bf16 chunk's keys and values in fp32
+  detail::scratch_vector<float> rotated_;    // [capacity, d]: the round's rotated queries
+  detail::scratch_vector<float> kernel_;     // the kernel's own
+  detail::scratch_vector<float> converted_;  // [2, w, d]: a bf16 chunk's keys and values in fp32
 };
 
 }  // namespace longheads
