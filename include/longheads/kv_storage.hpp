@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 // How the cache stores keys and values: fp32, or bfloat16 (half the bytes; decode reads half).
 //
-// bf16 keeps fp32's exponent and 8 bits of mantissa, so converting never overflows and a
-// rounded key differs from the fp32 one by at most 2^-9 relative. All arithmetic stays fp32:
+// bf16 keeps fp32's exponent and 8 bits of mantissa, so a rounded value differs from the fp32 one
+// by at most 2^-9 relative; only magnitudes within half a bf16 step of FLT_MAX round up to
+// infinity, and the attention's input check (max_input_magnitude) keeps stored values far below. All arithmetic stays fp32:
 // the default kernel widens bf16 rows in registers as it loads them (bf16_reading_kernel);
 // encoders and other kernels get each chunk converted to fp32 in scratch once per read.
 #pragma once

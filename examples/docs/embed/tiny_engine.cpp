@@ -135,7 +135,7 @@ int main() {
     dense_layer.forward(dense_cache, x_dense.data(), 500);
     const double diff = max_abs_diff(x_lh, x_dense);
     std::printf("500 tokens (inside the 512-token budget): LongHeads vs dense max |diff| %.2e\n", diff);
-    if (!(diff <= 1e-4)) return 1;
+    if (diff != 0.0) return 1;  // inside the budget LongHeads is dense attention, bit for bit
   }
 
   // 2. Far past the budget: prefill 4096 tokens in blocks, then decode one token at a time.
