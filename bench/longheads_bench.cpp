@@ -245,8 +245,13 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   }
   double bytes = rows_read * kv_row;
   if (method == attention_method::longheads)
-    bytes += static_cast<double>(s.n_q_heads) * static_cast<double>(cache.full_chunks()) *
-             static_cast<double>(cache.shape().representation_floats) * sizeof(float);
+    bytes += static_cast<double>(cache.shape().summary_heads()) * static_cast<double>(cache.full_chunks()) *  // per kv head when
+             static_cast<double>(cache.shape().representation_floats) * sizeof(float);  // shared: its heads score one after another
+  // What the cache holds per token of its capacity, by kind (kv_cache::bytes_by_kind).
+  const kv_cache::memory_use held = cache.bytes_by_kind();
+  const auto per_token = [&](std::size_t b) { return static_cast<double>(b) / static_cast<double>(cache.capacity_tokens()); };
+  state.counters["kv_bytes/token"] = per_token(held.keys + held.values);
+  state.counters["summary_bytes/token"] = per_token(held.representations);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step), benchmark::Counter::kIsRate);
   state.counters["kv_bytes/step"] = bytes;
   state.counters["GB/s"] = benchmark::Counter(bytes * static_cast<double>(step) / 1e9, benchmark::Counter::kIsRate);

@@ -746,3 +746,59 @@ TEST_CASE("bf16 KV storage: half the K/V bytes, within 1e-2 of fp32, and the sam
   CHECK_THROWS_AS(fp32.prefill(cache, seq.qv(0, 10), seq.kv(0, 10), seq.vv(0, 10), {out.data(), 10, hq, d}), shape_error);
   CHECK(cache.tokens() == 0);
 }
+
+namespace {
+/// key_bounds_encoder stored once per query head, as before keys-only encoders were shared.
+struct per_query_head_bounds : key_bounds_encoder {
+  static constexpr bool keys_only = false;
+};
+struct per_query_head_quest : quest_policies {
+  using encoder = per_query_head_bounds;
+};
+struct per_query_head_mean : paper_policies {
+  using encoder = mean_key_encoder;
+  using scorer = rotated_query_scorer;
+};
+struct shared_mean_reference : per_query_head_mean {
+  struct encoder : mean_key_encoder {
+    static constexpr bool keys_only = false;
+  };
+};
+}  // namespace
+
+TEST_CASE_TEMPLATE("keys-only encoders keep one representation per kv head, with the bits of one per query head", Pair,
+                   std::pair<quest_policies, per_query_head_quest>, std::pair<per_query_head_mean, shared_mean_reference>) {
+  using shared = typename Pair::first_type;
+  using per_head = typename Pair::second_type;
+  static_assert(encodes_keys_only<typename shared::encoder> && !encodes_keys_only<typename per_head::encoder>);
+  const int w = 8, budget = 4, d = 16, hq = 8, hkv = 2, T = 300;
+  rope r(d);
+  const test::sequence seq(T, hq, hkv, d, 2300);
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+    attention_config c = test::make_config(hq, hkv, d, w, budget);
+    c.kv_storage = storage;
+    attention<shared> a(c, r);
+    attention<per_head> b(c, r);
+    CHECK(a.shape().summary_heads() == hkv);
+    CHECK(b.shape().summary_heads() == hq);
+    auto cache_a = a.make_cache(), cache_b = b.make_cache();
+    std::vector<std::int32_t> sel_a, sel_b;
+    const auto out_a = seq.run(a, cache_a, 0, &sel_a), out_b = seq.run(b, cache_b, 0, &sel_b);
+    CHECK(out_a == out_b);
+    CHECK(sel_a == sel_b);
+    CHECK(seq.run(a, 1) == out_a);  // decode, encoding from the open chunk
+    CHECK(seq.run(a, 37) == out_a);
+    // Every query head scores against the same floats either way, at a quarter of the bytes.
+    for (int h = 0; h < hq; ++h) {
+      const auto ra = cache_a.representations(h), rb = cache_b.representations(h);
+      REQUIRE(ra.rows() == rb.rows());
+      CHECK(std::memcmp(ra.data(), rb.data(), static_cast<std::size_t>(ra.rows() * ra.cols()) * sizeof(float)) == 0);
+    }
+    CHECK(cache_a.bytes_by_kind().representations * (hq / hkv) == cache_b.bytes_by_kind().representations);
+    CHECK(cache_a.bytes_by_kind().keys == cache_b.bytes_by_kind().keys);
+    CHECK(cache_a.bytes_by_kind().total() == cache_a.bytes());
+  }
+  // A cache shape can only share representations per kv head.
+  CHECK_THROWS_WITH_AS(kv_cache(cache_shape{hq, hkv, d, w, 2 * d, kv_precision::fp32, 4}), doctest::Contains("representation_heads must be"),
+                       shape_error);
+}

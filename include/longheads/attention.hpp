@@ -78,11 +78,10 @@ class attention {
   ///@}
   /// The largest |x| accepted in q, k and v (validation.hpp; with reject_nonfinite).
   float max_input_magnitude() const noexcept { return input_limit_; }
-
   /// The shape of the caches this layer reads and writes.
   cache_shape shape() const noexcept {
     return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size,
-            config_.method == attention_method::longheads ? policies_.encoder.representation_floats(config_) : 0, config_.kv_storage};
+            selects() ? policies_.encoder.representation_floats(config_) : 0, config_.kv_storage, representation_heads<encoder_type>(config_)};
   }
 
   /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with
@@ -127,7 +126,6 @@ class attention {
     if (q.tokens() != 1) detail::fail<shape_error>("decode: q has " + std::to_string(q.tokens()) + " tokens, expected 1");
     prefill(cache, q, k, v, out, selections);
   }
-
   /// Appends T tokens to the sequence without computing their attention: keys and values are
   /// cached and full chunks encoded exactly as prefill() would, so later calls see the same
   /// cache; no last selection is kept. For a host's last layer, whose prefix outputs nobody
@@ -165,7 +163,8 @@ class attention {
       const std::int64_t begin = std::max(first, chunk * w), stop = std::min(end, (chunk + 1) * w);
       for (std::int64_t p = begin; p < stop; ++p) cache.store_token(p, k, v, p - first, rope_, s.key_row);
       if (selects() && begin == chunk * w && stop == (chunk + 1) * w)
-        for (int h = 0; h < config_.n_q_heads; ++h) encode_chunk_from_call(policies_.encoder, config_, rope_, cache, q, begin - first, chunk, h, s);
+        for (int h = 0; h < representation_heads<encoder_type>(config_); ++h)
+          encode_chunk_from_call(policies_.encoder, config_, rope_, cache, q, begin - first, chunk, h, s);
     };
     run_parallel(static_cast<std::size_t>((end - 1) / w - first_chunk + 1), store_chunk);
     if (selects()) {
@@ -174,9 +173,10 @@ class attention {
       if (carried_end % w == 0 && carried_end > first) {
         auto encode_open = [&](std::size_t h, std::size_t lane) {
           const auto head = static_cast<int>(h);
-          encode_chunk(policies_.encoder, config_, cache, first_chunk, head, cache.open_queries(head), workspace_.lane(lane).encoding);
+          encode_chunk(policies_.encoder, config_, cache, first_chunk, head, cache.open_queries(query_head_of<encoder_type>(config_, head)),
+                       workspace_.lane(lane).encoding);
         };
-        run_parallel(static_cast<std::size_t>(config_.n_q_heads), encode_open);
+        run_parallel(static_cast<std::size_t>(representation_heads<encoder_type>(config_)), encode_open);
       }
       for (std::int64_t p = std::max(carried_end, end / w * w); p < end; ++p) cache.store_open_queries(p, q, p - first, rope_);
     }

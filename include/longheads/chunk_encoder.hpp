@@ -35,7 +35,9 @@ struct chunk_inputs {
 
 /// Builds the representation a chunk_scorer compares queries against.
 /// representation_floats(cfg) floats per chunk and query head; scratch_floats(cfg) floats of
-/// scratch owned by the caller (encoders never allocate).
+/// scratch owned by the caller (encoders never allocate). An encoder that reads only the keys
+/// says so with `static constexpr bool keys_only = true;`: the query heads of a kv group then
+/// share one representation, stored and computed once per kv head (encodes_keys_only).
 template <class E>
 concept chunk_encoder = requires(const E& e, const attention_config& cfg, const chunk_inputs& in,
                                  std::span<float> representation, std::span<float> scratch) {
@@ -45,6 +47,12 @@ concept chunk_encoder = requires(const E& e, const attention_config& cfg, const 
   { e.encode(in, representation, scratch) } noexcept -> std::same_as<void>;
 };
 // [/snippet:concept]
+
+/// Whether encoder E ignores chunk_inputs::queries and values (declares keys_only = true).
+template <class E>
+inline constexpr bool encodes_keys_only = requires {
+  requires E::keys_only;
+};
 
 namespace detail {
 /// Softmax of x in place, in a fixed order: a representation must not depend on where its
@@ -120,6 +128,8 @@ struct attention_pooled_encoder {
 
 /// Alternative: the plain mean of the chunk's locally rotated keys (no queries, no values).
 struct mean_key_encoder {
+  /// Reads the keys only: one representation per kv head.
+  static constexpr bool keys_only = true;
   /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return static_cast<std::size_t>(cfg.head_dim);
@@ -141,6 +151,8 @@ struct mean_key_encoder {
 /// rotated keys ([2d]). Paired with bound_scorer, a query's score is an upper bound of its dot
 /// product with any key of the chunk, so one matching key is not averaged away by w - 1 others.
 struct key_bounds_encoder {
+  /// Reads the keys only: one representation per kv head.
+  static constexpr bool keys_only = true;
   /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats(const attention_config& cfg) const noexcept {
     return 2 * static_cast<std::size_t>(cfg.head_dim);
@@ -206,5 +218,7 @@ struct representative_keys_encoder {
 
 static_assert(chunk_encoder<attention_pooled_encoder> && chunk_encoder<mean_key_encoder> && chunk_encoder<key_bounds_encoder> &&
               chunk_encoder<representative_keys_encoder>);
+static_assert(encodes_keys_only<key_bounds_encoder> && encodes_keys_only<mean_key_encoder> && !encodes_keys_only<attention_pooled_encoder> &&
+              !encodes_keys_only<representative_keys_encoder>);
 
 }  // namespace longheads

@@ -5,8 +5,10 @@
 // streams through in place:
 //   keys             [chunk][H_kv][w][d]   rotated once, at local positions t mod w
 //   values           [chunk][H_kv][w][d]
-//   representations  [H_q][chunk][r]      one per full chunk and query head (the encoder's output);
-//                                         head-major so each head's scoring reads them in one run
+//   representations  [H_r][chunk][r]      one per full chunk and representation head (the encoder's
+//                                         output): per query head, or per kv head for encoders that
+//                                         read keys only (H_r = representation_heads); head-major so
+//                                         each head's scoring reads them in one run
 //   open queries     [w][H_q][d]          queries of the open chunk, locally rotated, until it is encoded
 // plus what every head selected for the last query. The cache does its own appends (rotating
 // keys, converting to the storage type, keeping the open chunk's queries) and bookkeeping; the
@@ -34,13 +36,18 @@ namespace longheads {
 
 /// What a cache holds per token and chunk; a cache only serves an attention of the same shape.
 struct cache_shape {
-  int n_q_heads = 0;   ///< H_q (representations are per query head)
+  int n_q_heads = 0;   ///< H_q
   int n_kv_heads = 0;  ///< H_kv
   int head_dim = 0;    ///< d
   int chunk_size = 0;  ///< w
   /// Floats per chunk representation; encoder and scorer must agree.
   std::size_t representation_floats = 0;
   kv_precision precision = kv_precision::fp32;  ///< how keys and values are stored
+  /// Heads with representations of their own: n_q_heads (0 means that), or n_kv_heads when the
+  /// encoder reads keys only, so every query head of a kv group has the same representation.
+  int representation_heads = 0;
+  /// representation_heads, 0 resolved.
+  int summary_heads() const noexcept { return representation_heads > 0 ? representation_heads : n_q_heads; }
   /// Equal when every field is.
   friend bool operator==(const cache_shape&, const cache_shape&) = default;
 };
@@ -48,14 +55,14 @@ struct cache_shape {
 inline std::string to_string(const cache_shape& s) {
   return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
-         std::to_string(s.representation_floats) + ", kv " + to_string(s.precision) + "}";
+         std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, kv " + to_string(s.precision) + "}";
 }
 
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
 inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int32_t>::max();
 
 /// One sequence of one layer: keys rotated once at their local positions, values, the open
-/// chunk's queries and one representation per full chunk and query head.
+/// chunk's queries and one representation per full chunk and query head (or kv head).
 /// Made by attention::make_cache(); copyable; equal (==) when every stored bit is. Hosts read
 /// it and call reserve(), clear() and truncate(); the writers below the readers are the
 /// attention's stages' (calling them directly bypasses the attention's validation).
@@ -77,8 +84,10 @@ class kv_cache {
         open_queries_(memory),
         keys16_(memory),
         values16_(memory) {
-    if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0)
-      detail::fail<shape_error>("kv_cache: every dimension must be > 0, got " + to_string(shape));
+    if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0 || shape.n_q_heads % shape.n_kv_heads != 0)
+      detail::fail<shape_error>("kv_cache: every dimension must be > 0 and n_kv_heads divide n_q_heads, got " + to_string(shape));
+    if (shape.representation_heads != 0 && shape.representation_heads != shape.n_q_heads && shape.representation_heads != shape.n_kv_heads)
+      detail::fail<shape_error>("kv_cache: representation_heads must be 0, n_q_heads or n_kv_heads, got " + to_string(shape));
     open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
                          static_cast<std::size_t>(shape.head_dim));
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
@@ -102,15 +111,17 @@ class kv_cache {
       detail::fail<limit_error>("kv_cache: " + std::to_string(tokens) + " tokens is beyond the limit of " +
                                 std::to_string(max_sequence_tokens));
     const std::int64_t chunks = (tokens + shape_.chunk_size - 1) / shape_.chunk_size;
+    if (chunks > capacity_chunks_) {
+      const std::size_t per_chunk = std::max(kv_floats_per_chunk(), representation_floats_per_chunk());
+      if (static_cast<std::size_t>(chunks) > std::numeric_limits<std::ptrdiff_t>::max() / sizeof(float) / 4 / per_chunk)
+        detail::fail<limit_error>("kv_cache: " + std::to_string(tokens) + " tokens of shape " + to_string(shape_) +
+                                  " do not fit in addressable memory");
+      grow(std::max(chunks, capacity_chunks_ + capacity_chunks_ / 2));
+    }
     // The last selection of every head: at most one entry per chunk (dense attention reads
-    // them all), so a reserved cache never grows it while decoding.
+    // them all), so a reserved cache never grows it while decoding. (Capacity, not content: a
+    // failure here after the growth above leaves the cache equal to before.)
     reserve_selections(static_cast<std::size_t>(chunks));
-    if (chunks <= capacity_chunks_) return;
-    const std::size_t per_chunk = std::max(kv_floats_per_chunk(), representation_floats_per_chunk());
-    if (static_cast<std::size_t>(chunks) > std::numeric_limits<std::ptrdiff_t>::max() / sizeof(float) / 4 / per_chunk)
-      detail::fail<limit_error>("kv_cache: " + std::to_string(tokens) + " tokens of shape " + to_string(shape_) +
-                                " do not fit in addressable memory");
-    grow(std::max(chunks, capacity_chunks_ + capacity_chunks_ / 2));
   }
 
   /// Forgets the sequence, keeps the memory.
@@ -141,22 +152,35 @@ class kv_cache {
   const bf16* keys_bf16(std::int64_t chunk, int kv_head) const noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
   const bf16* values_bf16(std::int64_t chunk, int kv_head) const noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
   ///@}
-  /// The representations of one query head's full chunks, [full_chunks, r].
+  /// The representations query head `q_head` scores its full chunks against, [full_chunks, r]
+  /// (shared by the heads of a kv group when the encoder reads keys only).
   matrix_view<const float> representations(int q_head) const noexcept {
     const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
-    return {representations_.data() + representation_offset(0, q_head), full_chunks(), r, r};
+    return {representations_.data() + representation_offset(0, representation_head(q_head)), full_chunks(), r, r};
   }
   /// Chunk ids query head `q_head` read for the last query of the last call, ascending.
   std::span<const std::int32_t> last_selection(int q_head) const noexcept {
     return std::span<const std::int32_t>(selections_).subspan(static_cast<std::size_t>(q_head) * selection_stride_,
                                                               static_cast<std::size_t>(selection_counts_[static_cast<std::size_t>(q_head)]));
   }
-  /// Bytes held (capacity), all buffers included.
-  std::size_t bytes() const noexcept {
-    return (keys_.capacity() + values_.capacity() + representations_.capacity() + open_queries_.capacity()) * sizeof(float) +
-           (keys16_.capacity() + values16_.capacity()) * sizeof(bf16) +
-           (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t);
+  /// Bytes held (capacity), split by what they hold.
+  struct memory_use {
+    std::size_t keys = 0;            ///< cached keys
+    std::size_t values = 0;          ///< cached values
+    std::size_t representations = 0; ///< chunk summaries the scorer reads
+    std::size_t open_chunk = 0;      ///< the open chunk's queries, kept until it is encoded
+    std::size_t selections = 0;      ///< the last selection of every head
+    /// All of it.
+    std::size_t total() const noexcept { return keys + values + representations + open_chunk + selections; }
+  };
+  /// Bytes held (capacity) by kind; divide by capacity_tokens() for bytes per token.
+  memory_use bytes_by_kind() const noexcept {
+    return {keys_.capacity() * sizeof(float) + keys16_.capacity() * sizeof(bf16), values_.capacity() * sizeof(float) + values16_.capacity() * sizeof(bf16),
+            representations_.capacity() * sizeof(float), open_queries_.capacity() * sizeof(float),
+            (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t)};
   }
+  /// Bytes held (capacity), all buffers included.
+  std::size_t bytes() const noexcept { return bytes_by_kind().total(); }
 
   /// Same shape and same logical content, bit for bit (capacity is not content; a NaN equals
   /// the same NaN, so a copy of a cache holding non-finite values equals the original).
@@ -175,8 +199,9 @@ class kv_cache {
     const bool kv_same = a.shape_.precision == kv_precision::bf16
                              ? same(a.keys16_.data(), b.keys16_.data(), kv) && same(a.values16_.data(), b.values16_.data(), kv)
                              : same(a.keys_.data(), b.keys_.data(), kv) && same(a.values_.data(), b.values_.data(), kv);
-    for (int h = 0; h < a.shape_.n_q_heads; ++h)
-      if (!same(a.representations(h).data(), b.representations(h).data(), reps)) return false;
+    for (int h = 0; h < a.shape_.summary_heads(); ++h)
+      if (!same(a.representations_.data() + a.representation_offset(0, h), b.representations_.data() + b.representation_offset(0, h), reps))
+        return false;
     return kv_same && same(a.open_queries_.data(), b.open_queries_.data(), open);
   }
 
@@ -250,9 +275,12 @@ class kv_cache {
     return {open_queries_.data() + static_cast<std::size_t>(q_head) * static_cast<std::size_t>(shape_.head_dim), shape_.chunk_size,
             shape_.head_dim, static_cast<std::ptrdiff_t>(shape_.n_q_heads) * shape_.head_dim};
   }
-  /// Where chunk `chunk`'s representation for query head `q_head` is written once it is full.
-  std::span<float> representation_slot(std::int64_t chunk, int q_head) noexcept {
-    return {representations_.data() + representation_offset(chunk, q_head), shape_.representation_floats};
+  /// The representation head of query head `q_head` (itself, or its kv head).
+  int representation_head(int q_head) const noexcept { return q_head / (shape_.n_q_heads / shape_.summary_heads()); }
+  /// Where chunk `chunk`'s representation for representation head `head` (a query head, or a kv
+  /// head: cache_shape::representation_heads) is written once the chunk is full.
+  std::span<float> representation_slot(std::int64_t chunk, int head) noexcept {
+    return {representations_.data() + representation_offset(chunk, head), shape_.representation_floats};
   }
   /// Ends an append: the cache now holds `tokens` tokens, stored above, and no last selection
   /// until a computing call records one (ingest computes none).
@@ -270,14 +298,14 @@ class kv_cache {
     std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
   }
   std::size_t representation_floats_per_chunk() const noexcept {
-    return static_cast<std::size_t>(shape_.n_q_heads) * shape_.representation_floats;
+    return static_cast<std::size_t>(shape_.summary_heads()) * shape_.representation_floats;
   }
-  // Head-major: each head's representations are one run of `capacity` chunks.
-  std::size_t representation_offset(std::int64_t chunk, int q_head, std::int64_t capacity) const noexcept {
-    return (static_cast<std::size_t>(q_head) * static_cast<std::size_t>(capacity) + static_cast<std::size_t>(chunk)) *
+  // Head-major: each representation head's chunks are one run of `capacity` chunks.
+  std::size_t representation_offset(std::int64_t chunk, int head, std::int64_t capacity) const noexcept {
+    return (static_cast<std::size_t>(head) * static_cast<std::size_t>(capacity) + static_cast<std::size_t>(chunk)) *
            shape_.representation_floats;
   }
-  std::size_t representation_offset(std::int64_t chunk, int q_head) const noexcept { return representation_offset(chunk, q_head, capacity_chunks_); }
+  std::size_t representation_offset(std::int64_t chunk, int head) const noexcept { return representation_offset(chunk, head, capacity_chunks_); }
   float* open_query_row(std::int64_t offset, int q_head) noexcept {
     return open_queries_.data() + (static_cast<std::size_t>(offset) * static_cast<std::size_t>(shape_.n_q_heads) +
                                    static_cast<std::size_t>(q_head)) * static_cast<std::size_t>(shape_.head_dim);
@@ -315,7 +343,7 @@ class kv_cache {
     }
     // Each head's run moves to its place in the larger capacity.
     const std::size_t rep_run = static_cast<std::size_t>(full_chunks()) * shape_.representation_floats;
-    for (int h = 0; h < shape_.n_q_heads; ++h)
+    for (int h = 0; h < shape_.summary_heads(); ++h)
       std::copy_n(representations_.data() + representation_offset(0, h), rep_run, reps.data() + representation_offset(0, h, chunks));
     keys_.swap(keys);
     values_.swap(values);
