@@ -8,6 +8,7 @@
 #include "attention_kernel.hpp"
 #include "chunk_encoder.hpp"
 #include "chunk_encoding.hpp"
+#include "chunk_index.hpp"
 #include "chunk_scorer.hpp"
 #include "chunk_selection.hpp"
 #include "config.hpp"

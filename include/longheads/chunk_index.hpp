@@ -1,0 +1,182 @@
+// SPDX-License-Identifier: MIT
+// Chunk index: boxes of key bounds over groups of chunks, searched best-first for the top chunks.
+//
+// For the Quest-style bound score (key_bounds_encoder + bound_scorer), a chunk's representation
+// is [lo | hi], the per-channel min and max of its keys, and its score sum_i max(q_i lo_i,
+// q_i hi_i) bounds q . k for every key. A box over several chunks (the min of their lo, the max
+// of their hi) bounds every one of their scores from above, in floating point too: every step of
+// detail::bound_dot (products, max, sums in a fixed order) is monotone in lo and hi. A
+// best-first search over a tree of such boxes therefore returns exactly the flat scan's top
+// chunks, ties to the lower chunk included, while reading only the boxes whose bound could still
+// beat what it has found: sublinear work per query where the scores are spread.
+//
+// Level 0 are the chunks' own representations (in the cache, passed to the search); level l
+// >= 1 holds ceil(n / F^l) boxes, box b covering chunks [b F^l, (b + 1) F^l). Appending a chunk
+// folds it into one box per level (min and max are exact, so the boxes equal a rebuild's bits).
+// The attention does not use the index yet (issue 20): this is the structure and its search,
+// tested against the flat scan.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "config.hpp"
+#include "detail/simd.hpp"
+#include "views.hpp"
+
+namespace longheads {
+
+/// The boxes of one head's chunks, level by level (see the file comment).
+class bound_tree {
+ public:
+  /// @param head_dim d: representations are [lo | hi], 2d floats
+  /// @param fanout F >= 2, chunks (or boxes) per box
+  explicit bound_tree(int head_dim, int fanout = 16) : d_(head_dim), fanout_(std::max(2, fanout)) {}
+
+  /// Chunks indexed.
+  std::int64_t chunks() const noexcept { return chunks_; }
+  /// Levels above the chunks (0 while there are none).
+  int levels() const noexcept { return static_cast<int>(levels_.size()); }
+  /// F.
+  int fanout() const noexcept { return fanout_; }
+  /// Boxes at level l >= 1.
+  std::int64_t boxes(int level) const noexcept {
+    return static_cast<std::int64_t>(levels_[static_cast<std::size_t>(level - 1)].size()) / (2 * d_);
+  }
+  /// Box b of level l >= 1: [lo | hi], 2d floats.
+  const float* box(int level, std::int64_t b) const noexcept {
+    return levels_[static_cast<std::size_t>(level - 1)].data() + b * 2 * d_;
+  }
+  /// Chunks a box of level l covers: F^l.
+  std::int64_t span(int level) const noexcept {
+    std::int64_t s = 1;
+    for (int l = 0; l < level; ++l) s *= fanout_;
+    return s;
+  }
+  /// Floats held by the boxes.
+  std::size_t floats() const noexcept {
+    std::size_t n = 0;
+    for (const auto& level : levels_) n += level.size();
+    return n;
+  }
+
+  /// Indexes the next chunk, whose representation ([lo | hi]) is `summary`: one box per level
+  /// grows to cover it, and a level is added when the top box is full.
+  void append(const float* summary) {
+    if (levels_.empty() || chunks_ == span(levels())) {
+      levels_.emplace_back();  // the new top box covers everything so far: the old top box
+      if (levels_.size() > 1) levels_.back().assign(box(levels() - 1, 0), box(levels() - 1, 0) + 2 * d_);
+    }
+    for (int l = 1; l <= levels(); ++l) {
+      auto& level = levels_[static_cast<std::size_t>(l - 1)];
+      const std::int64_t b = chunks_ / span(l);
+      if (b == boxes(l)) {
+        level.insert(level.end(), summary, summary + 2 * d_);
+        continue;
+      }
+      float* target = level.data() + b * 2 * d_;
+      for (std::ptrdiff_t i = 0; i < d_; ++i) {
+        target[i] = std::min(target[i], summary[i]);
+        target[d_ + i] = std::max(target[d_ + i], summary[d_ + i]);
+      }
+    }
+    ++chunks_;
+  }
+
+  /// Forgets every chunk from `chunks` on (a cache truncated to a chunk boundary): the boxes
+  /// are rebuilt from the remaining chunks' representations, rows of `summaries`.
+  void truncate(std::int64_t chunks, matrix_view<const float> summaries) {
+    levels_.clear();
+    chunks_ = 0;
+    for (std::int64_t c = 0; c < chunks; ++c) append(summaries.row(c));
+  }
+
+ private:
+  std::ptrdiff_t d_;
+  int fanout_;
+  std::int64_t chunks_ = 0;
+  std::vector<std::vector<float>> levels_;  // level l at [l - 1]: boxes x [lo | hi]
+};
+
+/// Scratch of one search: the frontier, allocated once (reserve) for a number of chunks.
+class bound_search_scratch {
+ public:
+  /// Room for a search over `chunks` chunks with fan-out F (the frontier never holds more
+  /// entries than the tree has nodes).
+  void reserve(std::int64_t chunks, int fanout) {
+    const auto n = static_cast<std::size_t>(std::max<std::int64_t>(chunks, 1));
+    frontier_.reserve(2 * n + static_cast<std::size_t>(fanout) * 64);
+  }
+
+ private:
+  friend struct bound_search;
+  struct entry {
+    float bound;         // the box's bound (NaN read as +inf) or the chunk's score (NaN as -inf)
+    std::int32_t first;  // the lowest candidate chunk it covers
+    std::int32_t level;  // 0: a chunk
+    std::int64_t index;  // box or chunk index in its level
+  };
+  std::vector<entry> frontier_;
+};
+
+/// The best-first search (see the file comment).
+struct bound_search {
+  /// What one search read.
+  struct stats {
+    std::int64_t boxes = 0;   ///< box bounds computed
+    std::int64_t chunks = 0;  ///< chunk scores computed
+  };
+
+  /// The `wanted` best of chunks [first, end) for the rotated query `q` ([d]), by score
+  /// detail::bound_dot(q, lo, hi) descending, ties to the lower chunk, NaN scores last (as
+  /// sink_local_topk_selector ranks them), best first into `out`. `summaries` holds the chunks'
+  /// representations, rows of [lo | hi] (at least tree.chunks() rows). Returns how many (wanted,
+  /// or fewer candidates). Never allocates once `scratch` is reserved for tree.chunks().
+  static std::size_t top(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first,
+                         std::int64_t end, std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                         stats* read = nullptr) noexcept {
+    using entry = bound_search_scratch::entry;
+    end = std::min(end, tree.chunks());
+    if (first >= end || wanted == 0) return 0;
+    const std::ptrdiff_t d = summaries.cols() / 2;
+    auto& frontier = scratch.frontier_;
+    frontier.clear();
+    // Better first: a larger bound, then a lower first chunk (a box's chunks all have ids >= its
+    // first and scores <= its bound, so a chunk popped ahead of it beats all of them).
+    auto worse = [](const entry& a, const entry& b) { return a.bound < b.bound || (a.bound == b.bound && a.first > b.first); };
+    auto push = [&](int level, std::int64_t index) {
+      const std::int64_t span = tree.span(level);
+      const std::int64_t lowest = std::max(first, index * span);
+      if (lowest >= std::min(end, (index + 1) * span)) return;  // no candidate inside
+      const float* lo = level == 0 ? summaries.row(index) : tree.box(level, index);
+      float bound = detail::bound_dot(q, lo, lo + d, d);
+      if (std::isnan(bound)) bound = level == 0 ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+      if (read) ++(level == 0 ? read->chunks : read->boxes);
+      frontier.push_back({bound, static_cast<std::int32_t>(lowest), level, index});
+      std::push_heap(frontier.begin(), frontier.end(), worse);
+    };
+    const int top_level = tree.levels();
+    for (std::int64_t b = 0; b < (top_level == 0 ? tree.chunks() : tree.boxes(top_level)); ++b) push(top_level, b);
+    std::size_t found = 0;
+    while (found < wanted && !frontier.empty()) {
+      std::pop_heap(frontier.begin(), frontier.end(), worse);
+      const entry best = frontier.back();
+      frontier.pop_back();
+      if (best.level == 0) {
+        out[found++] = static_cast<std::int32_t>(best.index);
+        continue;
+      }
+      const std::int64_t children = best.level == 1 ? tree.chunks() : tree.boxes(best.level - 1);
+      for (std::int64_t child = best.index * tree.fanout(); child < std::min(children, (best.index + 1) * tree.fanout()); ++child)
+        push(best.level - 1, child);
+    }
+    return found;
+  }
+};
+
+}  // namespace longheads
