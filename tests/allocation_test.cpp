@@ -48,6 +48,11 @@ using namespace longheads;
 struct pooled : paper_policies {
   using executor = thread_pool_executor;
 };
+struct quest_index : paper_policies {
+  using encoder = key_bounds_encoder;
+  using scorer = bound_scorer;
+  using index = bound_tree_index;
+};
 struct pooled_quest_group : pooled {
   using encoder = key_bounds_encoder;
   using scorer = bound_scorer;
@@ -121,6 +126,11 @@ TEST_CASE("every public way of preparing a cache gives allocation-free decode (r
       CHECK(allocations_while_decoding<paper_policies>(method, {}, kv_precision::fp32, how) == 0);
       CHECK(allocations_while_decoding<pooled>(method, {.executor = thread_pool_executor(2)}, kv_precision::bf16, how) == 0);
     }
+  // The selection index grows its boxes as chunks complete: within the reserved length, in place.
+  for (preparation how : {preparation::make_cache_reserved, preparation::cache_reserve, preparation::copy_of_reserved, preparation::truncated}) {
+    CAPTURE(static_cast<int>(how));
+    CHECK(allocations_while_decoding<quest_index>(attention_method::longheads, {}, kv_precision::fp32, how) == 0);
+  }
 }
 
 TEST_CASE("the counter sees allocations (the test above can fail)") {

@@ -802,3 +802,52 @@ TEST_CASE_TEMPLATE("keys-only encoders keep one representation per kv head, with
   CHECK_THROWS_WITH_AS(kv_cache(cache_shape{hq, hkv, d, w, 2 * d, kv_precision::fp32, 4}), doctest::Contains("representation_heads must be"),
                        shape_error);
 }
+
+namespace {
+struct quest_index_policies : quest_policies {
+  using index = bound_tree_index;
+};
+struct pooled_quest_index : quest_index_policies {
+  using executor = thread_pool_executor;
+};
+}  // namespace
+
+TEST_CASE("the bound-tree index selects exactly the flat scan's chunks: same outputs and selections, any split and thread count") {
+  const int w = 4, budget = 5, d = 16;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  for (head_layout heads : {mha, gqa, mqa})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+      for (int fanout : {2, 16}) {
+        CAPTURE(heads.hkv);
+        CAPTURE(to_string(storage));
+        CAPTURE(fanout);
+        attention_config c = test::make_config(heads.hq, heads.hkv, d, w, budget);
+        c.kv_storage = storage;
+        const test::sequence seq(30 * w * budget + 3, heads.hq, heads.hkv, d, 2400u + static_cast<std::uint32_t>(heads.hkv));
+        attention<quest_policies> flat(c, r);
+        attention<quest_index_policies> indexed(c, r, {.index = {.branching = fanout}});
+        std::vector<std::int32_t> flat_sel, sel;
+        const auto expected = seq.run(flat, 0, &flat_sel);
+        auto cache = indexed.make_cache();
+        CHECK(seq.run(indexed, cache, 0, &sel) == expected);
+        CHECK(sel == flat_sel);
+        CHECK(cache.index(0).chunks() == cache.full_chunks());
+        CHECK(cache.bytes_by_kind().index > 0);
+        for (int split : {1, 7, 37}) {
+          CAPTURE(split);
+          CHECK(seq.run(indexed, split, &sel) == expected);
+          CHECK(sel == flat_sel);
+        }
+        attention<pooled_quest_index> pooled(c, r, {.executor = thread_pool_executor(3), .index = {.branching = fanout}});
+        CHECK(seq.run(pooled, 1) == expected);
+        // Truncated back to a chunk boundary, then the same tokens again: the same bits.
+        const int prefix = 24 * w, more = 20;
+        std::vector<float> first(static_cast<std::size_t>(more) * heads.hq * d), again(first.size());
+        auto rewound = indexed.make_cache();
+        indexed.ingest(rewound, seq.qv(0, prefix + 40), seq.kv(0, prefix + 40), seq.vv(0, prefix + 40));
+        rewound.truncate(prefix);
+        CHECK(rewound.index(0).chunks() == prefix / w);
+        indexed.prefill(rewound, seq.qv(prefix, more), seq.kv(prefix, more), seq.vv(prefix, more), {again.data(), more, heads.hq, d});
+        CHECK(std::equal(again.begin(), again.end(), expected.begin() + static_cast<std::ptrdiff_t>(prefix) * heads.hq * d));
+      }
+}

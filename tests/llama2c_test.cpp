@@ -6,6 +6,7 @@
 
 #include "../examples/llama2c/checkpoint.hpp"
 #include "../examples/llama2c/passkey.hpp"
+#include "../examples/llama2c/policies.hpp"
 #include "../examples/llama2c/transformer.hpp"
 #include "tool_run.hpp"
 
@@ -116,6 +117,33 @@ TEST_CASE("passkey-256 answers shared 256-token prompts with every attention met
       CAPTURE(p.name);
       t.reset();
       CHECK(llama2c::greedy_continuation(t, p.tokens, 5, 64) == p.answer);
+    }
+  }
+}
+
+TEST_CASE("passkey-256: the bound-tree index reads exactly the chunks the flat scan reads, on real 4096-token caches") {
+  const llama2c::checkpoint model(model_path("passkey-256.bin"));
+  auto prompts = llama2c::load_prompt_set(data_path("passkey"), {4096}, model.config().vocab_size);
+  REQUIRE(prompts.size() >= 2);
+  prompts.resize(2);
+  const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
+  llama2c::transformer<llama2c::policies::quest> flat(model, knobs(longheads::attention_method::longheads, 32, 8));
+  llama2c::transformer<llama2c::policies::quest_index> indexed(model, knobs(longheads::attention_method::longheads, 32, 8));
+  for (const auto& p : prompts) {
+    CAPTURE(p.name);
+    for (std::int64_t split : {512, 1}) {  // prefill blocks; token by token
+      CAPTURE(split);
+      std::vector<float> expected(p.tokens.size() * vocab), got(expected.size());
+      flat.reset();
+      indexed.reset();
+      llama2c::feed(flat, p.tokens, 512, expected);
+      llama2c::feed(indexed, p.tokens, split, got);
+      CHECK(got == expected);  // every position's logits, bit for bit
+      for (int l = 0; l < model.config().n_layers; ++l)
+        for (int h = 0; h < model.config().n_heads; ++h) {
+          const auto a = flat.cache(l).last_selection(h), b = indexed.cache(l).last_selection(h);
+          CHECK(std::vector<std::int32_t>(a.begin(), a.end()) == std::vector<std::int32_t>(b.begin(), b.end()));
+        }
     }
   }
 }

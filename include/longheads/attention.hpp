@@ -56,10 +56,10 @@ class attention {
   using kernel_type = typename policy_bundle<Policies>::kernel_type;
   using executor_type = typename policy_bundle<Policies>::executor_type;
   using group_selection_type = typename policy_bundle<Policies>::group_selection_type;
+  using index_type = typename policy_bundle<Policies>::index_type;
   ///@}
   /// Policy values, for policies with state (e.g. a thread pool, a scorer's offset).
   using policy_set = typename policy_bundle<Policies>::values;
-
   /// @throws config_error if the configuration, the RoPE or a policy rejects the setting.
   attention(const attention_config& config, const rope& rotary, policy_set policies = {})
       : config_(config), rope_(rotary), policies_(std::move(policies)), workspace_(policies_.executor.lanes()) {
@@ -80,8 +80,9 @@ class attention {
   float max_input_magnitude() const noexcept { return input_limit_; }
   /// The shape of the caches this layer reads and writes.
   cache_shape shape() const noexcept {
-    return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size,
-            selects() ? policies_.encoder.representation_floats(config_) : 0, config_.kv_storage, representation_heads<encoder_type>(config_)};
+    const bool s = selects();
+    return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size, s ? policies_.encoder.representation_floats(config_) : 0,
+            config_.kv_storage, representation_heads<encoder_type>(config_), s ? policies_.index.fanout() : 0};
   }
 
   /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with
@@ -101,7 +102,6 @@ class attention {
                                 std::to_string(max_sequence_tokens));
     prepare(context_tokens, std::max<std::int64_t>(1, block_tokens));
   }
-
   /// Appends T tokens to the sequence and computes their attention.
   /// @param cache this sequence's cache for this layer (from make_cache())
   /// @param q   [T, H_q, d] pre-RoPE queries    (host buffer, read in place)
@@ -200,7 +200,7 @@ class attention {
     const std::int64_t first = cache.tokens() - q.tokens();
     const heads_of_item& heads = it.heads;
     constexpr bool shared = Planner::selects && group_selection_type::shared;
-    const std::int64_t scored = Planner::selects ? chunks_to_score(config_, first + it.t0 + it.count - 1) : 0;
+    const std::int64_t scored = Planner::selects && !index_type::indexed ? chunks_to_score(config_, first + it.t0 + it.count - 1) : 0;
     if (scored > 0) score_block(policies_.scorer, policies_.group_selection, config_, rope_, cache, q, first, it, scored, s.selection);
     // Score rows: per head of the item (or group, shared), `count` queries of `scored` chunks.
     auto scores = [&](std::int64_t row_set, std::int64_t r) {
@@ -212,16 +212,16 @@ class attention {
       for (std::int64_t r = r0; r < std::min(it.count, r0 + tile_rows); ++r) {
         const std::int64_t t = it.t0 + r, p = first + t;
         for (int g = heads.group_begin; g < heads.group_end; ++g) {
-          auto choose = [&](std::int64_t row_set) {
-            return choose_chunks(policies_.selector, policies_.remapper, config_, p, scores(row_set, r), s.selection);
+          auto choose = [&](std::int64_t row_set, int h) {  // by scores, or from the cache's index
+            return choose_for_query(policies_, config_, rope_, cache, q.at(t, h), h, p, scores(row_set, r), s.selection);
           };
-          chunk_choice choice = shared ? choose(g - heads.group_begin) : chunk_choice{};
+          chunk_choice choice = shared ? choose(g - heads.group_begin, g * config_.group_size()) : chunk_choice{};
           for (int i = 0; i < heads.per_group(); ++i) {
             const int h = g * config_.group_size() + heads.first_in_group + i;
             planned_segment* plan = s.tile.next_plan();
             std::size_t n = 0;
             if constexpr (Planner::selects) {
-              if (!shared) choice = choose((g - heads.group_begin) * heads.per_group() + i);
+              if (!shared) choice = choose((g - heads.group_begin) * heads.per_group() + i, h);
               n = planner.plan(config_, cache, p, g, choice, plan);
               record_selection(config_, cache, selections, t, q.tokens(), h, choice.chunks);
             } else {

@@ -13,12 +13,13 @@
 // Level 0 are the chunks' own representations (in the cache, passed to the search); level l
 // >= 1 holds ceil(n / F^l) boxes, box b covering chunks [b F^l, (b + 1) F^l). Appending a chunk
 // folds it into one box per level (min and max are exact, so the boxes equal a rebuild's bits).
-// The attention does not use the index yet (issue 20): this is the structure and its search,
-// tested against the flat scan.
+// Selection policies: flat_scan (every full chunk scored; the reference and the default) and
+// bound_tree_index (the search above, for the Quest pair; the cache keeps one tree per kv head).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -41,41 +42,50 @@ class bound_tree {
   /// Chunks indexed.
   std::int64_t chunks() const noexcept { return chunks_; }
   /// Levels above the chunks (0 while there are none).
-  int levels() const noexcept { return static_cast<int>(levels_.size()); }
+  int levels() const noexcept { return levels_used_; }
   /// F.
   int fanout() const noexcept { return fanout_; }
   /// Boxes at level l >= 1.
-  std::int64_t boxes(int level) const noexcept {
-    return static_cast<std::int64_t>(levels_[static_cast<std::size_t>(level - 1)].size()) / (2 * d_);
-  }
+  std::int64_t boxes(int level) const noexcept { return (chunks_ + span(level) - 1) / span(level); }
   /// Box b of level l >= 1: [lo | hi], 2d floats.
-  const float* box(int level, std::int64_t b) const noexcept {
-    return levels_[static_cast<std::size_t>(level - 1)].data() + b * 2 * d_;
-  }
+  const float* box(int level, std::int64_t b) const noexcept { return levels_[static_cast<std::size_t>(level - 1)].data() + b * 2 * d_; }
   /// Chunks a box of level l covers: F^l.
   std::int64_t span(int level) const noexcept {
     std::int64_t s = 1;
     for (int l = 0; l < level; ++l) s *= fanout_;
     return s;
   }
-  /// Floats held by the boxes.
+  /// Floats held by the boxes (capacity).
   std::size_t floats() const noexcept {
     std::size_t n = 0;
-    for (const auto& level : levels_) n += level.size();
+    for (const auto& level : levels_) n += level.capacity();
     return n;
+  }
+
+  /// Allocates the boxes of `chunks` chunks now, so appends up to that many never allocate.
+  void reserve(std::int64_t chunks) {
+    int needed = 0;
+    while (span(needed) < chunks) ++needed;
+    if (static_cast<int>(levels_.size()) < needed) levels_.resize(static_cast<std::size_t>(needed));
+    for (int l = 1; l <= needed; ++l)
+      levels_[static_cast<std::size_t>(l - 1)].reserve(static_cast<std::size_t>((chunks + span(l) - 1) / span(l) * 2 * d_));
   }
 
   /// Indexes the next chunk, whose representation ([lo | hi]) is `summary`: one box per level
   /// grows to cover it, and a level is added when the top box is full.
   void append(const float* summary) {
-    if (levels_.empty() || chunks_ == span(levels())) {
-      levels_.emplace_back();  // the new top box covers everything so far: the old top box
-      if (levels_.size() > 1) levels_.back().assign(box(levels() - 1, 0), box(levels() - 1, 0) + 2 * d_);
+    if (levels_used_ == 0 || chunks_ == span(levels_used_)) {
+      // A new top level, whose one box covers everything so far: the old top box.
+      if (static_cast<int>(levels_.size()) == levels_used_) levels_.emplace_back();
+      auto& top = levels_[static_cast<std::size_t>(levels_used_)];
+      if (levels_used_ > 0) top.assign(box(levels_used_, 0), box(levels_used_, 0) + 2 * d_);
+      else top.clear();
+      ++levels_used_;
     }
-    for (int l = 1; l <= levels(); ++l) {
+    for (int l = 1; l <= levels_used_; ++l) {
       auto& level = levels_[static_cast<std::size_t>(l - 1)];
       const std::int64_t b = chunks_ / span(l);
-      if (b == boxes(l)) {
+      if (static_cast<std::size_t>(b * 2 * d_) == level.size()) {
         level.insert(level.end(), summary, summary + 2 * d_);
         continue;
       }
@@ -88,18 +98,20 @@ class bound_tree {
     ++chunks_;
   }
 
-  /// Forgets every chunk from `chunks` on (a cache truncated to a chunk boundary): the boxes
-  /// are rebuilt from the remaining chunks' representations, rows of `summaries`.
-  void truncate(std::int64_t chunks, matrix_view<const float> summaries) {
-    levels_.clear();
+  /// Forgets every chunk from `chunks` on (a cache truncated back): the boxes are rebuilt from
+  /// the remaining chunks' representations, rows of `summaries`, in the memory they had.
+  void truncate(std::int64_t chunks, matrix_view<const float> summaries) noexcept {
+    for (auto& level : levels_) level.clear();  // keeps the capacity
+    levels_used_ = 0;
     chunks_ = 0;
-    for (std::int64_t c = 0; c < chunks; ++c) append(summaries.row(c));
+    for (std::int64_t c = 0; c < chunks; ++c) append(summaries.row(c));  // within capacity: no allocation
   }
 
  private:
   std::ptrdiff_t d_;
   int fanout_;
   std::int64_t chunks_ = 0;
+  int levels_used_ = 0;
   std::vector<std::vector<float>> levels_;  // level l at [l - 1]: boxes x [lo | hi]
 };
 
@@ -178,5 +190,31 @@ struct bound_search {
     return found;
   }
 };
+
+/// Selection index policy: score every full chunk (the reference, and the default).
+struct flat_scan {
+  static constexpr bool indexed = false;  ///< selection reads scores of every chunk
+  /// Chunks per box of the cache's index: none.
+  int fanout() const noexcept { return 0; }
+};
+
+/// Selection index policy: the cache keeps a bound_tree per kv head and each query's chunks are
+/// found by bound_search, exactly the flat scan's choice. Only for the Quest pair
+/// (key_bounds_encoder + bound_scorer, sink_local_topk_selector, per-head selection), which the
+/// attention checks when it is compiled.
+struct bound_tree_index {
+  static constexpr bool indexed = true;  ///< selection searches the cache's trees
+  int branching = 16;                    ///< chunks (or boxes) per box, >= 2
+  /// Chunks per box of the cache's index.
+  int fanout() const noexcept { return branching; }
+};
+
+/// A selection index policy: `indexed`, and the fan-out of the trees it keeps in the cache.
+template <class I>
+concept selection_index = requires(const I& i) {
+  { I::indexed } -> std::convertible_to<bool>;
+  { i.fanout() } -> std::convertible_to<int>;
+};
+static_assert(selection_index<flat_scan> && selection_index<bound_tree_index>);
 
 }  // namespace longheads

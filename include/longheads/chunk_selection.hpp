@@ -12,9 +12,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "attention_config.hpp"
+#include "chunk_index.hpp"
 #include "detail/grow.hpp"
 #include "chunk_scorer.hpp"
 #include "group_selection.hpp"
@@ -36,12 +38,18 @@ struct selection_scratch {
   std::vector<std::int32_t> selected;     ///< [segments]: a query's chosen chunks (baselines: chunks read)
   std::vector<std::int32_t> candidates;   ///< [chunks]: the selector's own
   std::vector<std::int64_t> slot_starts;  ///< [segments]
+  bound_search_scratch search;            ///< the index's frontier (bound_tree_index)
+  detail::scratch_vector<float> rotated_query;  ///< [d]: a query rotated for the index
 
   /// Room for contexts of `chunks` chunks, blocks of `block` queries, items of up to
   /// `item_heads` heads, `segments` chunks per query and `scorer_floats` of the scorer's scratch.
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
-               std::size_t segments, std::size_t scorer_floats) {
-    if (selects) {
+               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0) {
+    if (selects && index_fanout > 0) {
+      search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
+      detail::grow(rotated_query, static_cast<std::size_t>(config.head_dim));
+      detail::grow(candidates, chunks);
+    } else if (selects) {
       detail::grow(scores, std::max(static_cast<std::size_t>(config.group_size()) * block, item_heads) * chunks);
       detail::grow(scorer, scorer_floats);
       detail::grow(candidates, chunks);
@@ -79,7 +87,8 @@ void score_block(const Scorer& scorer, const Group& group_selection, const atten
     }
     if constexpr (Group::shared)
       for (std::ptrdiff_t e = 0; e < stride; ++e)
-        s.scores[static_cast<std::size_t>((g - heads.group_begin) * stride + e)] = group_selection.combine(s.group_scores.data() + e, stride, heads.per_group());
+        s.scores[static_cast<std::size_t>((g - heads.group_begin) * stride + e)] =
+            group_selection.combine(s.group_scores.data() + e, stride, heads.per_group());
   }
 }
 
@@ -95,6 +104,35 @@ chunk_choice choose_chunks(const Selector& selector, const Remapper& remapper, c
   const std::span<const std::int32_t> chunks(s.selected.data(), count);
   const std::int64_t query_position = remapper.remap(chunks, p, w, s.slot_starts);
   return {chunks, std::span<const std::int64_t>(s.slot_starts.data(), count), query_position};
+}
+
+/// LongHeads' choice for query position p of query head h (pre-RoPE query `query`): from its
+/// scores of the full chunks before its own (flat_scan), or by searching the cache's index
+/// (bound_tree_index), which gives the same chunks (chunk_index.hpp).
+template <class PolicyValues>
+chunk_choice choose_for_query(const PolicyValues& policies, const attention_config& config, const rope& rotary, const kv_cache& cache,
+                              const float* query, int h, std::int64_t p, std::span<const float> scores, selection_scratch& s) noexcept {
+  if constexpr (!std::remove_cvref_t<decltype(policies.index)>::indexed) {
+    return choose_chunks(policies.selector, policies.remapper, config, p, scores, s);
+  } else {
+    const int w = config.chunk_size;
+    const std::int64_t i = p / w;
+    std::size_t count = detail::select_all_if_fits({i, config.budget_chunks, config.sink_chunks, config.local_chunks}, s.selected);
+    if (count == 0) {
+      // As bound_scorer rotates it; the candidates as sink_local_topk_selector takes them.
+      rotary.rotate(query, s.rotated_query.data(), p % w + std::int64_t{policies.scorer.offset_chunks} * w);
+      for (int c = 0; c < config.sink_chunks; ++c) s.selected[count++] = c;
+      const auto wanted = static_cast<std::size_t>(config.budget_chunks - config.sink_chunks - config.local_chunks);
+      const std::span<std::int32_t> found = std::span<std::int32_t>(s.selected).subspan(count, wanted);
+      const std::size_t n = bound_search::top(cache.index(h), cache.representations(h), s.rotated_query.data(), config.sink_chunks,
+                                              i - config.local_chunks + 1, wanted, found, s.search);
+      std::sort(found.begin(), found.begin() + static_cast<std::ptrdiff_t>(n));
+      count = detail::append_locals({i, config.budget_chunks, config.sink_chunks, config.local_chunks}, s.selected, count + n);
+    }
+    const std::span<const std::int32_t> chunks(s.selected.data(), count);
+    const std::int64_t query_position = policies.remapper.remap(chunks, p, w, s.slot_starts);
+    return {chunks, std::span<const std::int64_t>(s.slot_starts.data(), count), query_position};
+  }
 }
 
 /// Query t's chunks into the caller's selections ([T, H_q, k], -1 padded; if given) and, for

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "chunk_index.hpp"
 #include "errors.hpp"
 #include "kv_storage.hpp"
 #include "rope.hpp"
@@ -46,6 +47,8 @@ struct cache_shape {
   /// Heads with representations of their own: n_q_heads (0 means that), or n_kv_heads when the
   /// encoder reads keys only, so every query head of a kv group has the same representation.
   int representation_heads = 0;
+  /// Chunks per box of the selection index kept per representation head (bound_tree), 0 for none.
+  int index_fanout = 0;
   /// representation_heads, 0 resolved.
   int summary_heads() const noexcept { return representation_heads > 0 ? representation_heads : n_q_heads; }
   /// Equal when every field is.
@@ -55,7 +58,8 @@ struct cache_shape {
 inline std::string to_string(const cache_shape& s) {
   return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
-         std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, kv " + to_string(s.precision) + "}";
+         std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, index fanout " +
+         std::to_string(s.index_fanout) + ", kv " + to_string(s.precision) + "}";
 }
 
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
@@ -88,8 +92,12 @@ class kv_cache {
       detail::fail<shape_error>("kv_cache: every dimension must be > 0 and n_kv_heads divide n_q_heads, got " + to_string(shape));
     if (shape.representation_heads != 0 && shape.representation_heads != shape.n_q_heads && shape.representation_heads != shape.n_kv_heads)
       detail::fail<shape_error>("kv_cache: representation_heads must be 0, n_q_heads or n_kv_heads, got " + to_string(shape));
+    if (shape.index_fanout != 0 && (shape.index_fanout < 2 || shape.representation_floats != 2 * static_cast<std::size_t>(shape.head_dim)))
+      detail::fail<shape_error>("kv_cache: an index needs index_fanout >= 2 over [lo | hi] representations of 2 * head_dim floats, got " +
+                                to_string(shape));
     open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
                          static_cast<std::size_t>(shape.head_dim));
+    if (shape.index_fanout != 0) trees_.assign(static_cast<std::size_t>(shape.summary_heads()), bound_tree(shape.head_dim, shape.index_fanout));
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
   }
 
@@ -118,6 +126,7 @@ class kv_cache {
                                   " do not fit in addressable memory");
       grow(std::max(chunks, capacity_chunks_ + capacity_chunks_ / 2));
     }
+    for (bound_tree& tree : trees_) tree.reserve(std::max(chunks, capacity_chunks_));
     // The last selection of every head: at most one entry per chunk (dense attention reads
     // them all), so a reserved cache never grows it while decoding. (Capacity, not content: a
     // failure here after the growth above leaves the cache equal to before.)
@@ -170,14 +179,16 @@ class kv_cache {
     std::size_t representations = 0; ///< chunk summaries the scorer reads
     std::size_t open_chunk = 0;      ///< the open chunk's queries, kept until it is encoded
     std::size_t selections = 0;      ///< the last selection of every head
+    std::size_t index = 0;           ///< the selection index's boxes (cache_shape::index_fanout)
     /// All of it.
-    std::size_t total() const noexcept { return keys + values + representations + open_chunk + selections; }
+    std::size_t total() const noexcept { return keys + values + representations + open_chunk + selections + index; }
   };
   /// Bytes held (capacity) by kind; divide by capacity_tokens() for bytes per token.
   memory_use bytes_by_kind() const noexcept {
-    return {keys_.capacity() * sizeof(float) + keys16_.capacity() * sizeof(bf16), values_.capacity() * sizeof(float) + values16_.capacity() * sizeof(bf16),
-            representations_.capacity() * sizeof(float), open_queries_.capacity() * sizeof(float),
-            (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t)};
+    return {keys_.capacity() * sizeof(float) + keys16_.capacity() * sizeof(bf16),
+            values_.capacity() * sizeof(float) + values16_.capacity() * sizeof(bf16), representations_.capacity() * sizeof(float),
+            open_queries_.capacity() * sizeof(float),
+            (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t), index_floats() * sizeof(float)};
   }
   /// Bytes held (capacity), all buffers included.
   std::size_t bytes() const noexcept { return bytes_by_kind().total(); }
@@ -282,9 +293,22 @@ class kv_cache {
   std::span<float> representation_slot(std::int64_t chunk, int head) noexcept {
     return {representations_.data() + representation_offset(chunk, head), shape_.representation_floats};
   }
-  /// Ends an append: the cache now holds `tokens` tokens, stored above, and no last selection
-  /// until a computing call records one (ingest computes none).
-  void commit(std::int64_t tokens) noexcept { rewind(tokens); }
+  /// The selection index query head `q_head` searches (shape().index_fanout > 0): a tree over
+  /// its representation head's full chunks.
+  const bound_tree& index(int q_head) const noexcept { return trees_[static_cast<std::size_t>(representation_head(q_head))]; }
+  /// Brings every head's index up to the full chunks (after their representations are written),
+  /// in chunk order. No allocation within the reserved length.
+  void index_full_chunks(std::int64_t full) noexcept {
+    for (std::size_t h = 0; h < trees_.size(); ++h)
+      for (std::int64_t c = trees_[h].chunks(); c < full; ++c)
+        trees_[h].append(representations_.data() + representation_offset(c, static_cast<int>(h)));
+  }
+  /// Ends an append: the cache now holds `tokens` tokens, stored above, its index covers their
+  /// full chunks, and no last selection until a computing call records one (ingest computes none).
+  void commit(std::int64_t tokens) noexcept {
+    rewind(tokens);
+    index_full_chunks(full_chunks());
+  }
   /// Records the chunks query head `q_head` read for the last query, ascending (at most one
   /// per chunk of the reserved length).
   void record_selection(int q_head, std::span<const std::int32_t> chunks) noexcept {
@@ -296,6 +320,15 @@ class kv_cache {
   void rewind(std::int64_t tokens) noexcept {
     tokens_ = tokens;
     std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
+    const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
+    for (std::size_t h = 0; h < trees_.size(); ++h)
+      if (trees_[h].chunks() > full_chunks())
+        trees_[h].truncate(full_chunks(), {representations_.data() + representation_offset(0, static_cast<int>(h)), full_chunks(), r, r});
+  }
+  std::size_t index_floats() const noexcept {
+    std::size_t n = 0;
+    for (const bound_tree& tree : trees_) n += tree.floats();
+    return n;
   }
   std::size_t representation_floats_per_chunk() const noexcept {
     return static_cast<std::size_t>(shape_.summary_heads()) * shape_.representation_floats;
@@ -364,6 +397,7 @@ class kv_cache {
   std::pmr::vector<float> keys_, values_, representations_, open_queries_;
   std::pmr::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
   std::vector<std::int32_t> selections_, selection_counts_;
+  std::vector<bound_tree> trees_;  // per representation head, when shape_.index_fanout > 0
   std::size_t selection_stride_ = 0;
 };
 

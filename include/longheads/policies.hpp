@@ -2,8 +2,11 @@
 // Policy bundles: the paper's seven policies, and the checks any bundle passes before use.
 #pragma once
 
+#include <concepts>
+
 #include "attention_kernel.hpp"
 #include "chunk_encoder.hpp"
+#include "chunk_index.hpp"
 #include "chunk_scorer.hpp"
 #include "executor.hpp"
 #include "group_selection.hpp"
@@ -22,7 +25,20 @@ struct paper_policies {
   using kernel = online_softmax_kernel;         ///< online softmax over the chunks in place (xsimd)
   using executor = serial_executor;             ///< everything on the calling thread
   using group_selection = per_head_selection;   ///< every query head selects for itself
+  using index = flat_scan;                      ///< every full chunk scored for every query
 };
+
+namespace detail {
+template <class Policies>
+struct index_of {
+  using type = flat_scan;  // bundles written before the index policy existed
+};
+template <class Policies>
+  requires requires { typename Policies::index; }
+struct index_of<Policies> {
+  using type = typename Policies::index;
+};
+}  // namespace detail
 
 /// A bundle's policy types, each checked against its concept, and a value of each.
 template <class Policies>
@@ -36,6 +52,7 @@ struct policy_bundle {
   using kernel_type = typename Policies::kernel;
   using executor_type = typename Policies::executor;
   using group_selection_type = typename Policies::group_selection;
+  using index_type = typename detail::index_of<Policies>::type;
   ///@}
   static_assert(chunk_encoder<encoder_type>, "Policies::encoder must model longheads::chunk_encoder (chunk_encoder.hpp)");
   static_assert(chunk_scorer<scorer_type>, "Policies::scorer must model longheads::chunk_scorer (chunk_scorer.hpp)");
@@ -45,6 +62,12 @@ struct policy_bundle {
   static_assert(executor<executor_type>, "Policies::executor must model longheads::executor (executor.hpp)");
   static_assert(group_selection<group_selection_type>,
                 "Policies::group_selection must model longheads::group_selection (group_selection.hpp)");
+  static_assert(selection_index<index_type>, "Policies::index must model longheads::selection_index (chunk_index.hpp)");
+  static_assert(!index_type::indexed || (std::same_as<scorer_type, bound_scorer> && std::derived_from<encoder_type, key_bounds_encoder> &&
+                                         encodes_keys_only<encoder_type> && std::same_as<selector_type, sink_local_topk_selector> &&
+                                         !group_selection_type::shared),
+                "bound_tree_index finds exactly the flat scan's chunks only for key_bounds_encoder + bound_scorer with "
+                "sink_local_topk_selector and per-head selection");
 
   /// Policy values, for policies with state (e.g. a thread pool, a scorer's offset).
   struct values {
@@ -57,6 +80,7 @@ struct policy_bundle {
     kernel_type kernel{};
     executor_type executor{};
     group_selection_type group_selection{};
+    index_type index{};
     ///@}
   };
 };
