@@ -19,7 +19,8 @@ struct cache_line_allocator {
   template <class U>
   cache_line_allocator(const cache_line_allocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
   T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
-  void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, n * sizeof(T), alignment); }
+  // The unsized form: clang declares the sized one only with -fsized-deallocation.
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, alignment); }
   template <class U>
   bool operator==(const cache_line_allocator<U>&) const noexcept { return true; }
 };
