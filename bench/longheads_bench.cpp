@@ -15,7 +15,7 @@
 #include <longheads/longheads.hpp>
 
 #include "counters.hpp"
-#include "huge_pages.hpp"
+#include "../examples/common/huge_pages.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -55,7 +55,7 @@ int group_rounds = 1;  // --rounds=N: each group's benchmarks N times, interleav
 /// Where caches, probe buffers and prefill activations live: the same memory for all, so the
 /// probes measure what the kernels read from.
 std::pmr::memory_resource* bench_memory() {
-  static bench::huge_page_resource huge_pages;
+  static tools::huge_page_resource huge_pages;
   return small_pages ? std::pmr::new_delete_resource() : &huge_pages;
 }
 

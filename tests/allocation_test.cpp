@@ -53,6 +53,9 @@ struct quest_index : paper_policies {
   using scorer = bound_scorer;
   using index = bound_tree_index;
 };
+struct quest_beam : quest_index {
+  using index = bound_tree_beam;
+};
 struct pooled_quest_group : pooled {
   using encoder = key_bounds_encoder;
   using scorer = bound_scorer;
@@ -130,6 +133,7 @@ TEST_CASE("every public way of preparing a cache gives allocation-free decode (r
   for (preparation how : {preparation::make_cache_reserved, preparation::cache_reserve, preparation::copy_of_reserved, preparation::truncated}) {
     CAPTURE(static_cast<int>(how));
     CHECK(allocations_while_decoding<quest_index>(attention_method::longheads, {}, kv_precision::fp32, how) == 0);
+    CHECK(allocations_while_decoding<quest_beam>(attention_method::longheads, {}, kv_precision::fp32, how) == 0);
   }
 }
 

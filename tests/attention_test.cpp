@@ -810,6 +810,12 @@ struct quest_index_policies : quest_policies {
 struct pooled_quest_index : quest_index_policies {
   using executor = thread_pool_executor;
 };
+struct quest_beam_policies : quest_policies {
+  using index = bound_tree_beam;
+};
+struct pooled_quest_beam : quest_beam_policies {
+  using executor = thread_pool_executor;
+};
 }  // namespace
 
 TEST_CASE("the bound-tree index selects exactly the flat scan's chunks: same outputs and selections, any split and thread count") {
@@ -850,4 +856,47 @@ TEST_CASE("the bound-tree index selects exactly the flat scan's chunks: same out
         indexed.prefill(rewound, seq.qv(prefix, more), seq.kv(prefix, more), seq.vv(prefix, more), {again.data(), more, heads.hq, d});
         CHECK(std::equal(again.begin(), again.end(), expected.begin() + static_cast<std::ptrdiff_t>(prefix) * heads.hq * d));
       }
+}
+
+TEST_CASE("the beam index: the same bits in prefill, decode, any split and thread count; the flat scan's up to exact_below candidates") {
+  const int w = 4, budget = 5, d = 16;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  for (head_layout heads : {mha, gqa})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+      for (int beam : {1, 2}) {
+        CAPTURE(heads.hkv);
+        CAPTURE(to_string(storage));
+        CAPTURE(beam);
+        attention_config c = test::make_config(heads.hq, heads.hkv, d, w, budget);
+        c.kv_storage = storage;
+        const test::sequence seq(30 * w * budget + 3, heads.hq, heads.hkv, d, 2500u + static_cast<std::uint32_t>(heads.hkv));
+        attention<quest_beam_policies> narrow(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 0}});
+        std::vector<std::int32_t> expected_sel, sel;
+        const auto expected = seq.run(narrow, 0, &expected_sel);
+        for (int split : {1, 7, 37}) {
+          CAPTURE(split);
+          CHECK(seq.run(narrow, split, &sel) == expected);
+          CHECK(sel == expected_sel);
+        }
+        attention<pooled_quest_beam> pooled(c, r, {.executor = thread_pool_executor(3), .index = {.branching = 2, .beam = beam, .exact_below = 0}});
+        CHECK(seq.run(pooled, 1) == expected);
+        // A beam of one box per level misses chunks the flat scan picks: the test tells them apart.
+        attention<quest_policies> flat(c, r);
+        std::vector<std::int32_t> flat_sel;
+        const auto flat_out = seq.run(flat, 0, &flat_sel);
+        if (beam == 1) CHECK(flat_sel != expected_sel);
+        // Up to exact_below candidates (the default's 1024 here) the beam holds every box.
+        attention<quest_beam_policies> exact(c, r, {.index = {.branching = 2, .beam = beam}});
+        CHECK(seq.run(exact, 1, &sel) == flat_out);
+        CHECK(sel == flat_sel);
+        // Exact for the early queries, the beam's for the later ones: still split-independent.
+        attention<quest_beam_policies> mixed(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 60}});
+        std::vector<std::int32_t> mixed_sel;
+        const auto mixed_out = seq.run(mixed, 0, &mixed_sel);
+        CHECK(seq.run(mixed, 1, &sel) == mixed_out);
+        CHECK(sel == mixed_sel);
+      }
+  CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.beam = 0}}), config_error);
+  CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
+  CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.exact_below = -1}}), config_error);
 }

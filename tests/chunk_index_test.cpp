@@ -177,3 +177,122 @@ TEST_CASE("chunk index: a query whose scores are spread reads a small part of th
   MESSAGE("summaries read: " << read.boxes << " boxes + " << read.chunks << " chunks of " << n);
   CHECK(read.boxes + read.chunks < n / 4);
 }
+
+namespace {
+/// The beam search stated directly: the box of a node is the min and max over its chunks,
+/// computed from the summaries (no tree); per level, the `beam` best nodes wholly inside
+/// [first, end) by (bound desc, index asc) and every node cut by the range are opened.
+std::vector<std::int32_t> naive_beam_top(const std::vector<float>& summaries, int d, std::int64_t n, int fanout, const float* q,
+                                         std::int64_t first, std::int64_t end, std::size_t wanted, int beam) {
+  end = std::min(end, n);
+  if (first >= end || wanted == 0) return {};
+  int levels = 0;
+  std::int64_t top_span = 1;
+  while (top_span < n) top_span *= fanout, ++levels;
+  auto span_of = [&](int level) {
+    std::int64_t s = 1;
+    for (int l = 0; l < level; ++l) s *= fanout;
+    return s;
+  };
+  auto bound_of = [&](int level, std::int64_t index) {
+    const std::int64_t lo_chunk = index * span_of(level), hi_chunk = std::min(n, lo_chunk + span_of(level));
+    std::vector<float> box(summaries.begin() + lo_chunk * 2 * d, summaries.begin() + (lo_chunk + 1) * 2 * d);
+    for (std::int64_t c = lo_chunk + 1; c < hi_chunk; ++c)
+      for (int i = 0; i < d; ++i) {
+        box[static_cast<std::size_t>(i)] = std::min(box[static_cast<std::size_t>(i)], summaries[static_cast<std::size_t>(c * 2 * d + i)]);
+        box[static_cast<std::size_t>(d + i)] = std::max(box[static_cast<std::size_t>(d + i)], summaries[static_cast<std::size_t>(c * 2 * d + d + i)]);
+      }
+    const float b = detail::bound_dot(q, box.data(), box.data() + d, d);
+    return std::isnan(b) ? (level == 0 ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity()) : b;
+  };
+  std::vector<std::int64_t> nodes;
+  for (std::int64_t b = 0; b * span_of(levels) < n; ++b) nodes.push_back(b);
+  for (int level = levels; level >= 0; --level) {
+    std::vector<std::pair<float, std::int64_t>> inside;
+    std::vector<std::int64_t> cut;
+    for (std::int64_t b : nodes) {
+      const std::int64_t lo_chunk = b * span_of(level), hi_chunk = std::min(n, lo_chunk + span_of(level));
+      if (hi_chunk <= first || lo_chunk >= end) continue;
+      if (lo_chunk >= first && lo_chunk + span_of(level) <= end) inside.push_back({bound_of(level, b), b});  // all F^l chunks inside
+      else cut.push_back(b);
+    }
+    std::sort(inside.begin(), inside.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    if (level == 0) {
+      std::vector<std::int32_t> out;
+      for (std::size_t i = 0; i < std::min(wanted, inside.size()); ++i) out.push_back(static_cast<std::int32_t>(inside[i].second));
+      return out;
+    }
+    std::vector<std::int64_t> opened = cut;
+    for (std::size_t i = 0; i < std::min<std::size_t>(static_cast<std::size_t>(beam), inside.size()); ++i) opened.push_back(inside[i].second);
+    nodes.clear();
+    for (std::int64_t b : opened)
+      for (std::int64_t child = b * fanout; child < (b + 1) * fanout && child * span_of(level - 1) < n; ++child) nodes.push_back(child);
+  }
+  return {};
+}
+}  // namespace
+
+TEST_CASE("chunk index: the beam search is its direct statement, causal, and the flat scan when the beam holds every box") {
+  std::mt19937 rng(17);
+  auto uniform = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
+  int cases = 0, differed = 0;
+  for (int fanout : {2, 3, 16})
+    for (std::int64_t n : {1, 7, 16, 40, 300, 1000})
+      for (int beam : {1, 3, 8}) {
+        const int d = 8;
+        const auto summaries = random_summaries(n, d, static_cast<std::uint32_t>(300 + n + fanout));
+        const bound_tree tree = tree_of(summaries, d, n, fanout);
+        bound_search_scratch scratch, wide_scratch;
+        scratch.reserve_beam(beam, fanout);
+        const int every_box = static_cast<int>(n);  // wider than any level
+        wide_scratch.reserve_beam(every_box, fanout);
+        std::vector<std::int32_t> out(static_cast<std::size_t>(n) + 8), prefix_out(out.size());
+        for (int trial = 0; trial < 20; ++trial, ++cases) {
+          const auto q = test::random_floats(static_cast<std::size_t>(d), static_cast<std::uint32_t>(rng()));
+          const std::int64_t first = uniform(0, n - 1), end = uniform(first + 1, n);
+          const auto wanted = static_cast<std::size_t>(uniform(1, std::min<std::int64_t>(end - first + 2, 12)));
+          CAPTURE(n);
+          CAPTURE(fanout);
+          CAPTURE(beam);
+          CAPTURE(first);
+          CAPTURE(end);
+          CAPTURE(wanted);
+          const matrix_view<const float> rows{summaries.data(), n, 2 * d};
+          bound_search::stats read;
+          const std::size_t found = beam_search::top(tree, rows, q.data(), first, end, wanted, beam, out, scratch, &read);
+          const std::vector<std::int32_t> got(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(found));
+          CHECK(got == naive_beam_top(summaries, d, n, fanout, q.data(), first, end, wanted, beam));
+          // Causal: a tree that holds only the chunks before `end` gives the same chunks.
+          const bound_tree prefix_tree = tree_of(summaries, d, end, fanout);
+          const std::size_t prefix_found = beam_search::top(prefix_tree, rows, q.data(), first, end, wanted, beam, prefix_out, scratch);
+          CHECK(std::vector<std::int32_t>(prefix_out.begin(), prefix_out.begin() + static_cast<std::ptrdiff_t>(prefix_found)) == got);
+          // Wide enough to hold every box: the flat scan's choice.
+          const std::size_t wide = beam_search::top(tree, rows, q.data(), first, end, wanted, every_box, out, wide_scratch);
+          CHECK(std::vector<std::int32_t>(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(wide)) ==
+                flat_top(summaries, d, q.data(), first, end, wanted));
+          differed += got != flat_top(summaries, d, q.data(), first, end, wanted);
+          // At most (beam + 2) F nodes a level, each scored once.
+          CHECK(read.boxes + read.chunks <= std::int64_t{beam + 2} * fanout * (tree.levels() + 1) + fanout);
+        }
+      }
+  CHECK(cases == 3 * 6 * 3 * 20);
+  CHECK(differed > 0);  // narrow beams do miss chunks on random data: the test can tell them apart
+}
+
+TEST_CASE("chunk index: the beam search reads O(beam F log n) summaries, whatever the context") {
+  const int d = 16, fanout = 16, beam = 16;
+  for (std::int64_t n : {4096, 65536}) {
+    const auto summaries = random_summaries(n, d, 21);
+    const bound_tree tree = tree_of(summaries, d, n, fanout);
+    bound_search_scratch scratch;
+    scratch.reserve_beam(beam, fanout);
+    std::vector<std::int32_t> out(5);
+    const auto q = test::random_floats(static_cast<std::size_t>(d), 4);
+    bound_search::stats read;
+    REQUIRE(beam_search::top(tree, {summaries.data(), n, 2 * d}, q.data(), 1, n - 1, 5, beam, out, scratch, &read) == 5);
+    CAPTURE(n);
+    MESSAGE("beam search over " << n << " chunks read " << read.boxes << " boxes + " << read.chunks << " chunks");
+    CHECK(read.boxes + read.chunks <= std::int64_t{beam + 2} * fanout * (tree.levels() + 1));
+    CHECK(read.boxes + read.chunks < n / 4);
+  }
+}

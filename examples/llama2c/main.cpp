@@ -18,6 +18,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <vector>
 
@@ -61,8 +62,10 @@ struct options {
   std::string policy = "paper";
   int offset_chunks = 1;
   int representative_keys = 2;
+  int beam = llama2c::policies::knobs{}.beam;
+  int branching = 0;
 
-  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads}; }
+  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads, beam, branching}; }
 };
 
 template <class Policies>
@@ -189,6 +192,7 @@ class progress_bar {
 /// Per length, for one method.
 struct length_stats {
   int correct = 0, total = 0;
+  double seconds = 0;  // over its prompts, prefill and answer
   llama2c::selection_report selection;
 };
 
@@ -199,6 +203,7 @@ struct method_result {
   std::int64_t tokens = 0;
   std::size_t representation_floats = 0;  // per chunk and query head
   double score_flops_per_chunk = 0;       // per query and head
+  bool indexed = false;                   // selection searches an index (reads fewer chunks than all)
 };
 
 template <class Policies>
@@ -223,6 +228,7 @@ method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const 
   if (method == longheads::attention_method::longheads) {
     result.representation_floats = model.attention().shape().representation_floats;
     result.score_flops_per_chunk = score_flops_per_chunk(model.attention());
+    result.indexed = longheads::policy_bundle<Policies>::index_type::indexed;
   }
   const int w = o.attention.config.chunk_size;
   std::vector<float> logits(static_cast<std::size_t>(ckpt.config().vocab_size)), scratch;
@@ -245,7 +251,9 @@ method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const 
       answer.push_back(argmax(logits));
       if (i + 1 < llama2c::passkey_task::answer_tokens) model.forward(std::span<const std::int32_t>(&answer.back(), 1), logits);
     }
-    result.seconds += std::chrono::duration<double>(clock_type::now() - start).count();
+    const double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+    result.seconds += seconds;
+    stats.seconds += seconds;
     result.tokens += static_cast<std::int64_t>(p.tokens.size()) + llama2c::passkey_task::answer_tokens - 1;
     stats.correct += answer == p.answer;
     ++stats.total;
@@ -361,6 +369,14 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
     }
     std::printf(" %10.0f\n", static_cast<double>(r.tokens) / r.seconds);
   }
+  std::printf("\nseconds per prompt (mean; prefill and answer)\n%-20s", "method");
+  for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
+  std::printf("\n");
+  for (const auto& r : results) {
+    std::printf("%-20s", r.name.c_str());
+    for (std::int64_t L : lengths) std::printf(" %12.2f", r.by_length.at(L).seconds / r.by_length.at(L).total);
+    std::printf("\n");
+  }
   bool any_selection = false;
   for (const auto& r : results) any_selection |= r.representation_floats > 0;
   if (any_selection) {
@@ -388,7 +404,9 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
     for (const auto& r : results) {
       if (r.representation_floats == 0) continue;
       std::printf("%-20s %14zu %16.0f", r.name.c_str(), r.representation_floats, r.score_flops_per_chunk);
-      for (std::int64_t L : lengths) std::printf(" %8.2fx", static_cast<double>(L / cfg.chunk_size) * r.score_flops_per_chunk / attend_flops);
+      for (std::int64_t L : lengths)
+        if (r.indexed) std::printf(" %9s", "index");  // reads a part of the chunks: build/examples/index_reads counts it
+        else std::printf(" %8.2fx", static_cast<double>(L / cfg.chunk_size) * r.score_flops_per_chunk / attend_flops);
       std::printf("\n");
     }
   }
@@ -423,6 +441,9 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
     const auto it = std::find_if(prompts.begin(), prompts.end(), [&](const auto& p) { return p.length == longest; });
     draw_heatmap<Policies>(ckpt, o, *it);
   }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  std::printf("peak memory: %.2f GiB\n", static_cast<double>(usage.ru_maxrss) / (1 << 20));  // ru_maxrss is in KiB on Linux
   return 0;
 }
 
@@ -488,6 +509,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember(llama2c::policies::names()))
       ->capture_default_str();
   app.add_option("--score-offset", o.offset_chunks, "rotated-query policies: chunk offset the query is rotated to")->capture_default_str();
+  app.add_option("--beam", o.beam, "quest-beam policy: index boxes opened per level")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--branching", o.branching, "quest-index, quest-beam policies: chunks per index box (default: the policy's)")
+      ->check(CLI::Range(2, 1 << 20));
   app.add_option("--representative-keys", o.representative_keys, "representative-keys and loudest-keys policies: keys kept per chunk")->capture_default_str();
   generate->excludes(eval)->excludes(passkey);
   eval->excludes(passkey);

@@ -59,10 +59,19 @@ struct quest_index : quest {
   using index = longheads::bound_tree_index;
 };
 
+/// Quest with its chunks found by a beam search of the same index: O(beam F log n) summaries
+/// per query instead of every chunk's; the flat scan's chunks up to 1024 candidates, nearly
+/// them beyond (chunk_index.hpp, docs/results.md).
+struct quest_beam : quest {
+  using index = longheads::bound_tree_beam;
+};
+
 struct knobs {
   int offset_chunks = 1;        // canonical chunk offset of the rotated query
   int representative_keys = 2;  // keys per chunk for representative_keys
   unsigned threads = 1;
+  int beam = longheads::bound_tree_beam{}.beam;  // quest-beam: boxes opened per level
+  int branching = 0;                             // quest-index, quest-beam: chunks per box (0: the policy's default)
 };
 
 template <class P>
@@ -72,17 +81,21 @@ typename longheads::attention<P>::policy_set make_set(const knobs& k) {
   if constexpr (requires { set.scorer.offset_chunks; }) set.scorer.offset_chunks = k.offset_chunks;
   if constexpr (requires { set.scorer.count; }) set.scorer.count = k.representative_keys;
   if constexpr (requires { set.encoder.count; }) set.encoder.count = k.representative_keys;
+  if constexpr (requires { set.index.beam; }) set.index.beam = k.beam;
+  if constexpr (requires { set.index.branching; })
+    if (k.branching > 0) set.index.branching = k.branching;
   return set;
 }
 
 inline const std::vector<std::string>& names() {
-  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "quest-index", "quest-group-max",
+  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "quest-index", "quest-beam", "quest-group-max",
                                                    "quest-group-mean", "representative-keys", "loudest-keys", "recommended"};
   return n;
 }
 
-/// The policy the docs recommend (docs/results.md says why).
-using recommended = quest;
+/// The policy the docs recommend (docs/results.md says why): Quest's bounds, found through the
+/// beam index, so a token costs the same at any context length.
+using recommended = quest_beam;
 
 /// Calls f(std::type_identity<P>{}) for the policy bundle named `name`.
 template <class F>
@@ -92,6 +105,7 @@ decltype(auto) with_policy(const std::string& name, F&& f) {
   if (name == "mean-key") return f(std::type_identity<mean_key>{});
   if (name == "quest") return f(std::type_identity<quest>{});
   if (name == "quest-index") return f(std::type_identity<quest_index>{});
+  if (name == "quest-beam") return f(std::type_identity<quest_beam>{});
   if (name == "quest-group-max") return f(std::type_identity<quest_group_max>{});
   if (name == "quest-group-mean") return f(std::type_identity<quest_group_mean>{});
   if (name == "representative-keys") return f(std::type_identity<representative_keys>{});

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/huge_pages.hpp"
 #include "checkpoint.hpp"
 
 namespace llama2c {
@@ -58,7 +59,9 @@ class transformer {
         config_(model.config()),
         attention_(attention_config_for(config_, knobs),
                    longheads::rope(config_.head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c_float_frequencies{}), std::move(policies)) {
-    for (int l = 0; l < config_.n_layers; ++l) caches_.push_back(attention_.make_cache());
+    // Caches on huge pages: a million-token context spans gigabytes, which on 4 KB pages is a
+    // TLB miss at nearly every chunk a head reads (examples/common/huge_pages.hpp).
+    for (int l = 0; l < config_.n_layers; ++l) caches_.push_back(attention_.make_cache(0, &tools::huge_pages()));
     last_queries_.resize(static_cast<std::size_t>(config_.n_layers) * static_cast<std::size_t>(config_.dim));
   }
 

@@ -63,7 +63,7 @@ class attention {
   /// @throws config_error if the configuration, the RoPE or a policy rejects the setting.
   attention(const attention_config& config, const rope& rotary, policy_set policies = {})
       : config_(config), rope_(rotary), policies_(std::move(policies)), workspace_(policies_.executor.lanes()) {
-    validate_layer(config_, rope_, policies_.encoder, policies_.scorer);
+    validate_layer(config_, rope_, policies_.encoder, policies_.scorer, policies_.index);
     // Every rotation LongHeads and sink+window make per token is by a delta in [0, L + w); the
     // table stops at 64 MiB (beyond it rotations compute the same floats directly).
     rope_.tabulate(std::min<std::int64_t>(config_.budget_tokens() + config_.chunk_size, (std::int64_t{1} << 24) / config_.head_dim));
@@ -82,7 +82,7 @@ class attention {
   cache_shape shape() const noexcept {
     const bool s = selects();
     return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size, s ? policies_.encoder.representation_floats(config_) : 0,
-            config_.kv_storage, representation_heads<encoder_type>(config_), s ? policies_.index.fanout() : 0};
+            config_.kv_storage, representation_heads<encoder_type>(config_), s ? policies_.index.fanout() : 0, s && !encodes_keys_only<encoder_type>};
   }
 
   /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with

@@ -24,9 +24,12 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <utility>
+#include <string>
 #include <vector>
 
 #include "config.hpp"
+#include "errors.hpp"
 #include "detail/simd.hpp"
 #include "views.hpp"
 
@@ -124,9 +127,19 @@ class bound_search_scratch {
     const auto n = static_cast<std::size_t>(std::max<std::int64_t>(chunks, 1));
     frontier_.reserve(2 * n + static_cast<std::size_t>(fanout) * 64);
   }
+  /// Room for a beam search of width `beam` with fan-out F: no level holds more than (beam + 2) F
+  /// nodes (the kept boxes' children and those of the two boxes cut by the range's ends).
+  void reserve_beam(int beam, int fanout) {
+    const auto n = static_cast<std::size_t>(beam + 2) * static_cast<std::size_t>(fanout) + 1;
+    beam_nodes_.reserve(n);
+    beam_open_.reserve(static_cast<std::size_t>(beam) + 2 * static_cast<std::size_t>(fanout) + 2);
+    beam_bounds_.resize(std::max(beam_bounds_.size(), static_cast<std::size_t>(fanout)));
+    beam_runs_.reserve(static_cast<std::size_t>(beam) + 4);
+  }
 
  private:
   friend struct bound_search;
+  friend struct beam_search;
   struct entry {
     float bound;         // the box's bound (NaN read as +inf) or the chunk's score (NaN as -inf)
     std::int32_t first;  // the lowest candidate chunk it covers
@@ -134,6 +147,14 @@ class bound_search_scratch {
     std::int64_t index;  // box or chunk index in its level
   };
   std::vector<entry> frontier_;
+  struct beam_node {
+    float bound;         // the box's bound or the chunk's score (NaN as in entry)
+    std::int64_t index;  // box or chunk index in its level
+  };
+  std::vector<beam_node> beam_nodes_;  // beam_search: one level's nodes inside the candidates
+  std::vector<std::int64_t> beam_open_;  // beam_search: the boxes whose children are the next level
+  std::vector<float> beam_bounds_;       // beam_search: one box's children's bounds
+  std::vector<std::pair<std::int64_t, std::int64_t>> beam_runs_;  // beam_search: runs of children to score
 };
 
 /// The best-first search (see the file comment).
@@ -191,6 +212,107 @@ struct bound_search {
   }
 };
 
+/// The approximate search: level by level from the top, only the `beam` best boxes (by bound)
+/// of each level are opened, and the wanted chunks are the best among the chunks reached. Work
+/// per query is O(beam F log_F n) instead of O(n); the chunks found are the flat scan's when
+/// every box on their way ranks in its level's beam (chunk_index_test measures how often).
+///
+/// Deterministic and causal: a box competes only when all F^l chunks it covers lie inside the
+/// candidates [first, end), so its bits depend only on chunks before `end` (whatever the tree
+/// holds beyond); a box cut by either end is always opened. The choice of query p therefore depends only on the chunks before its own, the
+/// same in prefill and decode and under every split.
+struct beam_search {
+  /// Moves the `k` best of `nodes` (larger bound, then lower index) to its front, best first, in
+  /// one pass (most nodes lose to the k-th best so far in one comparison); returns how many.
+  static std::size_t keep_best(std::vector<bound_search_scratch::beam_node>& nodes, std::size_t k) noexcept {
+    auto better = [](const auto& a, const auto& b) { return a.bound > b.bound || (a.bound == b.bound && a.index < b.index); };
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < nodes.size(); ++i) {
+      const auto candidate = nodes[i];  // read before the front (indices <= i) is written
+      if (kept == k && (k == 0 || !better(candidate, nodes[k - 1]))) continue;
+      std::size_t at = kept < k ? kept++ : k - 1;
+      for (; at > 0 && better(candidate, nodes[at - 1]); --at) nodes[at] = nodes[at - 1];
+      nodes[at] = candidate;
+    }
+    return kept;
+  }
+
+  /// The `wanted` best chunks of [first, end) that the beam reaches, in the order and with the
+  /// ties and NaN rule of bound_search::top, best first into `out`. Returns how many (wanted, or
+  /// fewer candidates). Never allocates once `scratch` is reserved (reserve_beam).
+  static std::size_t top(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first,
+                         std::int64_t end, std::size_t wanted, int beam, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                         bound_search::stats* read = nullptr) noexcept {
+    end = std::min(end, tree.chunks());
+    if (first >= end || wanted == 0) return 0;
+    const std::ptrdiff_t d = summaries.cols() / 2;
+    const std::int64_t fanout = tree.fanout();
+    auto& inside = scratch.beam_nodes_;  // this level's nodes wholly inside [first, end), with bounds
+    auto& opened = scratch.beam_open_;   // the previous level's boxes to open: the beam, then the cut ones
+    // Nodes of `level` under the boxes in `opened` (level + 1): those cut by [first, end) are
+    // opened further whatever their bound, those inside are scored.
+    auto& runs = scratch.beam_runs_;   // per parent, its children wholly inside: one run [lo, hi)
+    // The nodes of `level` under the boxes in `opened` (level + 1): those cut by [first, end)
+    // are opened further whatever their bound; those inside are scored into `inside`, unless
+    // the beam keeps all of them anyway (then they are opened directly and `inside` is empty).
+    auto expand = [&](int level) {
+      const std::int64_t span = tree.span(level), count = level == 0 ? tree.chunks() : tree.boxes(level);
+      inside.clear();
+      runs.clear();
+      std::int64_t inside_count = 0;
+      const std::size_t parents = opened.size();
+      for (std::size_t p = 0; p < parents; ++p) {
+        const std::int64_t lo_child = level == tree.levels() ? 0 : opened[p] * fanout;
+        const std::int64_t hi_child = level == tree.levels() ? count : std::min(count, lo_child + fanout);
+        std::int64_t run_lo = hi_child, run_hi = hi_child;
+        for (std::int64_t c = lo_child; c < hi_child; ++c) {
+          const std::int64_t lowest = c * span, stop = lowest + span;  // stop may pass the last chunk
+          if (stop <= first || lowest >= end) continue;
+          if (lowest < first || stop > end) {
+            opened.push_back(c);  // cut, or not yet full: opened at the next level (kept after the parents)
+            continue;
+          }
+          if (run_lo == hi_child) run_lo = c;
+          run_hi = c + 1;
+        }
+        if (run_lo < run_hi) runs.push_back({run_lo, run_hi}), inside_count += run_hi - run_lo;
+      }
+      opened.erase(opened.begin(), opened.begin() + static_cast<std::ptrdiff_t>(parents));
+      if (level > 0 && inside_count <= beam) {
+        for (const auto& [lo, hi] : runs)
+          for (std::int64_t c = lo; c < hi; ++c) opened.push_back(c);
+        return;
+      }
+      const float nan_bound = level == 0 ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+      const std::ptrdiff_t stride = level == 0 ? summaries.row_stride() : 2 * d;
+      float* bounds = scratch.beam_bounds_.data();
+      const auto piece = static_cast<std::int64_t>(scratch.beam_bounds_.size());
+      for (const auto& [lo, hi] : runs)
+        for (std::int64_t c0 = lo; c0 < hi; c0 += piece) {
+          const std::int64_t c1 = std::min(hi, c0 + piece);
+          detail::bound_dot_rows(q, level == 0 ? summaries.row(c0) : tree.box(level, c0), stride, c1 - c0, d, bounds);
+          for (std::int64_t c = c0; c < c1; ++c) {
+            const float bound = bounds[c - c0];
+            inside.push_back({std::isnan(bound) ? nan_bound : bound, c});
+          }
+        }
+      if (read) (level == 0 ? read->chunks : read->boxes) += static_cast<std::int64_t>(inside.size());
+    };
+    opened.clear();
+    opened.push_back(0);  // stands for "every box of the top level"
+    for (int level = tree.levels(); level >= 1; --level) {
+      expand(level);
+      // The beam: the `beam` best boxes inside join the cut ones.
+      const std::size_t kept = keep_best(inside, static_cast<std::size_t>(beam));
+      for (std::size_t i = 0; i < kept; ++i) opened.push_back(inside[i].index);
+    }
+    expand(0);  // chunks: none is cut
+    const std::size_t found = keep_best(inside, wanted);
+    for (std::size_t i = 0; i < found; ++i) out[i] = static_cast<std::int32_t>(inside[i].index);
+    return found;
+  }
+};
+
 /// Selection index policy: score every full chunk (the reference, and the default).
 struct flat_scan {
   static constexpr bool indexed = false;  ///< selection reads scores of every chunk
@@ -204,9 +326,55 @@ struct flat_scan {
 /// attention checks when it is compiled.
 struct bound_tree_index {
   static constexpr bool indexed = true;  ///< selection searches the cache's trees
+  static constexpr bool exact = true;    ///< the flat scan's chunks, always
   int branching = 16;                    ///< chunks (or boxes) per box, >= 2
   /// Chunks per box of the cache's index.
   int fanout() const noexcept { return branching; }
+  /// @throws config_error if branching < 2.
+  void validate() const {
+    if (branching < 2) detail::fail<config_error>("bound_tree_index: branching must be >= 2, got " + std::to_string(branching));
+  }
+  /// The `wanted` best chunks of [first, end) for the rotated query `q` (bound_search::top).
+  std::size_t search(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
+                     std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                     bound_search::stats* read = nullptr) const noexcept {
+    return bound_search::top(tree, summaries, q, first, end, wanted, out, scratch, read);
+  }
+};
+
+/// Selection index policy: the same trees searched by beam_search, O(beam F log_F n) summaries
+/// per query however long the context, for contexts where the flat scan's O(n) per query is the
+/// cost. Exact (the flat scan's chunks, tested) while a query has at most `exact_below`
+/// candidate chunks: the beam is then widened to hold every box. Beyond, it may miss a chunk
+/// whose box does not rank in its level's beam (docs/results.md gives how often, and the
+/// passkey answers beside the flat scan's). The defaults were chosen on passkey-256 at 16k-1M
+/// tokens (docs/results.md): boxes of 32 chunks, 4 opened per level.
+struct bound_tree_beam {
+  static constexpr bool indexed = true;  ///< selection searches the cache's trees
+  static constexpr bool exact = false;   ///< may miss a chunk past exact_below (see above)
+  int branching = 32;                    ///< chunks (or boxes) per box, >= 2
+  int beam = 4;                          ///< boxes opened per level, >= 1
+  int exact_below = 1024;                ///< up to this many candidate chunks the search is exact, >= 0
+  /// Chunks per box of the cache's index.
+  int fanout() const noexcept { return branching; }
+  /// The widest beam a search uses (scratch is sized for it).
+  int widest_beam() const noexcept { return std::max(beam, exact_below); }
+  /// @throws config_error if branching < 2, beam < 1 or exact_below < 0.
+  void validate() const {
+    if (branching < 2 || beam < 1 || exact_below < 0)
+      detail::fail<config_error>("bound_tree_beam: branching must be >= 2, beam >= 1 and exact_below >= 0, got branching " +
+                                 std::to_string(branching) + ", beam " + std::to_string(beam) + ", exact_below " +
+                                 std::to_string(exact_below));
+  }
+  /// The `wanted` best chunks of [first, end) the beam reaches for the rotated query `q`
+  /// (beam_search::top; exact up to exact_below candidates).
+  std::size_t search(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
+                     std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                     bound_search::stats* read = nullptr) const noexcept {
+    // A beam as wide as the candidates holds every box of every level: the flat scan's choice.
+    const int width = end - first <= exact_below ? widest_beam() : beam;
+    return beam_search::top(tree, summaries, q, first, end, wanted, width, out, scratch, read);
+  }
 };
 
 /// A selection index policy: `indexed`, and the fan-out of the trees it keeps in the cache.
@@ -215,6 +383,6 @@ concept selection_index = requires(const I& i) {
   { I::indexed } -> std::convertible_to<bool>;
   { i.fanout() } -> std::convertible_to<int>;
 };
-static_assert(selection_index<flat_scan> && selection_index<bound_tree_index>);
+static_assert(selection_index<flat_scan> && selection_index<bound_tree_index> && selection_index<bound_tree_beam>);
 
 }  // namespace longheads

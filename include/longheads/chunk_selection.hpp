@@ -44,11 +44,12 @@ struct selection_scratch {
   /// Room for contexts of `chunks` chunks, blocks of `block` queries, items of up to
   /// `item_heads` heads, `segments` chunks per query and `scorer_floats` of the scorer's scratch.
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
-               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0) {
+               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0) {
     if (selects && index_fanout > 0) {
-      search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
+      // A beam's frontier is bounded whatever the context; the exact search's grows with it.
+      if (index_beam > 0) search.reserve_beam(index_beam, index_fanout);
+      else search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
       detail::grow(rotated_query, static_cast<std::size_t>(config.head_dim));
-      detail::grow(candidates, chunks);
     } else if (selects) {
       detail::grow(scores, std::max(static_cast<std::size_t>(config.group_size()) * block, item_heads) * chunks);
       detail::grow(scorer, scorer_floats);
@@ -108,7 +109,7 @@ chunk_choice choose_chunks(const Selector& selector, const Remapper& remapper, c
 
 /// LongHeads' choice for query position p of query head h (pre-RoPE query `query`): from its
 /// scores of the full chunks before its own (flat_scan), or by searching the cache's index
-/// (bound_tree_index), which gives the same chunks (chunk_index.hpp).
+/// (bound_tree_index: the same chunks; bound_tree_beam: the chunks its beam reaches; chunk_index.hpp).
 template <class PolicyValues>
 chunk_choice choose_for_query(const PolicyValues& policies, const attention_config& config, const rope& rotary, const kv_cache& cache,
                               const float* query, int h, std::int64_t p, std::span<const float> scores, selection_scratch& s) noexcept {
@@ -124,8 +125,8 @@ chunk_choice choose_for_query(const PolicyValues& policies, const attention_conf
       for (int c = 0; c < config.sink_chunks; ++c) s.selected[count++] = c;
       const auto wanted = static_cast<std::size_t>(config.budget_chunks - config.sink_chunks - config.local_chunks);
       const std::span<std::int32_t> found = std::span<std::int32_t>(s.selected).subspan(count, wanted);
-      const std::size_t n = bound_search::top(cache.index(h), cache.representations(h), s.rotated_query.data(), config.sink_chunks,
-                                              i - config.local_chunks + 1, wanted, found, s.search);
+      const std::size_t n = policies.index.search(cache.index(h), cache.representations(h), s.rotated_query.data(), config.sink_chunks,
+                                                  i - config.local_chunks + 1, wanted, found, s.search);
       std::sort(found.begin(), found.begin() + static_cast<std::ptrdiff_t>(n));
       count = detail::append_locals({i, config.budget_chunks, config.sink_chunks, config.local_chunks}, s.selected, count + n);
     }

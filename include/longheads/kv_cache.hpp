@@ -49,6 +49,9 @@ struct cache_shape {
   int representation_heads = 0;
   /// Chunks per box of the selection index kept per representation head (bound_tree), 0 for none.
   int index_fanout = 0;
+  /// Whether the cache keeps the open chunk's rotated queries until the chunk is encoded: only
+  /// an encoder that reads queries needs them (keys-only encoders and the baselines do not).
+  bool keeps_open_queries = true;
   /// representation_heads, 0 resolved.
   int summary_heads() const noexcept { return representation_heads > 0 ? representation_heads : n_q_heads; }
   /// Equal when every field is.
@@ -59,7 +62,7 @@ inline std::string to_string(const cache_shape& s) {
   return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
          std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, index fanout " +
-         std::to_string(s.index_fanout) + ", kv " + to_string(s.precision) + "}";
+         std::to_string(s.index_fanout) + ", open queries " + (s.keeps_open_queries ? "kept" : "none") + ", kv " + to_string(s.precision) + "}";
 }
 
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
@@ -95,7 +98,8 @@ class kv_cache {
     if (shape.index_fanout != 0 && (shape.index_fanout < 2 || shape.representation_floats != 2 * static_cast<std::size_t>(shape.head_dim)))
       detail::fail<shape_error>("kv_cache: an index needs index_fanout >= 2 over [lo | hi] representations of 2 * head_dim floats, got " +
                                 to_string(shape));
-    open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
+    if (shape.keeps_open_queries)
+      open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
                          static_cast<std::size_t>(shape.head_dim));
     if (shape.index_fanout != 0) trees_.assign(static_cast<std::size_t>(shape.summary_heads()), bound_tree(shape.head_dim, shape.index_fanout));
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
@@ -200,7 +204,7 @@ class kv_cache {
     const std::size_t chunks = static_cast<std::size_t>((a.tokens_ + a.shape_.chunk_size - 1) / a.shape_.chunk_size);
     const std::size_t kv = chunks * a.kv_floats_per_chunk();
     const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.shape_.representation_floats;  // per head
-    const std::size_t open = static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
+    const std::size_t open = !a.shape_.keeps_open_queries ? 0 : static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
                              static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
     auto same = [](const auto* x, const auto* y, std::size_t n) { return n == 0 || std::memcmp(x, y, n * sizeof(*x)) == 0; };
     for (std::size_t h = 0; h < a.selection_counts_.size(); ++h) {
@@ -276,8 +280,9 @@ class kv_cache {
     }
   }
   /// Keeps row t of q, the token at `position`, rotated at its local position, in the open
-  /// chunk until the chunk is full and encoded.
+  /// chunk until the chunk is full and encoded (nothing, unless shape().keeps_open_queries).
   void store_open_queries(std::int64_t position, tensor_view<const float> q, std::ptrdiff_t t, const rope& rotary) noexcept {
+    if (!shape_.keeps_open_queries) return;
     const std::int64_t offset = position % shape_.chunk_size;
     for (int h = 0; h < shape_.n_q_heads; ++h) rotary.rotate(q.at(t, h), open_query_row(offset, h), offset);
   }

@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "attention_config.hpp"
+#include "chunk_index.hpp"
 #include "errors.hpp"
 #include "kv_cache.hpp"
 #include "rope.hpp"
@@ -82,14 +83,16 @@ inline std::string shape_of(std::ptrdiff_t tokens, std::ptrdiff_t heads, std::pt
 
 /// The layer's own consistency, checked when an attention is constructed.
 /// @throws config_error naming the first impossible setting.
-template <class Encoder, class Scorer>
-void validate_layer(const attention_config& config, const rope& rotary, const Encoder& encoder, const Scorer& scorer) {
+template <class Encoder, class Scorer, class Index = flat_scan>
+void validate_layer(const attention_config& config, const rope& rotary, const Encoder& encoder, const Scorer& scorer,
+                    const Index& index = {}) {
   config.validate();
   if (rotary.head_dim() != config.head_dim)
     detail::fail<config_error>("attention: rope head_dim " + std::to_string(rotary.head_dim()) + " does not match config head_dim " +
                                std::to_string(config.head_dim));
   encoder.validate(config);
   scorer.validate(config);
+  if constexpr (requires { index.validate(); }) index.validate();
   if (scorer.representation_floats(config) != encoder.representation_floats(config))
     detail::fail<config_error>("attention: the scorer reads " + std::to_string(scorer.representation_floats(config)) +
                                " floats per chunk representation but the encoder writes " +

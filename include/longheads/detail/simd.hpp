@@ -264,6 +264,43 @@ inline float bound_dot(const float* q, const float* lo, const float* hi, std::pt
   return sum;
 }
 
+/// bound_dot of `q` with `count` rows [lo | hi] of 2n floats each, `stride` floats apart, into
+/// out[0..count): four rows at a time, each with bound_dot's own operations in its order (the
+/// same bits), so that one row's reduction overlaps the next rows' products.
+inline void bound_dot_rows(const float* q, const float* rows, std::ptrdiff_t stride, std::ptrdiff_t count, std::ptrdiff_t n,
+                           float* out) noexcept {
+  constexpr std::ptrdiff_t block = 4;
+  std::ptrdiff_t r0 = 0;
+  for (; r0 + block <= count; r0 += block) {
+    float_batch acc0[block], acc1[block];
+    LONGHEADS_UNROLL for (std::ptrdiff_t r = 0; r < block; ++r) acc0[r] = acc1[r] = float_batch(0.0f);
+    std::ptrdiff_t i = 0;
+    for (; i + 2 * simd_width <= n; i += 2 * simd_width) {
+      const float_batch q0 = float_batch::load_unaligned(q + i), q1 = float_batch::load_unaligned(q + i + simd_width);
+      LONGHEADS_UNROLL for (std::ptrdiff_t r = 0; r < block; ++r) {
+        const float* lo = rows + (r0 + r) * stride;
+        const float* hi = lo + n;
+        acc0[r] += xsimd::max(q0 * float_batch::load_unaligned(lo + i), q0 * float_batch::load_unaligned(hi + i));
+        acc1[r] += xsimd::max(q1 * float_batch::load_unaligned(lo + i + simd_width), q1 * float_batch::load_unaligned(hi + i + simd_width));
+      }
+    }
+    for (; i + simd_width <= n; i += simd_width) {
+      const float_batch q0 = float_batch::load_unaligned(q + i);
+      LONGHEADS_UNROLL for (std::ptrdiff_t r = 0; r < block; ++r) {
+        const float* lo = rows + (r0 + r) * stride;
+        acc0[r] += xsimd::max(q0 * float_batch::load_unaligned(lo + i), q0 * float_batch::load_unaligned(lo + n + i));
+      }
+    }
+    LONGHEADS_UNROLL for (std::ptrdiff_t r = 0; r < block; ++r) {
+      const float* lo = rows + (r0 + r) * stride;
+      float sum = reduce_add(acc0[r] + acc1[r]);
+      for (std::ptrdiff_t j = i; j < n; ++j) sum += std::max(q[j] * lo[j], q[j] * lo[n + j]);
+      out[r0 + r] = sum;
+    }
+  }
+  for (; r0 < count; ++r0) out[r0] = bound_dot(q, rows + r0 * stride, rows + r0 * stride + n, n);
+}
+
 /// y += alpha * x
 inline void axpy(float alpha, const float* x, float* y, std::ptrdiff_t n) noexcept {
   const float_batch a(alpha);

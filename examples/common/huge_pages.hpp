@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// A std::pmr::memory_resource for the benchmark's K/V caches, probe buffers and prefill
-// activations: blocks of 2 MB and more are 2 MB aligned and, on Linux, advised as transparent
+// A std::pmr::memory_resource for K/V caches (the benchmark's, with its probe buffers and
+// prefill activations, and the llama2c host's): blocks of 2 MB and more are 2 MB aligned and, on Linux, advised as transparent
 // huge pages before they are first touched (this machine runs THP in madvise mode, so nothing
 // else gets them). Freed blocks are kept and handed out again, lowest address first, so the
 // caches of one group of benchmarks land on the memory the previous group's used.
@@ -29,7 +29,7 @@
 #include <sys/mman.h>
 #endif
 
-namespace bench {
+namespace tools {
 
 class huge_page_resource final : public std::pmr::memory_resource {
  public:
@@ -77,4 +77,11 @@ class huge_page_resource final : public std::pmr::memory_resource {
   std::map<void*, std::size_t> free_, in_use_;  // block -> its size, by address
 };
 
-}  // namespace bench
+/// One resource for the whole program (function-local static: it outlives every cache that
+/// main's objects hold).
+inline huge_page_resource& huge_pages() {
+  static huge_page_resource resource;
+  return resource;
+}
+
+}  // namespace tools
