@@ -33,6 +33,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <typeinfo>
 #include <vector>
 #include <xsimd/xsimd.hpp>
 
@@ -68,6 +69,16 @@ struct threaded : paper_policies {
 /// the per-head picks cost in bytes from what the implementation costs (longheads-shared).
 struct threaded_group_max : threaded {
   using group_selection = group_max_selection;
+};
+
+/// Quest's bounds scored for every full chunk (the flat scan), and the same found through the
+/// cache's index by the beam search (bound_tree_beam): the scale rows compare the two.
+struct threaded_quest : threaded {
+  using encoder = key_bounds_encoder;
+  using scorer = bound_scorer;
+};
+struct threaded_quest_beam : threaded_quest {
+  using index = bound_tree_beam;
 };
 
 /// A pool of random floats; blocks are windows into it at varying offsets (cheap "random" data).
@@ -106,23 +117,27 @@ attention_config config_for(const model_shape& s, attention_method method, int c
 /// grows, as an engine's would). Every run starts from the context again (kv_cache::truncate).
 constexpr std::int64_t decode_room = 4096;
 
-/// A cache holding `context` tokens, built with ingest() in blocks and kept while the
-/// benchmarks of its group (context, method, storage; every shape) run, which the
-/// registration keeps together (the 128k fp32 caches of both shapes take ~7 GB).
-kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage) {
+/// A cache holding `context` tokens, built with ingest() in blocks by an attention of policies P
+/// (chunks of w, budget k), and kept while the benchmarks of its group (context, method,
+/// storage, policies, chunking; every shape) run, which the registration keeps together (the
+/// 128k fp32 caches of both shapes take ~7 GB; a 1M bf16 Llama-3 cache 4 GB).
+template <class P = threaded>
+kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage, int w = 256, int k = 16) {
   // The resource first: function-local statics are destroyed in reverse order of construction,
   // so the caches then give their blocks back before the resource goes (a filtered run that
   // reached no probe used to construct it second and crash at exit).
   std::pmr::memory_resource* memory = bench_memory();
-  using key = std::tuple<std::int64_t, int, int, std::string>;
+  using key = std::tuple<std::int64_t, int, int, std::string, std::string, int>;  // context, method, storage, shape, policies, w
   static std::map<key, std::unique_ptr<kv_cache>> caches;
-  const key wanted{context, static_cast<int>(method), static_cast<int>(storage), s.name};
+  const key wanted{context, static_cast<int>(method), static_cast<int>(storage), s.name, typeid(P).name(), w};
   std::erase_if(caches, [&](const auto& entry) {
-    return std::get<0>(entry.first) != context || std::get<1>(entry.first) != std::get<1>(wanted) || std::get<2>(entry.first) != std::get<2>(wanted);
+    const key& e = entry.first;
+    return std::get<0>(e) != context || std::get<1>(e) != std::get<1>(wanted) || std::get<2>(e) != std::get<2>(wanted) ||
+           std::get<4>(e) != std::get<4>(wanted) || std::get<5>(e) != w;
   });
   auto& slot = caches[wanted];
   if (slot) return *slot;
-  attention<threaded> a(config_for(s, method, 256, 16, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
+  attention<P> a(config_for(s, method, w, k, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
   slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room, memory));
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
@@ -175,11 +190,10 @@ double same_memory_read_rate(const kv_cache& cache, unsigned threads) {
 }
 
 // ------------------------------------------------------------------------------------ decode
-template <class Policies = threaded>
+template <class Policies = threaded, int w = 256, int chunks = 16>
 void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads,
             kv_precision storage) {
-  const int w = 256, chunks = 16;
-  kv_cache& cache = filled_cache(s, method, context, storage);
+  kv_cache& cache = filled_cache<Policies>(s, method, context, storage, w, chunks);
   // The steps of earlier runs on this cache appended tokens: at 8k the rounds' steps would
   // otherwise grow the context by half before the last run.
   cache.truncate(context);
@@ -244,7 +258,7 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
     for (std::int32_t c : chunks_of_group) rows_read += static_cast<double>(c == query_chunk ? cache.tokens() - c * std::int64_t{w} : w);
   }
   double bytes = rows_read * kv_row;
-  if (method == attention_method::longheads)
+  if (method == attention_method::longheads && !policy_bundle<Policies>::index_type::indexed)  // an index reads a part (index_reads)
     bytes += static_cast<double>(cache.shape().summary_heads()) * static_cast<double>(cache.full_chunks()) *  // per kv head when
              static_cast<double>(cache.shape().representation_floats) * sizeof(float);  // shared: its heads score one after another
   // What the cache holds per token of its capacity, by kind (kv_cache::bytes_by_kind).
@@ -252,6 +266,7 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   const auto per_token = [&](std::size_t b) { return static_cast<double>(b) / static_cast<double>(cache.capacity_tokens()); };
   state.counters["kv_bytes/token"] = per_token(held.keys + held.values);
   state.counters["summary_bytes/token"] = per_token(held.representations);
+  state.counters["index_bytes/token"] = per_token(held.index);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step), benchmark::Counter::kIsRate);
   state.counters["kv_bytes/step"] = bytes;
   state.counters["GB/s"] = benchmark::Counter(bytes * static_cast<double>(step) / 1e9, benchmark::Counter::kIsRate);
@@ -432,6 +447,18 @@ void register_all() {
             for (unsigned t : thread_counts)
               register_decode("longheads-shared", llama3_8b, ctx, t, decode<threaded_group_max>, attention_method::longheads, kv_precision::fp32);
         });
+  // Scale: a decode step at 8k to 1M tokens, Llama-3 shape, bf16 K/V, Quest by flat scan and
+  // by the beam index, at w 256 k 16 and at w 64 k 64 (small chunks: many summaries per token).
+  const std::vector<std::int64_t> scale_contexts = smoke ? std::vector<std::int64_t>{2048} : std::vector<std::int64_t>{8192, 131072, 1048576};
+  for (std::int64_t ctx : scale_contexts)
+    in_rounds([&] {
+      register_decode("longheads-quest-bf16", llama3_8b, ctx, 1, decode<threaded_quest>, attention_method::longheads, kv_precision::bf16);
+      register_decode("longheads-quest-beam-bf16", llama3_8b, ctx, 1, decode<threaded_quest_beam>, attention_method::longheads, kv_precision::bf16);
+      register_decode("longheads-quest-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest, 64, 64>, attention_method::longheads,
+                      kv_precision::bf16);
+      register_decode("longheads-quest-beam-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest_beam, 64, 64>, attention_method::longheads,
+                      kv_precision::bf16);
+    });
   for (std::int64_t n : prefill_tokens)
     in_rounds([&] {
       for (attention_method m : {attention_method::dense, attention_method::longheads})

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <sys/resource.h>
@@ -59,6 +60,7 @@ struct options {
   std::vector<std::string> methods = {"dense", "sink-window", "longheads"};
   std::string csv, plot, heatmap;
   bool quiet = false;
+  bool answers = false;  // --passkey: print each prompt's passkey and answer
   std::string policy = "paper";
   int offset_chunks = 1;
   int representative_keys = 2;
@@ -232,6 +234,8 @@ method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const 
   }
   const int w = o.attention.config.chunk_size;
   std::vector<float> logits(static_cast<std::size_t>(ckpt.config().vocab_size)), scratch;
+  std::optional<llama2c::vocabulary> vocab;
+  if (o.answers && !o.vocab.empty()) vocab.emplace(o.vocab);
   for (const auto& p : prompts) {
     const llama2c::needle_chunks needle{p.needle_start / w, (p.needle_end - 1) / w};
     if constexpr (std::is_same_v<typename Policies::selector, llama2c::needle_oracle_selector>)
@@ -257,6 +261,16 @@ method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const 
     result.tokens += static_cast<std::int64_t>(p.tokens.size()) + llama2c::passkey_task::answer_tokens - 1;
     stats.correct += answer == p.answer;
     ++stats.total;
+    if (o.answers) {
+      const auto words = [&](const std::vector<std::int32_t>& ids) {
+        std::string text;
+        for (std::int32_t id : ids) text += vocab ? vocab->word(id) : "<" + std::to_string(id) + ">";
+        return text;
+      };
+      std::printf("%s %s (%lld tokens, needle at %.0f%%): pass key %s, answered %s, %s, %.1f s, %.0f tokens/s\n", name.c_str(), p.name.c_str(),
+                  static_cast<long long>(p.length), 100.0 * p.depth, words(p.answer).c_str(), words(answer).c_str(),
+                  answer == p.answer ? "right" : "wrong", seconds, static_cast<double>(p.length) / seconds);
+    }
     bar.step(name + " " + p.name);
   }
   return result;
@@ -505,6 +519,7 @@ int main(int argc, char** argv) {
   app.add_option("--plot", o.plot, "--passkey: draw accuracy vs length (PNG, gnuplot)");
   app.add_option("--heatmap", o.heatmap, "--passkey: draw the chunks each head selected for one longest prompt (PNG)");
   app.add_flag("--quiet", o.quiet, "no progress bar");
+  app.add_flag("--answers", o.answers, "--passkey: print each prompt's pass key, the answer, its time and tokens/s");
   app.add_option("--policy", o.policy, "chunk selection policy (recommended: see docs/results.md)")
       ->check(CLI::IsMember(llama2c::policies::names()))
       ->capture_default_str();
