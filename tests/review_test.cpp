@@ -244,3 +244,36 @@ TEST_CASE("the benchmark counts the keys each query reads") {
     }
   CHECK(bench::keys_read(attention_method::dense, 150, w, budget) == 151);
 }
+
+TEST_CASE("RoPE tables: layers built from one tabulated rope share its table; no table grows with the context") {
+  const int d = 2048, w = 16;  // d 2048: the 2^24-float cap is 8192 positions, reached by a short test
+  rope r(d, 10000.0);
+  r.tabulate(4 * w + w);
+  const attention_config c = test::make_config(1, 1, d, w, 4);
+  attention<> layer0(c, r), layer1(c, r);
+  CHECK(layer0.rotary().shares_table_with(r));  // the layers' tables are the caller's, not copies
+  CHECK(layer1.rotary().shares_table_with(layer0.rotary()));
+  rope fresh(d, 10000.0);
+  CHECK_FALSE(attention<>(c, fresh).rotary().shares_table_with(layer0.rotary()));
+  // Dense rotates by deltas up to the context; past the cap it computes them (the same floats).
+  attention<> dense(test::make_config(1, 1, d, w, 4, attention_method::dense), rope(d, 10000.0));
+  const std::int64_t context = dense.rotary().max_table_positions() + 100;
+  CHECK(context == (std::int64_t{1} << 24) / d + 100);
+  const test::sequence seq(context, 1, 1, d, 41);
+  auto cache = dense.make_cache();
+  dense.ingest(cache, seq.qv(0, context - 1), seq.kv(0, context - 1), seq.vv(0, context - 1));
+  std::vector<float> out(static_cast<std::size_t>(d));
+  dense.decode(cache, seq.qv(context - 1, 1), seq.kv(context - 1, 1), seq.vv(context - 1, 1), {out.data(), 1, 1, d});
+  CHECK(dense.rotary().tabulated_positions() <= dense.rotary().max_table_positions());
+  // The same decode with a table over the whole context (the caller's, larger than the cap): the
+  // same bits, since rotations past a table compute the floats the table would hold.
+  rope whole(d, 10000.0);
+  whole.tabulate(context);
+  attention<> tabulated(test::make_config(1, 1, d, w, 4, attention_method::dense), whole);
+  CHECK(tabulated.rotary().shares_table_with(whole));
+  auto cache2 = tabulated.make_cache();
+  tabulated.ingest(cache2, seq.qv(0, context - 1), seq.kv(0, context - 1), seq.vv(0, context - 1));
+  std::vector<float> out2(out.size());
+  tabulated.decode(cache2, seq.qv(context - 1, 1), seq.kv(context - 1, 1), seq.vv(context - 1, 1), {out2.data(), 1, 1, d});
+  CHECK(out == out2);
+}

@@ -66,7 +66,7 @@ class attention {
     validate_layer(config_, rope_, policies_.encoder, policies_.scorer, policies_.index);
     // Every rotation LongHeads and sink+window make per token is by a delta in [0, L + w); the
     // table stops at 64 MiB (beyond it rotations compute the same floats directly).
-    rope_.tabulate(std::min<std::int64_t>(config_.budget_tokens() + config_.chunk_size, (std::int64_t{1} << 24) / config_.head_dim));
+    rope_.tabulate(std::min<std::int64_t>(config_.budget_tokens() + config_.chunk_size, rope_.max_table_positions()));
     input_limit_ = longheads::max_input_magnitude(config_, rope_);
   }
 
@@ -142,10 +142,10 @@ class attention {
  private:
   bool selects() const noexcept { return config_.method == attention_method::longheads; }
   void prepare(std::int64_t context, std::int64_t tokens) {
-    // Dense rotates queries by deltas up to the whole context; without a table each rotation
-    // would cost d/2 cos/sin evaluations per chunk per query (the table path gives the same floats).
-    if (config_.method == attention_method::dense && rope_.tabulated_positions() < context)
-      rope_.tabulate(std::min(max_sequence_tokens, std::max<std::int64_t>(context, rope_.tabulated_positions() * 3 / 2)));
+    // Dense rotates queries by deltas up to the whole context: tabulated up to the cap (past it a
+    // rotation costs d/2 cos/sin per chunk and query; the same floats), so no table grows with n.
+    if (config_.method == attention_method::dense && rope_.tabulated_positions() < std::min(context, rope_.max_table_positions()))
+      rope_.tabulate(std::min(rope_.max_table_positions(), std::max<std::int64_t>(context, rope_.tabulated_positions() * 3 / 2)));
     const auto segments = with_planner(config_.method, [&](auto planner) { return planner.max_segments(config_, context); });
     workspace_.reserve(config_, workspace_needs::of(config_, policies_, context, tokens, segments, group_selection_type::shared));
   }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <concepts>
 #include <cstdint>
 #include <numbers>
@@ -145,24 +146,33 @@ class rope {
   /// theta_i for the d/2 pairs, after scaling.
   std::span<const double> inverse_frequencies() const noexcept { return inverse_frequencies_; }
 
-  /// Tabulates cos/sin for positions [0, positions). Rotations inside the table read it;
-  /// others compute the same float values directly, so results do not depend on the table.
+  /// Tabulates cos/sin for positions [0, positions), unless the table already covers them.
+  /// Rotations inside the table read it; others compute the same float values directly, so
+  /// results do not depend on the table. The table is never changed in place: copies of a rope
+  /// share it, so the layers of a model built from one tabulated rope hold one table.
   void tabulate(std::int64_t positions) {
+    if (positions <= table_positions_) return;
     const auto half = static_cast<std::size_t>(head_dim_ / 2);
-    std::vector<float> table(static_cast<std::size_t>(positions) * half * 2);
+    auto table = std::make_shared<std::vector<float>>(static_cast<std::size_t>(positions) * half * 2);
     for (std::int64_t p = 0; p < positions; ++p)
-      fill_cos_sin(p, table.data() + static_cast<std::size_t>(p) * half * 2);
+      fill_cos_sin(p, table->data() + static_cast<std::size_t>(p) * half * 2);
     table_ = std::move(table);
     table_positions_ = positions;
   }
   /// Positions [0, n) the table covers.
   std::int64_t tabulated_positions() const noexcept { return table_positions_; }
+  /// Floats the attention lets a table hold (64 MiB): past it, rotations are computed.
+  static constexpr std::int64_t max_table_floats = std::int64_t{1} << 24;
+  /// Positions a table of max_table_floats holds at this head_dim.
+  std::int64_t max_table_positions() const noexcept { return max_table_floats / head_dim_; }
+  /// Whether this rope and `other` read the same table (a copy, or built from one).
+  bool shares_table_with(const rope& other) const noexcept { return table_ != nullptr && table_ == other.table_; }
 
   /// out = R(position) in (position may be negative: a rotation by a difference). in == out is fine.
   void rotate(const float* in, float* out, std::int64_t position) const noexcept {
     const int half = head_dim_ / 2;
     if (position >= 0 && position < table_positions_) {
-      apply_pairs(table_.data() + static_cast<std::size_t>(position) * static_cast<std::size_t>(half) * 2, 0, half, in, out);
+      apply_pairs(table_->data() + static_cast<std::size_t>(position) * static_cast<std::size_t>(half) * 2, 0, half, in, out);
       return;
     }
     // Same arithmetic as the table path, on cos/sin computed block by block on the stack.
@@ -205,7 +215,7 @@ class rope {
   rope_layout layout_;
   double magnitude_ = 1.0;
   std::vector<double> inverse_frequencies_;
-  std::vector<float> table_;  // [positions][d/2][cos, sin]
+  std::shared_ptr<const std::vector<float>> table_;  // [positions][d/2][cos, sin], shared by copies
   std::int64_t table_positions_ = 0;
 };
 

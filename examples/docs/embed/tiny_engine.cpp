@@ -36,6 +36,7 @@ longheads::attention_config make_config(longheads::attention_method method) {
 struct engine_policies : longheads::paper_policies {
   using encoder = longheads::key_bounds_encoder;
   using scorer = longheads::bound_scorer;
+  using index = longheads::bound_tree_beam;  // O(log n) summaries per query: flat cost per token at any context
   using executor = longheads::thread_pool_executor;
 };
 using engine_attention = longheads::attention<engine_policies>;
