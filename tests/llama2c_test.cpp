@@ -148,6 +148,38 @@ TEST_CASE("passkey-256: the bound-tree index reads exactly the chunks the flat s
   }
 }
 
+TEST_CASE("passkey-256: the recommended beam index is the flat scan up to exact_below, and split-independent beyond, on real caches") {
+  const llama2c::checkpoint model(model_path("passkey-256.bin"));
+  auto prompts = llama2c::load_prompt_set(data_path("passkey"), {4096}, model.config().vocab_size);
+  REQUIRE(!prompts.empty());
+  const auto& p = prompts.front();
+  const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
+  llama2c::transformer<llama2c::policies::quest> flat(model, knobs(longheads::attention_method::longheads, 32, 8));
+  llama2c::transformer<llama2c::policies::recommended> exact(model, knobs(longheads::attention_method::longheads, 32, 8));
+  // exact_below 0: every query past the budget goes through the beam (4096 tokens: 127 chunks).
+  llama2c::transformer<llama2c::policies::recommended> beam(model, knobs(longheads::attention_method::longheads, 32, 8),
+                                                           {.executor = longheads::thread_pool_executor(2), .index = {.exact_below = 0}});
+  std::vector<float> expected(p.tokens.size() * vocab), got(expected.size()), beam_prefill(expected.size()), beam_decode(expected.size());
+  llama2c::feed(flat, p.tokens, 512, expected);
+  llama2c::feed(exact, p.tokens, 1, got);
+  CHECK(got == expected);  // 127 candidates < exact_below: the flat scan's logits, bit for bit
+  llama2c::feed(beam, p.tokens, 512, beam_prefill);
+  std::vector<std::int32_t> prefill_selection;
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (int h = 0; h < model.config().n_heads; ++h)
+      for (std::int32_t c : beam.cache(l).last_selection(h)) prefill_selection.push_back(c);
+  beam.reset();
+  llama2c::feed(beam, p.tokens, 1, beam_decode);
+  CHECK(beam_decode == beam_prefill);  // the beam's choice of a query does not depend on the split
+  std::vector<std::int32_t> decode_selection;
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (int h = 0; h < model.config().n_heads; ++h)
+      for (std::int32_t c : beam.cache(l).last_selection(h)) decode_selection.push_back(c);
+  CHECK(decode_selection == prefill_selection);
+  beam.reset();
+  CHECK(llama2c::greedy_continuation(beam, p.tokens, 5, 64) == p.answer);
+}
+
 TEST_CASE("the C++ passkey generator builds the shared set's layout") {
   const llama2c::vocabulary vocab(model_path("passkey-256.vocab.txt"));
   const llama2c::passkey_task task(vocab);
