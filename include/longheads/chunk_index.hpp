@@ -13,8 +13,10 @@
 // Level 0 are the chunks' own representations (in the cache, passed to the search); level l
 // >= 1 holds ceil(n / F^l) boxes, box b covering chunks [b F^l, (b + 1) F^l). Appending a chunk
 // folds it into one box per level (min and max are exact, so the boxes equal a rebuild's bits).
-// Selection policies: flat_scan (every full chunk scored; the reference and the default) and
-// bound_tree_index (the search above, for the Quest pair; the cache keeps one tree per kv head).
+// Selection policies: flat_scan (every full chunk scored; the reference and the default),
+// bound_tree_index (the search above, for the Quest pair; the cache keeps one tree per kv head)
+// and bound_tree_beam (the same tree searched by beam_search: O(log n) per query, approximate
+// past exact_below candidates; it is what makes the cost of a token flat in the context).
 #pragma once
 
 #include <algorithm>
