@@ -899,4 +899,5 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.beam = 0}}), config_error);
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.exact_below = -1}}), config_error);
+  CHECK_THROWS_AS(attention<quest_index_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
 }
