@@ -48,6 +48,38 @@ TEST_CASE_TEMPLATE("chunk encoders match their naive references", Encoder, atten
   }
 }
 
+TEST_CASE_TEMPLATE("a piecewise encoder's pieces, run in order on one state, write encode()'s bits", Encoder, attention_pooled_encoder,
+                   representative_keys_encoder) {
+  static_assert(piecewise_chunk_encoder<Encoder>);
+  for (auto [w, d] : {std::pair{2, 2}, {16, 8}, {20, 6}, {33, 18}, {64, 64}}) {
+    CAPTURE(w);
+    CAPTURE(d);
+    const attention_config cfg = test::make_config(2, 1, d, w, 4);
+    const Encoder encoder{};
+    CHECK(encoder.pieces(cfg) == static_cast<std::size_t>((w + 15) / 16 + 1));  // a block of 16 rows each, then the end
+    // Two chunks encoded in interleaved pieces, each with a state of its own and scratch that
+    // the other's pieces overwrite in between, against encode() of each.
+    std::vector<chunk_inputs> chunks;
+    std::vector<std::vector<float>> data;
+    for (std::uint32_t seed : {21u, 31u}) {
+      for (std::uint32_t i = 0; i < 3; ++i) data.push_back(test::random_floats(static_cast<std::size_t>(w) * d, seed + i));
+      const std::size_t at = data.size() - 3;
+      chunks.push_back({{data[at].data(), w, d}, {data[at + 1].data(), w, d}, {data[at + 2].data(), w, d}, 1.0f / std::sqrt(float(d))});
+    }
+    const std::size_t r = encoder.representation_floats(cfg);
+    std::vector<float> whole(2 * r), pieced(2 * r, -7.0f), states(2 * encoder.state_floats(cfg), 99.0f), scratch(encoder.scratch_floats(cfg));
+    for (int c = 0; c < 2; ++c) encoder.encode(chunks[c], std::span<float>(whole).subspan(c * r, r), scratch);
+    for (std::size_t piece = 0; piece < encoder.pieces(cfg); ++piece)
+      for (int c = 0; c < 2; ++c) {
+        const auto representation = std::span<float>(pieced).subspan(c * r, r);
+        if (piece + 1 < encoder.pieces(cfg)) CHECK(representation[0] == -7.0f);  // written by the last piece only
+        encoder.encode_piece(chunks[c], piece, std::span<float>(states).subspan(c * encoder.state_floats(cfg), encoder.state_floats(cfg)),
+                             representation, scratch);
+      }
+    CHECK(std::memcmp(pieced.data(), whole.data(), pieced.size() * sizeof(float)) == 0);
+  }
+}
+
 TEST_CASE_TEMPLATE("chunk scorers match a naive dot product", Scorer, raw_query_scorer, rotated_query_scorer) {
   static_assert(chunk_scorer<Scorer>);
   const int d = 24, m = 5, n = 7, w = 8, hq = 2;

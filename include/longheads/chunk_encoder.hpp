@@ -6,7 +6,8 @@
 //   O   = softmax(Q_loc K_loc^T / sqrt(d)) V          non-causal, w x w
 //   s_c = mean over the w rows of O                   value-space summary, d
 //   r_c = sum_j softmax_j(s_c . k_j / sqrt(d)) k_j    attention-weighted average of the keys
-// A chunk is encoded once, when its last token arrives.
+// A chunk is encoded once, when its last token arrives, in one go or (piecewise_chunk_encoder)
+// in pieces spread over the steps of the next chunk.
 #pragma once
 
 #include <algorithm>
@@ -48,6 +49,21 @@ concept chunk_encoder = requires(const E& e, const attention_config& cfg, const 
 };
 // [/snippet:concept]
 
+/// An encoder whose work on one chunk splits into pieces(cfg) pieces run in order, carrying
+/// state_floats(cfg) floats between them, so that the attention can spread a chunk's encoding
+/// over the steps of the next chunk (attention_config::spread_encoding) instead of doing it all
+/// in the step that completes it. Pieces 0..pieces-1 run in order on one state write the
+/// representation encode() writes, bit for bit; piece 0 starts the state, the last piece writes
+/// the representation. Scratch: scratch_floats(cfg), as for encode().
+template <class E>
+concept piecewise_chunk_encoder =
+    chunk_encoder<E> && requires(const E& e, const attention_config& cfg, const chunk_inputs& in, std::size_t piece, std::span<float> state,
+                                 std::span<float> representation, std::span<float> scratch) {
+      { e.pieces(cfg) } -> std::convertible_to<std::size_t>;
+      { e.state_floats(cfg) } -> std::convertible_to<std::size_t>;
+      { e.encode_piece(in, piece, state, representation, scratch) } noexcept -> std::same_as<void>;
+    };
+
 /// Whether encoder E ignores chunk_inputs::queries and values (declares keys_only = true).
 template <class E>
 inline constexpr bool encodes_keys_only = requires {
@@ -70,24 +86,37 @@ inline void softmax_in_place(float* x, std::ptrdiff_t n) noexcept {
 /// multiple of 4, so matmul_nt groups the rows as it would for the whole matrix (same bits).
 inline constexpr std::ptrdiff_t attention_rows_per_block = 16;
 
-/// Calls row(r, probabilities) for r = 0..w-1 in order, where probabilities is row r of
-/// softmax(scale Q K^T), computed a block of rows at a time in `scratch` (block * w floats).
+/// Blocks of attention_rows_per_block rows in a chunk of w tokens.
+inline std::size_t attention_row_blocks(std::ptrdiff_t w) noexcept {
+  return static_cast<std::size_t>((w + attention_rows_per_block - 1) / attention_rows_per_block);
+}
+
+/// Calls row(r, probabilities) for the rows r of block `block` in order, where probabilities is
+/// row r of softmax(scale Q K^T), computed in `scratch` (block * w floats).
 template <class Row>
-void for_each_attention_row(const chunk_inputs& in, float* scratch, Row&& row) noexcept {
-  const std::ptrdiff_t w = in.keys.rows();
-  for (std::ptrdiff_t r0 = 0; r0 < w; r0 += attention_rows_per_block) {
-    const std::ptrdiff_t rows = std::min(attention_rows_per_block, w - r0);
-    const matrix_view<float> probs(scratch, rows, w);
-    matmul_nt(in.queries.slice_rows(r0, rows), in.keys, probs);
-    for (std::ptrdiff_t r = 0; r < rows; ++r) {
-      scale(in.scale, probs.row(r), w);
-      softmax_in_place(probs.row(r), w);
-      row(r0 + r, probs.row(r));
-    }
+void for_each_attention_row_of_block(const chunk_inputs& in, std::size_t block, float* scratch, Row&& row) noexcept {
+  const std::ptrdiff_t w = in.keys.rows(), r0 = static_cast<std::ptrdiff_t>(block) * attention_rows_per_block;
+  const std::ptrdiff_t rows = std::min(attention_rows_per_block, w - r0);
+  const matrix_view<float> probs(scratch, rows, w);
+  matmul_nt(in.queries.slice_rows(r0, rows), in.keys, probs);
+  for (std::ptrdiff_t r = 0; r < rows; ++r) {
+    scale(in.scale, probs.row(r), w);
+    softmax_in_place(probs.row(r), w);
+    row(r0 + r, probs.row(r));
   }
 }
 inline std::size_t attention_rows_floats(const attention_config& cfg) noexcept {
   return static_cast<std::size_t>(std::min<std::ptrdiff_t>(attention_rows_per_block, cfg.chunk_size)) * static_cast<std::size_t>(cfg.chunk_size);
+}
+
+/// The pieces of an encoder that sums the rows of its chunk's own attention (column mass): one
+/// per block of rows, accumulating into `state` (w floats), then finish(state) as the last.
+template <class Finish>
+void column_mass_piece(const chunk_inputs& in, std::size_t piece, std::span<float> state, float* rows_scratch, Finish&& finish) noexcept {
+  const std::ptrdiff_t w = in.keys.rows();
+  if (piece == attention_row_blocks(w)) return finish(state.data());
+  if (piece == 0) std::fill_n(state.data(), w, 0.0f);
+  for_each_attention_row_of_block(in, piece, rows_scratch, [&](std::ptrdiff_t, const float* p) { axpy(1.0f, p, state.data(), w); });
 }
 
 }  // namespace detail
@@ -108,21 +137,32 @@ struct attention_pooled_encoder {
   /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
 
-  /// Writes the representation of one full chunk for one query head.
+  /// Writes the representation of one full chunk for one query head: its pieces, in order.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
+    const std::ptrdiff_t w = in.keys.rows();
+    const std::span<float> column_sum = scratch.subspan(static_cast<std::size_t>(std::min(detail::attention_rows_per_block, w) * w), static_cast<std::size_t>(w));
+    for (std::size_t piece = 0; piece <= detail::attention_row_blocks(w); ++piece) encode_piece(in, piece, column_sum, representation, scratch);
+  }
+
+  /// One block of rows of the chunk's attention per piece, then the summary and the chunk key.
+  std::size_t pieces(const attention_config& cfg) const noexcept { return detail::attention_row_blocks(cfg.chunk_size) + 1; }
+  /// The column sums of the chunk's attention so far.
+  std::size_t state_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.chunk_size); }
+  /// Runs piece `piece` of the chunk's encoding (piecewise_chunk_encoder).
+  void encode_piece(const chunk_inputs& in, std::size_t piece, std::span<float> column_sum, std::span<float> representation,
+                    std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
-    float* column_mean = scratch.data() + std::min(detail::attention_rows_per_block, w) * w;
-    float* key_weights = column_mean + w;
+    float* key_weights = scratch.data() + std::min(detail::attention_rows_per_block, w) * w + w;
     float* summary = key_weights + w;
-    // mean_i (P V)_i = (mean_i P_i) V: one w-vector times V instead of a w x w x d product.
-    std::fill_n(column_mean, w, 0.0f);
-    detail::for_each_attention_row(in, scratch.data(), [&](std::ptrdiff_t, const float* p) { detail::axpy(1.0f, p, column_mean, w); });
-    std::fill_n(summary, d, 0.0f);
-    for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(column_mean[j] / static_cast<float>(w), in.values.row(j), summary, d);
-    for (std::ptrdiff_t j = 0; j < w; ++j) key_weights[j] = in.scale * detail::dot(summary, in.keys.row(j), d);
-    detail::softmax_in_place(key_weights, w);
-    std::fill_n(representation.data(), d, 0.0f);
-    for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(key_weights[j], in.keys.row(j), representation.data(), d);
+    detail::column_mass_piece(in, piece, column_sum, scratch.data(), [&](const float* column) {
+      // mean_i (P V)_i = (mean_i P_i) V: one w-vector times V instead of a w x w x d product.
+      std::fill_n(summary, d, 0.0f);
+      for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(column[j] / static_cast<float>(w), in.values.row(j), summary, d);
+      for (std::ptrdiff_t j = 0; j < w; ++j) key_weights[j] = in.scale * detail::dot(summary, in.keys.row(j), d);
+      detail::softmax_in_place(key_weights, w);
+      std::fill_n(representation.data(), d, 0.0f);
+      for (std::ptrdiff_t j = 0; j < w; ++j) detail::axpy(key_weights[j], in.keys.row(j), representation.data(), d);
+    });
   }
 };
 
@@ -197,27 +237,40 @@ struct representative_keys_encoder {
       detail::fail<config_error>("representative_keys_encoder: count must be in [1, chunk_size = " + std::to_string(cfg.chunk_size) +
                                  "], got " + std::to_string(count));
   }
-  /// Writes the representation of one full chunk for one query head.
+  /// Writes the representation of one full chunk for one query head: its pieces, in order.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
+    const std::ptrdiff_t w = in.keys.rows();
+    const std::span<float> mass = scratch.subspan(static_cast<std::size_t>(std::min(detail::attention_rows_per_block, w) * w), static_cast<std::size_t>(w));
+    for (std::size_t piece = 0; piece <= detail::attention_row_blocks(w); ++piece) encode_piece(in, piece, mass, representation, scratch);
+  }
+
+  /// One block of rows of the chunk's attention per piece, then the choice of keys.
+  std::size_t pieces(const attention_config& cfg) const noexcept { return detail::attention_row_blocks(cfg.chunk_size) + 1; }
+  /// The column mass of the chunk's attention so far.
+  std::size_t state_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.chunk_size); }
+  /// Runs piece `piece` of the chunk's encoding (piecewise_chunk_encoder).
+  void encode_piece(const chunk_inputs& in, std::size_t piece, std::span<float> mass_state, std::span<float> representation,
+                    std::span<float> scratch) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
-    float* mass = scratch.data() + std::min(detail::attention_rows_per_block, w) * w;
-    float* order = mass + w;  // key indices, as floats (exact below 2^24)
-    std::fill_n(mass, w, 0.0f);
-    detail::for_each_attention_row(in, scratch.data(), [&](std::ptrdiff_t, const float* p) { detail::axpy(1.0f, p, mass, w); });
-    for (std::ptrdiff_t j = 0; j < w; ++j) order[j] = static_cast<float>(j);
-    const auto more_mass = [&](float a, float b) {
-      const float ma = mass[static_cast<std::ptrdiff_t>(a)], mb = mass[static_cast<std::ptrdiff_t>(b)];
-      return ma > mb || (ma == mb && a < b);
-    };
-    std::partial_sort(order, order + count, order + w, more_mass);
-    std::sort(order, order + count);
-    for (int c = 0; c < count; ++c)
-      std::copy_n(in.keys.row(static_cast<std::ptrdiff_t>(order[c])), d, representation.data() + c * d);
+    float* order = scratch.data() + std::min(detail::attention_rows_per_block, w) * w + w;  // key indices, as floats (exact below 2^24)
+    detail::column_mass_piece(in, piece, mass_state, scratch.data(), [&](const float* mass) {
+      for (std::ptrdiff_t j = 0; j < w; ++j) order[j] = static_cast<float>(j);
+      const auto more_mass = [&](float a, float b) {
+        const float ma = mass[static_cast<std::ptrdiff_t>(a)], mb = mass[static_cast<std::ptrdiff_t>(b)];
+        return ma > mb || (ma == mb && a < b);
+      };
+      std::partial_sort(order, order + count, order + w, more_mass);
+      std::sort(order, order + count);
+      for (int c = 0; c < count; ++c)
+        std::copy_n(in.keys.row(static_cast<std::ptrdiff_t>(order[c])), d, representation.data() + c * d);
+    });
   }
 };
 
 static_assert(chunk_encoder<attention_pooled_encoder> && chunk_encoder<mean_key_encoder> && chunk_encoder<key_bounds_encoder> &&
               chunk_encoder<representative_keys_encoder>);
+static_assert(piecewise_chunk_encoder<attention_pooled_encoder> && piecewise_chunk_encoder<representative_keys_encoder> &&
+              !piecewise_chunk_encoder<key_bounds_encoder>);
 static_assert(encodes_keys_only<key_bounds_encoder> && encodes_keys_only<mean_key_encoder> && !encodes_keys_only<attention_pooled_encoder> &&
               !encodes_keys_only<representative_keys_encoder>);
 
