@@ -901,3 +901,90 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.exact_below = -1}}), config_error);
   CHECK_THROWS_AS(attention<quest_index_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
 }
+
+TEST_CASE("spread encoding: the bits of encoding each chunk as it completes, in every split and thread count, a share of it per step") {
+  const int budget = 4, d = 16;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  for (int w : {8, 20})
+    for (head_layout heads : {mha, gqa})
+      for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+        CAPTURE(w);
+        CAPTURE(heads.hkv);
+        CAPTURE(std::string(to_string(storage)));
+        attention_config eager = test::make_config(heads.hq, heads.hkv, d, w, budget);
+        eager.kv_storage = storage;
+        eager.spread_encoding = false;
+        attention_config spread = eager;
+        spread.spread_encoding = true;
+        const test::sequence seq(14 * w + 5, heads.hq, heads.hkv, d, 2700u + static_cast<std::uint32_t>(w));
+        attention<> at_completion(eager, r), spreading(spread, r);
+        REQUIRE(at_completion.shape().spread_pieces == 0);
+        REQUIRE(spreading.shape().spread_pieces == (w + 15) / 16 + 1);
+        std::vector<std::int32_t> expected_sel, sel;
+        const auto expected = seq.run(at_completion, 0, &expected_sel);
+        for (int split : {0, 1, 7, 37}) {
+          CAPTURE(split);
+          CHECK(seq.run(spreading, split, &sel) == expected);
+          CHECK(sel == expected_sel);
+        }
+        attention<threaded_policies> pooled(spread, r, {.executor = thread_pool_executor(3)});
+        CHECK(seq.run(pooled, 1) == expected);
+        CHECK(seq.run(pooled, 37) == expected);
+        attention<representative_policies> representative_eager(eager, r), representative(spread, r);
+        CHECK(seq.run(representative, 1) == seq.run(representative_eager, 0));
+
+        // Token by token: after t tokens, scheduled_pieces(t) of the last full chunk's pieces
+        // have run, a step runs at most its share, and every finished summary is the eager one.
+        auto cache = spreading.make_cache(), reference = at_completion.make_cache();
+        const std::int64_t total = cache.spread_total(), share = (total + w - 1) / w;
+        CHECK(total == std::int64_t{spreading.shape().spread_pieces} * heads.hq);
+        std::vector<float> out(static_cast<std::size_t>(heads.hq) * d);
+        std::int64_t done_before = total, most = 0;  // nothing to finish before the first chunk
+        for (int t = 0; t < seq.tokens; ++t) {
+          spreading.decode(cache, seq.qv(t, 1), seq.kv(t, 1), seq.vv(t, 1), {out.data(), 1, heads.hq, d});
+          if (cache.full_chunks() == 0) continue;
+          CHECK(cache.pending_pieces_done() == cache.scheduled_pieces(t + 1));
+          const bool new_chunk = (t + 1) % w == 0;
+          most = std::max(most, cache.pending_pieces_done() - (new_chunk ? 0 : done_before) + (new_chunk ? total - done_before : 0));
+          done_before = cache.pending_pieces_done();
+        }
+        CHECK(most <= share + 1);
+        at_completion.ingest(reference, seq.qv(0, seq.tokens), seq.kv(0, seq.tokens), seq.vv(0, seq.tokens));
+        CHECK(cache.summarised_chunks() == cache.full_chunks() - 1);
+        for (int h = 0; h < heads.hq; ++h) {
+          const auto spread_reps = cache.representations(h), eager_reps = reference.representations(h);
+          CHECK(spread_reps.rows() == eager_reps.rows() - 1);
+          CHECK(std::memcmp(spread_reps.data(), eager_reps.data(), static_cast<std::size_t>(spread_reps.rows() * spread_reps.cols()) * sizeof(float)) == 0);
+        }
+
+        // Back to a chunk boundary: starts the spread encoding of the chunk before it again when its
+        // queries are still kept (== a cache that never went further), else keeps it finished; the
+        // same bits after either.
+        for (int boundary : {13, 6}) {
+          CAPTURE(boundary);
+          // In calls that end at the boundary and a chunk later (and, for 6, three more chunks:
+          // the last one's queries take the buffer of the chunk before the boundary).
+          auto rewound = spreading.make_cache();
+          for (auto [from, count] : {std::pair{0, boundary * w}, std::pair{boundary * w, w}, std::pair{(boundary + 1) * w, boundary == 6 ? 3 * w : 0}})
+            if (count > 0) spreading.ingest(rewound, seq.qv(from, count), seq.kv(from, count), seq.vv(from, count));
+          rewound.truncate(boundary * w);
+          CHECK(rewound.pending_pieces_done() == (boundary == 13 ? 0 : total));
+          auto fresh = spreading.make_cache();
+          spreading.ingest(fresh, seq.qv(0, boundary * w), seq.kv(0, boundary * w), seq.vv(0, boundary * w));
+          CHECK((rewound == fresh) == (boundary == 13));
+          const int more = seq.tokens - boundary * w;
+          std::vector<float> again(static_cast<std::size_t>(more) * heads.hq * d);
+          for (int t = 0; t < more; ++t)
+            spreading.decode(rewound, seq.qv(boundary * w + t, 1), seq.kv(boundary * w + t, 1), seq.vv(boundary * w + t, 1),
+                             {again.data() + static_cast<std::ptrdiff_t>(t) * heads.hq * d, 1, heads.hq, d});
+          CHECK(std::equal(again.begin(), again.end(), expected.begin() + static_cast<std::ptrdiff_t>(boundary) * w * heads.hq * d));
+          CHECK(rewound == cache);
+        }
+      }
+  // Spreading needs the previous chunk read as local: with one local chunk, and for encoders
+  // that cannot split their work, chunks are encoded as they complete.
+  attention_config one_local = test::make_config(4, 2, d, 8, budget);
+  one_local.local_chunks = 1;
+  CHECK(attention<>(one_local, r).shape().spread_pieces == 0);
+  CHECK(attention<quest_policies>(test::make_config(4, 2, d, 8, budget), r).shape().spread_pieces == 0);
+}

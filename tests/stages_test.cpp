@@ -120,8 +120,17 @@ TEST_CASE("selection: choose_chunks keeps sinks and locals and the best-scoring 
   const chunk_choice choice = choose_chunks(sink_local_topk_selector{}, contiguous_slot_remapper{}, c, p, scores, s);
   CHECK(std::vector<std::int32_t>(choice.chunks.begin(), choice.chunks.end()) == std::vector<std::int32_t>{0, 3, 7, 19, 20});
   CHECK(choice.query_position == 4 * 4 + 3);
-  CHECK(chunks_to_score(c, p) == 20);
-  CHECK(chunks_to_score(c, 4 * 4 + 3) == 0);  // fits the budget: every chunk, nothing to score
+  // Every chunk full before the query's, but for the last full one while its encoding is spread.
+  cache_shape shape{1, 1, 8, 4, 8};
+  kv_cache encoded(shape), spread((shape.spread_pieces = 2, shape.spread_state_floats = 4, shape));
+  for (kv_cache* cache : {&encoded, &spread}) {
+    cache->reserve(p);
+    cache->commit(p);  // the query at p - 1 = 4 * 20 + 2 is in the open chunk 20
+  }
+  CHECK(chunks_to_score(c, encoded, p - 1) == 20);
+  CHECK(chunks_to_score(c, spread, p - 1) == 19);
+  CHECK(spread.summarised_chunks() == 19);
+  CHECK(chunks_to_score(c, encoded, 4 * 4 + 3) == 0);  // fits the budget: every chunk, nothing to score
 }
 
 TEST_CASE("tile streamer: a tile of queries sharing chunks gives each query the bits of attending alone") {

@@ -86,11 +86,12 @@ selection_report inspect_selection(const Model& model, needle_chunks needle, std
       rep.hits += std::any_of(chosen.begin(), chosen.end(), [&](std::int32_t c) { return needle.contains(c); });
       if (!scored) continue;
       const auto& scorer = attention.policies().scorer;
-      std::vector<float> scores(static_cast<std::size_t>(i));
+      // The candidates' scores (a spread encoding's last full chunk is local, not yet summarised).
+      std::vector<float> scores(static_cast<std::size_t>(candidates_end));
       scratch.resize(scorer.scratch_floats(cfg, 1));
-      const longheads::scoring_inputs in{{model.last_query(l).data() + h * d, 1, d}, p, cache.representations(h).first_rows(i),
+      const longheads::scoring_inputs in{{model.last_query(l).data() + h * d, 1, d}, p, cache.representations(h).first_rows(candidates_end),
                                          &attention.rotary(), w};
-      scorer.score(in, {scores.data(), 1, i}, scratch);
+      scorer.score(in, {scores.data(), 1, candidates_end}, scratch);
       std::int64_t best = std::numeric_limits<std::int64_t>::max();
       for (std::int64_t c = std::max(needle.first, candidates_begin); c <= std::min(needle.last, candidates_end - 1); ++c) {
         std::int64_t rank = 1;

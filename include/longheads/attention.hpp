@@ -6,7 +6,8 @@
 //   validate  validation.hpp      every argument; throws with the cache untouched
 //   reserve   workspace.hpp       cache capacity and each lane's scratch (strong guarantee)
 //   append    kv_cache.hpp        keys rotated at local positions, values, open-chunk queries
-//   encode    chunk_encoding.hpp  every chunk the call completes, per query head
+//   encode    chunk_encoding.hpp  every chunk the call completes, per query head (or in pieces
+//                                 over the next chunk's tokens: spread_encoding)
 //   select    chunk_selection.hpp per work item (work_items.hpp): score the full chunks, then
 //                                 per query pick chunks and slots
 //   plan      planner.hpp         the segments each query reads, one planner per method
@@ -81,8 +82,14 @@ class attention {
   /// The shape of the caches this layer reads and writes.
   cache_shape shape() const noexcept {
     const bool s = selects();
-    return {config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size, s ? policies_.encoder.representation_floats(config_) : 0,
-            config_.kv_storage, representation_heads<encoder_type>(config_), s ? policies_.index.fanout() : 0, s && !encodes_keys_only<encoder_type>};
+    cache_shape shape{config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size, s ? policies_.encoder.representation_floats(config_) : 0,
+                      config_.kv_storage, representation_heads<encoder_type>(config_), s ? policies_.index.fanout() : 0, s && !encodes_keys_only<encoder_type>};
+    if constexpr (piecewise_chunk_encoder<encoder_type>)
+      if (s && config_.spread_encoding && config_.local_chunks >= 2) {
+        shape.spread_pieces = static_cast<int>(policies_.encoder.pieces(config_));
+        shape.spread_state_floats = policies_.encoder.state_floats(config_);
+      }
+    return shape;
   }
 
   /// A cache for one sequence of this layer, with room for `reserve_tokens` tokens: with
@@ -150,37 +157,10 @@ class attention {
     workspace_.reserve(config_, workspace_needs::of(config_, policies_, context, tokens, segments, group_selection_type::shared));
   }
 
-  /// Append and encode: the call's chunks are work items, each storing its tokens and, when it
-  /// lies wholly inside the call, encoded right away from the call's queries (a prefill encodes
-  /// all its chunks in one parallel pass). Queries of a chunk the call leaves open, or completes
-  /// without having begun it, wait in the cache's open chunk; such a chunk is encoded from there.
+  /// Append and encode (chunk_encoding.hpp): the call's chunks are work items, then the heads.
   void append(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) noexcept {
-    const int w = config_.chunk_size;
-    const std::int64_t first = cache.tokens(), end = first + q.tokens(), first_chunk = first / w;
-    auto store_chunk = [&](std::size_t item, std::size_t lane) {
-      encoding_scratch& s = workspace_.lane(lane).encoding;
-      const std::int64_t chunk = first_chunk + static_cast<std::int64_t>(item);
-      const std::int64_t begin = std::max(first, chunk * w), stop = std::min(end, (chunk + 1) * w);
-      for (std::int64_t p = begin; p < stop; ++p) cache.store_token(p, k, v, p - first, rope_, s.key_row);
-      if (selects() && begin == chunk * w && stop == (chunk + 1) * w)
-        for (int h = 0; h < representation_heads<encoder_type>(config_); ++h)
-          encode_chunk_from_call(policies_.encoder, config_, rope_, cache, q, begin - first, chunk, h, s);
-    };
-    run_parallel(static_cast<std::size_t>((end - 1) / w - first_chunk + 1), store_chunk);
-    if (selects()) {
-      const std::int64_t carried_end = first % w == 0 ? first : std::min(end, (first_chunk + 1) * w);
-      for (std::int64_t p = first; p < carried_end; ++p) cache.store_open_queries(p, q, p - first, rope_);
-      if (carried_end % w == 0 && carried_end > first) {
-        auto encode_open = [&](std::size_t h, std::size_t lane) {
-          const auto head = static_cast<int>(h);
-          encode_chunk(policies_.encoder, config_, cache, first_chunk, head, cache.open_queries(query_head_of<encoder_type>(config_, head)),
-                       workspace_.lane(lane).encoding);
-        };
-        run_parallel(static_cast<std::size_t>(representation_heads<encoder_type>(config_)), encode_open);
-      }
-      for (std::int64_t p = std::max(carried_end, end / w * w); p < end; ++p) cache.store_open_queries(p, q, p - first, rope_);
-    }
-    cache.commit(end);
+    append_and_encode(policies_.encoder, config_, rope_, cache, selects(), q, k, v, [&](std::size_t n, auto& f) { run_parallel(n, f); },
+                      [&](std::size_t lane) -> encoding_scratch& { return workspace_.lane(lane).encoding; });
   }
 
   /// Select, plan and attend for the call's queries, item by item (work_items.hpp).
@@ -200,7 +180,7 @@ class attention {
     const std::int64_t first = cache.tokens() - q.tokens();
     const heads_of_item& heads = it.heads;
     constexpr bool shared = Planner::selects && group_selection_type::shared;
-    const std::int64_t scored = Planner::selects && !index_type::indexed ? chunks_to_score(config_, first + it.t0 + it.count - 1) : 0;
+    const std::int64_t scored = Planner::selects && !index_type::indexed ? chunks_to_score(config_, cache, first + it.t0 + it.count - 1) : 0;
     if (scored > 0) score_block(policies_.scorer, policies_.group_selection, config_, rope_, cache, q, first, it, scored, s.selection);
     // Score rows: per head of the item (or group, shared), `count` queries of `scored` chunks.
     auto scores = [&](std::int64_t row_set, std::int64_t r) {

@@ -46,6 +46,11 @@ struct attention_config {
   /// Element type of the cached keys and values: bf16 halves the cache and what decode reads;
   /// attention still computes in fp32.
   kv_precision kv_storage = kv_precision::fp32;
+  /// Spread a chunk's encoding over the steps of the next chunk (a piecewise_chunk_encoder's
+  /// pieces), so no step pays for a whole chunk; the same bits as encoding it when it completes.
+  /// Only with local_chunks >= 2: the previous chunk is then always read in full, so its summary
+  /// is first needed a chunk later. Otherwise, or when false, a chunk is encoded as it completes.
+  bool spread_encoding = true;
 
   /// L = budget_chunks * chunk_size, the most tokens a head reads per query.
   std::int64_t budget_tokens() const noexcept { return std::int64_t{budget_chunks} * chunk_size; }

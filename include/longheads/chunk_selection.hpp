@@ -63,10 +63,11 @@ struct selection_scratch {
 };
 
 /// Chunks the queries [first, last] score: none while the last one's context fits the budget
-/// (it reads every chunk), else every chunk full before the last one's chunk.
-inline std::int64_t chunks_to_score(const attention_config& config, std::int64_t last_position) noexcept {
+/// (it reads every chunk), else every chunk full before the last one's chunk, but for the last
+/// full chunk while its encoding is spread (no query of the call ranks it: it is read as local).
+inline std::int64_t chunks_to_score(const attention_config& config, const kv_cache& cache, std::int64_t last_position) noexcept {
   const std::int64_t last_chunk = last_position / config.chunk_size;
-  return last_chunk + 1 > config.budget_chunks ? last_chunk : 0;
+  return last_chunk + 1 > config.budget_chunks ? std::min(last_chunk, cache.summarised_chunks()) : 0;
 }
 
 /// Scores the item's queries (positions first + item.t0 onwards) against chunks [0, chunks):

@@ -30,7 +30,9 @@ struct selection_request {
 
 /// Writes the selected chunk ids, ascending, the current chunk last, into `selected`
 /// (budget_chunks entries available) and returns how many. `scores[c]` is valid for every
-/// chunk c < query_chunk; `scratch` has query_chunk entries.
+/// chunk c < query_chunk, except the previous chunk when the layer spreads its encoding over
+/// the next chunk's tokens (attention_config::spread_encoding, only with local_chunks >= 2,
+/// which always selects it): its summary is not ready yet. `scratch` has query_chunk entries.
 template <class S>
 concept head_selector = requires(const S& s, const selection_request& request, std::span<const float> scores,
                                  std::span<std::int32_t> selected, std::span<std::int32_t> scratch) {

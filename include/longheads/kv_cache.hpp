@@ -9,7 +9,10 @@
 //                                         output): per query head, or per kv head for encoders that
 //                                         read keys only (H_r = representation_heads); head-major so
 //                                         each head's scoring reads them in one run
-//   open queries     [w][H_q][d]          queries of the open chunk, locally rotated, until it is encoded
+//   open queries     [w][H_q][d]          queries of the open chunk, locally rotated, until it is encoded;
+//                                         a second such buffer (chunk parity) when the encoding of a
+//                                         full chunk is spread over the next chunk's tokens, with the
+//                                         encoder's state per representation head
 // plus what every head selected for the last query. The cache does its own appends (rotating
 // keys, converting to the storage type, keeping the open chunk's queries) and bookkeeping; the
 // attention's stages call those writers in the order the algorithm runs.
@@ -52,8 +55,16 @@ struct cache_shape {
   /// Whether the cache keeps the open chunk's rotated queries until the chunk is encoded: only
   /// an encoder that reads queries needs them (keys-only encoders and the baselines do not).
   bool keeps_open_queries = true;
+  /// Pieces per representation head when a full chunk's encoding is spread over the tokens of
+  /// the next chunk (piecewise_chunk_encoder, attention_config::spread_encoding), 0 when every
+  /// chunk is encoded as it completes. Spreading keeps the last full chunk's queries too.
+  int spread_pieces = 0;
+  /// Floats of encoder state kept per representation head between pieces (spread_pieces > 0).
+  std::size_t spread_state_floats = 0;
   /// representation_heads, 0 resolved.
   int summary_heads() const noexcept { return representation_heads > 0 ? representation_heads : n_q_heads; }
+  /// Whether the last full chunk's encoding is spread over the open chunk's tokens.
+  bool spreads_encoding() const noexcept { return spread_pieces > 0; }
   /// Equal when every field is.
   friend bool operator==(const cache_shape&, const cache_shape&) = default;
 };
@@ -62,7 +73,8 @@ inline std::string to_string(const cache_shape& s) {
   return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
          std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, index fanout " +
-         std::to_string(s.index_fanout) + ", open queries " + (s.keeps_open_queries ? "kept" : "none") + ", kv " + to_string(s.precision) + "}";
+         std::to_string(s.index_fanout) + ", open queries " + (s.keeps_open_queries ? "kept" : "none") + ", spread pieces " +
+         std::to_string(s.spread_pieces) + " x " + std::to_string(s.spread_state_floats) + " floats, kv " + to_string(s.precision) + "}";
 }
 
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
@@ -74,7 +86,7 @@ inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int
 /// it and call reserve(), clear() and truncate(); the writers below the readers are the
 /// attention's stages' (calling them directly bypasses the attention's validation).
 ///
-/// Its buffers (keys, values, representations, open queries) come from a
+/// Its buffers (keys, values, representations, open queries, encoder state) come from a
 /// std::pmr::memory_resource, so an engine can put them on huge pages, NUMA-local or pinned
 /// memory; the resource must outlive the cache. Each buffer keeps the resource it was made
 /// with, as std::pmr containers do: a copy-constructed cache allocates from the default
@@ -89,6 +101,7 @@ class kv_cache {
         values_(memory),
         representations_(memory),
         open_queries_(memory),
+        spread_state_(memory),
         keys16_(memory),
         values16_(memory) {
     if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0 || shape.n_q_heads % shape.n_kv_heads != 0)
@@ -98,9 +111,12 @@ class kv_cache {
     if (shape.index_fanout != 0 && (shape.index_fanout < 2 || shape.representation_floats != 2 * static_cast<std::size_t>(shape.head_dim)))
       detail::fail<shape_error>("kv_cache: an index needs index_fanout >= 2 over [lo | hi] representations of 2 * head_dim floats, got " +
                                 to_string(shape));
+    if (shape.spread_pieces < 0 || (shape.spread_pieces > 0 && (!shape.keeps_open_queries || shape.representation_floats == 0)))
+      detail::fail<shape_error>("kv_cache: spreading the encoding needs spread_pieces >= 0, the open chunk's queries and representations, got " +
+                                to_string(shape));
     if (shape.keeps_open_queries)
-      open_queries_.resize(static_cast<std::size_t>(shape.chunk_size) * static_cast<std::size_t>(shape.n_q_heads) *
-                         static_cast<std::size_t>(shape.head_dim));
+      open_queries_.resize((shape.spreads_encoding() ? 2 : 1) * query_buffer_floats());
+    spread_state_.resize(shape.spreads_encoding() ? static_cast<std::size_t>(shape.summary_heads()) * shape.spread_state_floats : 0);
     if (shape.index_fanout != 0) trees_.assign(static_cast<std::size_t>(shape.summary_heads()), bound_tree(shape.head_dim, shape.index_fanout));
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
   }
@@ -111,8 +127,11 @@ class kv_cache {
   std::pmr::memory_resource* memory() const noexcept { return keys_.get_allocator().resource(); }
   /// Tokens in the sequence so far.
   std::int64_t tokens() const noexcept { return tokens_; }
-  /// Chunks whose w tokens have all arrived (and are encoded).
+  /// Chunks whose w tokens have all arrived.
   std::int64_t full_chunks() const noexcept { return tokens_ / shape_.chunk_size; }
+  /// Full chunks whose representations are final and scored: all of them, or all but the last
+  /// while its encoding is spread over the open chunk's tokens (cache_shape::spread_pieces).
+  std::int64_t summarised_chunks() const noexcept { return full_chunks() - (shape_.spreads_encoding() && full_chunks() > 0 ? 1 : 0); }
   /// Tokens the cache holds without allocating.
   std::int64_t capacity_tokens() const noexcept { return capacity_chunks_ * shape_.chunk_size; }
 
@@ -144,7 +163,9 @@ class kv_cache {
   /// the cache that held those `tokens` tokens (no last selection is recorded, as after
   /// clear()). Rewinds to a chunk boundary (a multiple of chunk_size) or within the open chunk:
   /// an earlier chunk's queries, which its encoding needs, are not kept. For going back to a
-  /// shared prefix, or a benchmark that starts every run from the same context.
+  /// shared prefix, or a benchmark that starts every run from the same context. A spread
+  /// encoding (cache_shape::spread_pieces) of the new last full chunk starts again when the cache
+  /// still holds that chunk's queries, and is otherwise kept finished (it was, further on).
   /// @throws limit_error if `tokens` is negative, past tokens(), or inside an earlier chunk
   /// than the open one without being a chunk boundary; strong guarantee.
   void truncate(std::int64_t tokens) {
@@ -153,7 +174,10 @@ class kv_cache {
       detail::fail<limit_error>("kv_cache::truncate: " + std::to_string(tokens) + " tokens; the cache holds " + std::to_string(tokens_) +
                                 " and can go back to a multiple of the chunk size " + std::to_string(shape_.chunk_size) +
                                 " or to any length from " + std::to_string(open_chunk_start));
+    const std::int64_t full_before = full_chunks();
     rewind(tokens);
+    if (shape_.spreads_encoding() && full_chunks() != full_before)
+      pending_done_ = full_chunks() > 0 && holds_queries_of(full_chunks() - 1) ? 0 : spread_total();
   }
 
   /// [w, d] keys of one chunk of one kv head, rotated at local positions (fp32 caches).
@@ -165,11 +189,11 @@ class kv_cache {
   const bf16* keys_bf16(std::int64_t chunk, int kv_head) const noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
   const bf16* values_bf16(std::int64_t chunk, int kv_head) const noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
   ///@}
-  /// The representations query head `q_head` scores its full chunks against, [full_chunks, r]
+  /// The representations query head `q_head` scores chunks against, [summarised_chunks, r]
   /// (shared by the heads of a kv group when the encoder reads keys only).
   matrix_view<const float> representations(int q_head) const noexcept {
     const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
-    return {representations_.data() + representation_offset(0, representation_head(q_head)), full_chunks(), r, r};
+    return {representations_.data() + representation_offset(0, representation_head(q_head)), summarised_chunks(), r, r};
   }
   /// Chunk ids query head `q_head` read for the last query of the last call, ascending.
   std::span<const std::int32_t> last_selection(int q_head) const noexcept {
@@ -181,7 +205,9 @@ class kv_cache {
     std::size_t keys = 0;            ///< cached keys
     std::size_t values = 0;          ///< cached values
     std::size_t representations = 0; ///< chunk summaries the scorer reads
-    std::size_t open_chunk = 0;      ///< the open chunk's queries, kept until it is encoded
+    /// the open chunk's queries until it is encoded (and, while its encoding is spread, the last
+    /// full chunk's, with the encoder's state)
+    std::size_t open_chunk = 0;
     std::size_t selections = 0;      ///< the last selection of every head
     std::size_t index = 0;           ///< the selection index's boxes (cache_shape::index_fanout)
     /// All of it.
@@ -191,22 +217,31 @@ class kv_cache {
   memory_use bytes_by_kind() const noexcept {
     return {keys_.capacity() * sizeof(float) + keys16_.capacity() * sizeof(bf16),
             values_.capacity() * sizeof(float) + values16_.capacity() * sizeof(bf16), representations_.capacity() * sizeof(float),
-            open_queries_.capacity() * sizeof(float),
+            (open_queries_.capacity() + spread_state_.capacity()) * sizeof(float),
             (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t), index_floats() * sizeof(float)};
   }
   /// Bytes held (capacity), all buffers included.
   std::size_t bytes() const noexcept { return bytes_by_kind().total(); }
 
   /// Same shape and same logical content, bit for bit (capacity is not content; a NaN equals
-  /// the same NaN, so a copy of a cache holding non-finite values equals the original).
+  /// the same NaN, so a copy of a cache holding non-finite values equals the original). Of a
+  /// spread encoding (cache_shape::spread_pieces) the content is its inputs while it runs (the
+  /// chunk's queries), its representations once done; how far it has got is not content: it is
+  /// a function of those inputs, and the same bits come out of it whenever it ends.
   friend bool operator==(const kv_cache& a, const kv_cache& b) {
     if (a.shape_ != b.shape_ || a.tokens_ != b.tokens_ || a.selection_counts_ != b.selection_counts_) return false;
     const std::size_t chunks = static_cast<std::size_t>((a.tokens_ + a.shape_.chunk_size - 1) / a.shape_.chunk_size);
     const std::size_t kv = chunks * a.kv_floats_per_chunk();
-    const std::size_t reps = static_cast<std::size_t>(a.full_chunks()) * a.shape_.representation_floats;  // per head
+    const std::int64_t pending = a.full_chunks() - a.summarised_chunks();  // 1 while a spread encoding runs
+    const bool pending_done = pending > 0 && a.pending_done_ >= a.spread_total();
+    if (pending > 0 && pending_done != (b.pending_done_ >= b.spread_total())) return false;
+    const std::size_t reps = static_cast<std::size_t>(a.summarised_chunks() + (pending_done ? 1 : 0)) * a.shape_.representation_floats;  // per head
     const std::size_t open = !a.shape_.keeps_open_queries ? 0 : static_cast<std::size_t>(a.tokens_ % a.shape_.chunk_size) *
                              static_cast<std::size_t>(a.shape_.n_q_heads * a.shape_.head_dim);
     auto same = [](const auto* x, const auto* y, std::size_t n) { return n == 0 || std::memcmp(x, y, n * sizeof(*x)) == 0; };
+    if (pending > 0 && !pending_done &&
+        !same(a.query_buffer(a.full_chunks() - 1), b.query_buffer(a.full_chunks() - 1), a.query_buffer_floats()))
+      return false;
     for (std::size_t h = 0; h < a.selection_counts_.size(); ++h) {
       auto sa = a.last_selection(static_cast<int>(h)), sb = b.last_selection(static_cast<int>(h));
       if (!std::equal(sa.begin(), sa.end(), sb.begin(), sb.end())) return false;
@@ -217,7 +252,7 @@ class kv_cache {
     for (int h = 0; h < a.shape_.summary_heads(); ++h)
       if (!same(a.representations_.data() + a.representation_offset(0, h), b.representations_.data() + b.representation_offset(0, h), reps))
         return false;
-    return kv_same && same(a.open_queries_.data(), b.open_queries_.data(), open);
+    return kv_same && (open == 0 || same(a.query_buffer(a.full_chunks()), b.query_buffer(a.full_chunks()), open));
   }
 
   ///@{
@@ -279,16 +314,20 @@ class kv_cache {
       }
     }
   }
-  /// Keeps row t of q, the token at `position`, rotated at its local position, in the open
-  /// chunk until the chunk is full and encoded (nothing, unless shape().keeps_open_queries).
+  /// Keeps row t of q, the token at `position`, rotated at its local position, until its chunk
+  /// is encoded (nothing, unless shape().keeps_open_queries). Rows of a chunk come in order.
   void store_open_queries(std::int64_t position, tensor_view<const float> q, std::ptrdiff_t t, const rope& rotary) noexcept {
     if (!shape_.keeps_open_queries) return;
-    const std::int64_t offset = position % shape_.chunk_size;
-    for (int h = 0; h < shape_.n_q_heads; ++h) rotary.rotate(q.at(t, h), open_query_row(offset, h), offset);
+    const std::int64_t chunk = position / shape_.chunk_size, offset = position % shape_.chunk_size;
+    float* row = query_buffer(chunk) + offset * shape_.n_q_heads * shape_.head_dim;
+    for (int h = 0; h < shape_.n_q_heads; ++h) rotary.rotate(q.at(t, h), row + h * shape_.head_dim, offset);
+    held_rows& held = held_[buffer_of(chunk)];
+    held = offset == 0 ? held_rows{chunk, 1} : held.chunk == chunk && held.rows == offset ? held_rows{chunk, offset + 1} : held_rows{};
   }
-  /// The open chunk's queries of one head, [w, d], rotated at local positions 0..w-1.
-  matrix_view<const float> open_queries(int q_head) const noexcept {
-    return {open_queries_.data() + static_cast<std::size_t>(q_head) * static_cast<std::size_t>(shape_.head_dim), shape_.chunk_size,
+  /// The queries of one head of chunk `chunk`, [w, d], rotated at local positions 0..w-1, as
+  /// kept for its encoding: the open chunk's, or (spread encoding) the last full chunk's.
+  matrix_view<const float> chunk_queries(std::int64_t chunk, int q_head) const noexcept {
+    return {query_buffer(chunk) + static_cast<std::size_t>(q_head) * static_cast<std::size_t>(shape_.head_dim), shape_.chunk_size,
             shape_.head_dim, static_cast<std::ptrdiff_t>(shape_.n_q_heads) * shape_.head_dim};
   }
   /// The representation head of query head `q_head` (itself, or its kv head).
@@ -309,11 +348,30 @@ class kv_cache {
         trees_[h].append(representations_.data() + representation_offset(c, static_cast<int>(h)));
   }
   /// Ends an append: the cache now holds `tokens` tokens, stored above, its index covers their
-  /// full chunks, and no last selection until a computing call records one (ingest computes none).
-  void commit(std::int64_t tokens) noexcept {
+  /// summarised chunks, and no last selection until a computing call records one (ingest
+  /// computes none). With a spread encoding, `pending_pieces_done` of the last full chunk's
+  /// spread_total() pieces have run.
+  void commit(std::int64_t tokens, std::int64_t pending_pieces_done = 0) noexcept {
     rewind(tokens);
-    index_full_chunks(full_chunks());
+    pending_done_ = pending_pieces_done;
+    index_full_chunks(summarised_chunks());
   }
+
+  ///@{
+  /// A spread encoding's bookkeeping (cache_shape::spread_pieces): the last full chunk's pieces
+  /// run head after head, spread_pieces per representation head, spread_total() in all; after
+  /// `tokens` tokens, scheduled_pieces(tokens) of them have run (a share growing with the open
+  /// chunk's tokens, all of them once it is full), or all when the chunk was encoded earlier
+  /// and truncate() came back to it. The state of representation head `head` between pieces.
+  std::int64_t spread_total() const noexcept { return std::int64_t{shape_.spread_pieces} * shape_.summary_heads(); }
+  std::int64_t scheduled_pieces(std::int64_t tokens) const noexcept {
+    return (tokens % shape_.chunk_size * spread_total() + shape_.chunk_size - 1) / shape_.chunk_size;
+  }
+  std::int64_t pending_pieces_done() const noexcept { return pending_done_; }
+  std::span<float> spread_state(int head) noexcept {
+    return std::span<float>(spread_state_).subspan(static_cast<std::size_t>(head) * shape_.spread_state_floats, shape_.spread_state_floats);
+  }
+  ///@}
   /// Records the chunks query head `q_head` read for the last query, ascending (at most one
   /// per chunk of the reserved length).
   void record_selection(int q_head, std::span<const std::int32_t> chunks) noexcept {
@@ -324,6 +382,8 @@ class kv_cache {
  private:
   void rewind(std::int64_t tokens) noexcept {
     tokens_ = tokens;
+    for (held_rows& held : held_)  // rows past the end are forgotten
+      held.rows = std::clamp<std::int64_t>(tokens - held.chunk * shape_.chunk_size, 0, held.rows);
     std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
     const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
     for (std::size_t h = 0; h < trees_.size(); ++h)
@@ -344,9 +404,18 @@ class kv_cache {
            shape_.representation_floats;
   }
   std::size_t representation_offset(std::int64_t chunk, int head) const noexcept { return representation_offset(chunk, head, capacity_chunks_); }
-  float* open_query_row(std::int64_t offset, int q_head) noexcept {
-    return open_queries_.data() + (static_cast<std::size_t>(offset) * static_cast<std::size_t>(shape_.n_q_heads) +
-                                   static_cast<std::size_t>(q_head)) * static_cast<std::size_t>(shape_.head_dim);
+  // Chunk c's queries are in buffer c mod 2 when the encoding is spread (the last full chunk's
+  // and the open chunk's side by side), else in the one buffer.
+  std::size_t query_buffer_floats() const noexcept {
+    return static_cast<std::size_t>(shape_.chunk_size) * static_cast<std::size_t>(shape_.n_q_heads) * static_cast<std::size_t>(shape_.head_dim);
+  }
+  std::size_t buffer_of(std::int64_t chunk) const noexcept { return shape_.spreads_encoding() ? static_cast<std::size_t>(chunk % 2) : 0; }
+  float* query_buffer(std::int64_t chunk) noexcept { return open_queries_.data() + buffer_of(chunk) * query_buffer_floats(); }
+  const float* query_buffer(std::int64_t chunk) const noexcept { return open_queries_.data() + buffer_of(chunk) * query_buffer_floats(); }
+  // Whether a query buffer holds all w rows of `chunk`.
+  bool holds_queries_of(std::int64_t chunk) const noexcept {
+    const held_rows& held = held_[buffer_of(chunk)];
+    return held.chunk == chunk && held.rows == shape_.chunk_size;
   }
   // Geometric, like the buffers' growth: a cache that was not reserved grows it rarely.
   void reserve_selections(std::size_t per_head) {
@@ -400,6 +469,14 @@ class kv_cache {
   }
 
   std::pmr::vector<float> keys_, values_, representations_, open_queries_;
+  // The spread encoding: the encoder's state per representation head, the pieces run of the
+  // last full chunk, and which chunk's rows each query buffer holds (the first `rows` of it).
+  std::pmr::vector<float> spread_state_;
+  std::int64_t pending_done_ = 0;
+  struct held_rows {
+    std::int64_t chunk = -1, rows = 0;
+  };
+  held_rows held_[2];
   std::pmr::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
   std::vector<std::int32_t> selections_, selection_counts_;
   std::vector<bound_tree> trees_;  // per representation head, when shape_.index_fanout > 0
