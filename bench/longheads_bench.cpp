@@ -99,8 +99,9 @@ const float* noise_at(std::size_t offset, std::size_t count) {
 }
 
 attention_config config_for(const model_shape& s, attention_method method, int chunk_size, int chunks,
-                            kv_precision storage = kv_precision::fp32) {
+                            kv_precision storage = kv_precision::fp32, bool spread_encoding = true) {
   attention_config c;
+  c.spread_encoding = spread_encoding;
   c.kv_storage = storage;
   c.n_q_heads = s.n_q_heads;
   c.n_kv_heads = s.n_kv_heads;
@@ -122,14 +123,16 @@ constexpr std::int64_t decode_room = 4096;
 /// storage, policies, chunking; every shape) run, which the registration keeps together (the
 /// 128k fp32 caches of both shapes take ~7 GB; a 1M bf16 Llama-3 cache 4 GB).
 template <class P = threaded>
-kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage, int w = 256, int k = 16) {
+kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64_t context, kv_precision storage, int w = 256, int k = 16,
+                       bool spread = true) {
   // The resource first: function-local statics are destroyed in reverse order of construction,
   // so the caches then give their blocks back before the resource goes (a filtered run that
   // reached no probe used to construct it second and crash at exit).
   std::pmr::memory_resource* memory = bench_memory();
-  using key = std::tuple<std::int64_t, int, int, std::string, std::string, int>;  // context, method, storage, shape, policies, w
+  // context, method, storage, shape, policies, w, spread encoding (both kept: their rows compare)
+  using key = std::tuple<std::int64_t, int, int, std::string, std::string, int, bool>;
   static std::map<key, std::unique_ptr<kv_cache>> caches;
-  const key wanted{context, static_cast<int>(method), static_cast<int>(storage), s.name, typeid(P).name(), w};
+  const key wanted{context, static_cast<int>(method), static_cast<int>(storage), s.name, typeid(P).name(), w, spread};
   std::erase_if(caches, [&](const auto& entry) {
     const key& e = entry.first;
     return std::get<0>(e) != context || std::get<1>(e) != std::get<1>(wanted) || std::get<2>(e) != std::get<2>(wanted) ||
@@ -137,7 +140,7 @@ kv_cache& filled_cache(const model_shape& s, attention_method method, std::int64
   });
   auto& slot = caches[wanted];
   if (slot) return *slot;
-  attention<P> a(config_for(s, method, w, k, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
+  attention<P> a(config_for(s, method, w, k, storage, spread), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(0)});
   slot = std::make_unique<kv_cache>(a.make_cache(context + decode_room, memory));
   const std::int64_t block = 256;
   for (std::int64_t first = 0; first < context; first += block) {
@@ -190,19 +193,21 @@ double same_memory_read_rate(const kv_cache& cache, unsigned threads) {
 }
 
 // ------------------------------------------------------------------------------------ decode
-template <class Policies = threaded, int w = 256, int chunks = 16>
+template <class Policies = threaded, int w = 256, int chunks = 16, bool spread = true>
 void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads,
             kv_precision storage) {
-  kv_cache& cache = filled_cache<Policies>(s, method, context, storage, w, chunks);
+  kv_cache& cache = filled_cache<Policies>(s, method, context, storage, w, chunks, spread);
   // The steps of earlier runs on this cache appended tokens: at 8k the rounds' steps would
   // otherwise grow the context by half before the last run.
   cache.truncate(context);
-  attention<Policies> a(config_for(s, method, w, chunks, storage), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
+  attention<Policies> a(config_for(s, method, w, chunks, storage, spread), rope(s.head_dim, 500000.0), {.executor = thread_pool_executor(threads)});
   a.reserve(context + decode_room, 1);
   const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
   std::vector<float> out(hq);
-  // Each step's own time, for p50/p99/max, and the chunk-completion steps' (they encode the
-  // chunk for every head); a ring of the last steps, allocated before timing.
+  // Each step's own time, for p50/p99/max, and the chunk-completion steps' (encoding at
+  // completion, they encode the chunk for every head); a ring of the last steps, allocated
+  // before timing. Going back to the context restarts the spread encoding of the chunk before
+  // it (kv_cache::truncate), so every w steps carry one chunk's pieces, as decoding does.
   std::vector<double> step_us(1 << 16);
   std::vector<double> completion_us;
   completion_us.reserve(1 << 12);
@@ -221,6 +226,11 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
     if (completes && completion_us.size() < completion_us.capacity()) completion_us.push_back(us);
     ++step;
   };
+  // One step untimed: a run's attention object is new, and its first step touches its scratch
+  // for the first time (page faults: 2-3x a step, once per object, not per token).
+  one_step();
+  step = 0;
+  completion_us.clear();
   if (method == attention_method::longheads) {
     // LongHeads' timed steps cover whole chunks (iterations in batches of w), so the mean
     // weighs the completion step as decoding does: once every w tokens.
@@ -422,8 +432,9 @@ void register_all() {
   in_rounds([&] {
     for (unsigned t : thread_counts) benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
   });
-  // Method names: dense, longheads, with bf16 K/V dense-bf16, longheads-bf16, and for the GQA
-  // shape longheads-shared (group_max_selection, which reads the longheads fp32 caches).
+  // Method names: dense, longheads, with bf16 K/V dense-bf16, longheads-bf16, for the GQA
+  // shape longheads-shared (group_max_selection, which reads the longheads fp32 caches), and
+  // longheads-bf16-at-completion (spread_encoding off) beside longheads-bf16 at the longest context.
   auto register_decode = [&](const std::string& method, const model_shape& s, std::int64_t ctx, unsigned t, auto run, attention_method m,
                              kv_precision storage) {
     benchmark::RegisterBenchmark(("decode/" + method + "/" + s.name + "/" + std::to_string(ctx) + "/threads:" + std::to_string(t)).c_str(),
@@ -446,6 +457,11 @@ void register_all() {
           if (storage == kv_precision::fp32 && m == attention_method::longheads)
             for (unsigned t : thread_counts)
               register_decode("longheads-shared", llama3_8b, ctx, t, decode<threaded_group_max>, attention_method::longheads, kv_precision::fp32);
+          // The paper's encoder as it was before spreading: every head's encoding in the step
+          // that completes a chunk (its p99 and max beside the spread rows' of the same run).
+          if (storage == kv_precision::bf16 && m == attention_method::longheads && ctx == decode_contexts.back())
+            for (const model_shape& s : {llama2_7b, llama3_8b})
+              register_decode("longheads-bf16-at-completion", s, ctx, 1, decode<threaded, 256, 16, false>, m, storage);
         });
   // Scale: a decode step at 8k to 1M tokens, Llama-3 shape, bf16 K/V, Quest by flat scan and
   // by the beam index, at w 256 k 16 and at w 64 k 64 (small chunks: many summaries per token).
