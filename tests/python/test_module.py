@@ -1,0 +1,182 @@
+"""The Python module against the C++ library: bitwise equal to longheads_run, the same bits in
+prefill, decode and any thread count, arrays read in place, errors as Python exceptions with
+the cache unchanged. Run by ctest (python_module) with PYTHONPATH at the built module."""
+import os
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+
+import longheads as lh
+
+HQ, HKV, D = 4, 2, 16  # a GQA shape
+
+
+def sequence(tokens, seed=0, hq=HQ, hkv=HKV, d=D):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((tokens, hq, d), dtype=np.float32), rng.standard_normal((tokens, hkv, d), dtype=np.float32),
+            rng.standard_normal((tokens, hkv, d), dtype=np.float32))
+
+
+def layer(method="longheads", policy="paper", threads=1, kv_storage="fp32", scorer=None, encoder=None, representation_floats=0,
+          **knobs):
+    shape = dict(n_q_heads=HQ, n_kv_heads=HKV, head_dim=D, chunk_size=8, budget_chunks=4) | knobs
+    config = lh.AttentionConfig(**shape, method=method, kv_storage=kv_storage)
+    return lh.Attention(config, lh.Rope(D, 10000.0, "half"), policy=policy, threads=threads, scorer=scorer, encoder=encoder,
+                        representation_floats=representation_floats)
+
+
+@pytest.mark.parametrize("method", ["longheads", "dense", "sink_window"])
+def test_bitwise_equal_to_longheads_run(method):
+    tool = os.environ.get("LONGHEADS_RUN")
+    if not tool:
+        pytest.skip("LONGHEADS_RUN (the longheads_run tool) is not set")
+    q, k, v = sequence(200, seed=3)
+    a = layer(method)
+    cache = a.make_cache()
+    if method == "longheads":
+        out, selections = a.prefill(cache, q, k, v, selections=True)
+    else:
+        out = a.prefill(cache, q, k, v)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            np.save(os.path.join(tmp, name + ".npy"), x)
+        args = [tool, "--q", f"{tmp}/q.npy", "--k", f"{tmp}/k.npy", "--v", f"{tmp}/v.npy", "--out", f"{tmp}/out.npy",
+                "--attention", method.replace("_", "-"), "--chunk-size", "8", "--chunks", "4", "--rope-theta", "10000",
+                "--rope-layout", "half"]
+        if method == "longheads":
+            args += ["--selections", f"{tmp}/sel.npy"]
+        subprocess.run(args, check=True, capture_output=True)
+        assert np.array_equal(out.view(np.uint32), np.load(f"{tmp}/out.npy").view(np.uint32))
+        if method == "longheads":
+            assert np.array_equal(selections, np.load(f"{tmp}/sel.npy"))
+
+
+@pytest.mark.parametrize("policy", lh.policies())
+def test_every_policy_prefill_decode_and_threads_agree(policy):
+    q, k, v = sequence(150, seed=5)
+    reference, reference_sel = layer(policy=policy).prefill(layer(policy=policy).make_cache(), q, k, v, selections=True)
+    for threads in (1, 3):
+        a = layer(policy=policy, threads=threads)
+        cache = a.make_cache(reserve=150)
+        out = np.empty_like(reference)
+        for t in range(150):
+            a.decode(cache, q[t:t + 1], k[t:t + 1], v[t:t + 1], out=out[t:t + 1])
+        assert np.array_equal(out.view(np.uint32), reference.view(np.uint32))
+        assert cache.tokens == 150
+        assert np.array_equal(cache.last_selection(1), reference_sel[-1, 1][reference_sel[-1, 1] >= 0])
+
+
+def test_arrays_are_read_and_written_in_place():
+    q, k, v = sequence(64, seed=7)
+    fused = np.concatenate([q.reshape(64, -1), k.reshape(64, -1), v.reshape(64, -1)], axis=1)  # [T, (HQ + 2 HKV) d]
+    qf = fused[:, :HQ * D].reshape(64, HQ, D)  # token stride (HQ + 2 HKV) d, heads dense: no copy
+    kf = fused[:, HQ * D:(HQ + HKV) * D].reshape(64, HKV, D)
+    vf = fused[:, (HQ + HKV) * D:].reshape(64, HKV, D)
+    assert not qf.flags.c_contiguous and np.shares_memory(qf, fused)
+    a = layer()
+    expected = a.prefill(a.make_cache(), q, k, v)
+    out = np.zeros_like(expected)
+    returned = a.prefill(a.make_cache(), qf, kf, vf, out=out)
+    assert returned is out
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(lh.ShapeError, match="in place"):
+        a.prefill(a.make_cache(), q[:, :, ::2], k, v)  # d strided: would need a copy
+    with pytest.raises(TypeError, match="float32"):
+        a.prefill(a.make_cache(), q.astype(np.float64), k, v)
+
+
+def test_errors_are_python_exceptions_and_leave_the_cache_unchanged():
+    q, k, v = sequence(40, seed=9)
+    a = layer()
+    cache = a.make_cache()
+    a.prefill(cache, q[:20], k[:20], v[:20])
+    before = cache.copy()
+    bad = q[20:].copy()
+    bad[3, 1, 2] = np.nan
+    with pytest.raises(lh.ValueError, match="NaN|non-finite"):
+        a.prefill(cache, bad, k[20:], v[20:])
+    with pytest.raises(lh.ShapeError):
+        a.prefill(cache, q[20:], k[20:, :1], v[20:])
+    with pytest.raises(lh.ShapeError, match="expected 1"):
+        a.decode(cache, q[20:22], k[20:22], v[20:22])
+    with pytest.raises(lh.LimitError):
+        cache.truncate(41)
+    assert cache == before and cache.tokens == 20
+    with pytest.raises(lh.ConfigError, match="budget_chunks"):
+        layer(budget_chunks=0)
+    with pytest.raises(lh.ConfigError, match="unknown policy"):
+        layer(policy="no-such-policy")
+    assert issubclass(lh.ShapeError, lh.Error) and issubclass(lh.Error, ValueError)
+
+
+def test_bf16_storage_and_the_cache_report():
+    q, k, v = sequence(100, seed=11)
+    fp32, bf16 = layer(), layer(kv_storage="bf16")
+    c32, c16 = fp32.make_cache(), bf16.make_cache()
+    out32, out16 = fp32.prefill(c32, q, k, v), bf16.prefill(c16, q, k, v)
+    assert np.abs(out16 - out32).max() <= 3e-2 * np.abs(out32).max()
+    assert c16.bytes_by_kind()["keys"] * 2 == c32.bytes_by_kind()["keys"]
+    assert bf16.config.kv_storage == "bf16"
+
+
+def bound_scorer(rope, offset_chunks=1):
+    """bound_scorer in NumPy: the query rotated to its offset in a chunk `offset_chunks` chunks
+    in, then sum_i max(q_i lo_i, q_i hi_i) over the chunk's key bounds [lo | hi] (float64)."""
+    def score(queries, summaries, first_position, chunk_size):
+        positions = (first_position + np.arange(len(queries))) % chunk_size + offset_chunks * chunk_size
+        q = rope.rotate(queries, positions).astype(np.float64)
+        d = q.shape[1]
+        lo, hi = summaries[:, :d].astype(np.float64), summaries[:, d:].astype(np.float64)
+        return np.maximum(q[:, None, :] * lo[None], q[:, None, :] * hi[None]).sum(-1)
+    return score
+
+
+def key_bounds(queries, keys, values):
+    return np.concatenate([keys.min(axis=0), keys.max(axis=0)])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_python_bound_scorer_reproduces_the_recommended_selections(seed):
+    q, k, v = sequence(600, seed=seed)
+    config = lh.AttentionConfig(n_q_heads=HQ, n_kv_heads=HKV, head_dim=D, chunk_size=8, budget_chunks=6)
+    rope = lh.Rope(D, 10000.0, "interleaved")
+    recommended = lh.Attention(config, rope, policy="recommended")
+    expected, expected_sel = recommended.prefill(recommended.make_cache(), q, k, v, selections=True)
+    for threads, split in ((1, 600), (2, 1), (1, 37)):
+        python = lh.Attention(config, rope, policy="recommended", scorer=bound_scorer(rope), threads=threads)
+        cache = python.make_cache()
+        sel = np.concatenate([python.prefill(cache, q[t:t + split], k[t:t + split], v[t:t + split], selections=True)[1]
+                              for t in range(0, 600, split)])
+        assert np.array_equal(sel, expected_sel)
+    # The encoder in Python too (min and max are exact): the same chunks again, and the outputs.
+    both = lh.Attention(config, rope, scorer=bound_scorer(rope), encoder=key_bounds, representation_floats=2 * D)
+    out, sel = both.prefill(both.make_cache(), q, k, v, selections=True)
+    assert np.array_equal(sel, expected_sel)
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_failing_python_policy_raises_and_leaves_the_cache_unchanged():
+    q, k, v = sequence(120, seed=4)
+    calls = []
+
+    def scorer(queries, summaries, first_position, chunk_size):
+        calls.append(first_position)
+        if first_position >= 100:
+            raise RuntimeError("scorer gave up")
+        return np.zeros((len(queries), len(summaries)), dtype=np.float32)
+
+    a = layer(scorer=scorer)
+    cache = a.make_cache()
+    a.prefill(cache, q[:100], k[:100], v[:100])
+    before = cache.copy()
+    with pytest.raises(RuntimeError, match="gave up"):
+        a.prefill(cache, q[100:], k[100:], v[100:])
+    assert cache == before and cache.tokens == 100
+    wrong = layer(scorer=lambda queries, summaries, first, w: np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="expected scores of shape"):
+        wrong.prefill(wrong.make_cache(), q, k, v)
+    with pytest.raises(lh.ConfigError, match="needs a Python scorer"):
+        layer(encoder=key_bounds, representation_floats=2 * D)
+    assert calls
