@@ -11,6 +11,7 @@
 #include <longheads/longheads.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -391,6 +392,19 @@ PYBIND11_MODULE(longheads, m) {
                         bool selections) { return a.run(cache, q, k, v, std::move(out), selections, true); },
            py::arg("cache"), py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("out") = py::none(), py::arg("selections") = false,
            "prefill() of exactly one token.")
+      .def("_decode_loop", [](py_attention& a, kv_cache& cache, const py::array& q, const py::array& k, const py::array& v, py::array& out) {
+             // The same decode calls made from C++, timed there: the measure of a Python call's overhead (examples/python/overhead.py).
+             const auto qv = view_of<const float>(q, "q"), kv = view_of<const float>(k, "k"), vv = view_of<const float>(v, "v");
+             const auto ov = view_of<float>(out, "out");
+             py::gil_scoped_release unlocked;
+             const auto start = std::chrono::steady_clock::now();
+             for (std::ptrdiff_t t = 0; t < qv.tokens(); ++t)
+               a.impl->prefill(cache, {qv.at(t, 0), 1, qv.heads(), qv.head_dim()}, {kv.at(t, 0), 1, kv.heads(), kv.head_dim()},
+                               {vv.at(t, 0), 1, vv.heads(), vv.head_dim()}, {ov.at(t, 0), 1, ov.heads(), ov.head_dim()}, {});
+             return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+           },
+           py::arg("cache"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+           "Decodes the T tokens one call each from C++; returns the seconds they took (for measuring a Python call's overhead).")
       .def("ingest", [](py_attention& a, kv_cache& cache, const py::array& q, const py::array& k, const py::array& v) {
              const auto qv = view_of<const float>(q, "q"), kv = view_of<const float>(k, "k"), vv = view_of<const float>(v, "v");
              a.guarded(cache, [&] { a.impl->ingest(cache, qv, kv, vv); });

@@ -180,3 +180,13 @@ def test_a_failing_python_policy_raises_and_leaves_the_cache_unchanged():
     with pytest.raises(lh.ConfigError, match="needs a Python scorer"):
         layer(encoder=key_bounds, representation_floats=2 * D)
     assert calls
+
+
+def test_the_overhead_script_runs():
+    import importlib.util
+    source = os.environ.get("LONGHEADS_SOURCE", os.path.join(os.path.dirname(__file__), "..", ".."))
+    spec = importlib.util.spec_from_file_location("overhead", os.path.join(source, "examples", "python", "overhead.py"))
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    python_us, cpp_us = overhead.measure(calls=64, rounds=1)  # asserts the two caches end equal
+    assert python_us > 0 and cpp_us > 0
