@@ -870,7 +870,8 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
         attention_config c = test::make_config(heads.hq, heads.hkv, d, w, budget);
         c.kv_storage = storage;
         const test::sequence seq(30 * w * budget + 3, heads.hq, heads.hkv, d, 2500u + static_cast<std::uint32_t>(heads.hkv));
-        attention<quest_beam_policies> narrow(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 0}});
+        // scan_below = 0: every query searches (the default takes the flat scan's choice below 1024 candidates).
+        attention<quest_beam_policies> narrow(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 0, .scan_below = 0}});
         std::vector<std::int32_t> expected_sel, sel;
         const auto expected = seq.run(narrow, 0, &expected_sel);
         for (int split : {1, 7, 37}) {
@@ -878,7 +879,7 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
           CHECK(seq.run(narrow, split, &sel) == expected);
           CHECK(sel == expected_sel);
         }
-        attention<pooled_quest_beam> pooled(c, r, {.executor = thread_pool_executor(3), .index = {.branching = 2, .beam = beam, .exact_below = 0}});
+        attention<pooled_quest_beam> pooled(c, r, {.executor = thread_pool_executor(3), .index = {.branching = 2, .beam = beam, .exact_below = 0, .scan_below = 0}});
         CHECK(seq.run(pooled, 1) == expected);
         // A beam of one box per level misses chunks the flat scan picks: the test tells them apart.
         attention<quest_policies> flat(c, r);
@@ -886,19 +887,31 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
         const auto flat_out = seq.run(flat, 0, &flat_sel);
         if (beam == 1) CHECK(flat_sel != expected_sel);
         // Up to exact_below candidates (the default's 1024 here) the beam holds every box.
-        attention<quest_beam_policies> exact(c, r, {.index = {.branching = 2, .beam = beam}});
+        attention<quest_beam_policies> exact(c, r, {.index = {.branching = 2, .beam = beam, .scan_below = 0}});
         CHECK(seq.run(exact, 1, &sel) == flat_out);
         CHECK(sel == flat_sel);
+        // Below scan_below (the default) the queries take the flat scan's scores in blocks: the
+        // same bits in every split, and with the beam's search above it (scan_below 60).
+        attention<quest_beam_policies> scanning(c, r, {.index = {.branching = 2, .beam = beam}});
+        for (int split : {0, 1, 37}) {
+          CHECK(seq.run(scanning, split, &sel) == flat_out);
+          CHECK(sel == flat_sel);
+        }
         // Exact for the early queries, the beam's for the later ones: still split-independent.
-        attention<quest_beam_policies> mixed(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 60}});
+        attention<quest_beam_policies> mixed(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 60, .scan_below = 0}});
         std::vector<std::int32_t> mixed_sel;
         const auto mixed_out = seq.run(mixed, 0, &mixed_sel);
         CHECK(seq.run(mixed, 1, &sel) == mixed_out);
         CHECK(sel == mixed_sel);
+        attention<quest_beam_policies> scan_then_beam(c, r, {.index = {.branching = 2, .beam = beam, .exact_below = 60, .scan_below = 60}});
+        CHECK(seq.run(scan_then_beam, 0, &sel) == mixed_out);
+        CHECK(sel == mixed_sel);
+        CHECK(seq.run(scan_then_beam, 7, &sel) == mixed_out);
       }
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.beam = 0}}), config_error);
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
   CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.exact_below = -1}}), config_error);
+  CHECK_THROWS_AS(attention<quest_beam_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.scan_below = -1}}), config_error);
   CHECK_THROWS_AS(attention<quest_index_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
 }
 

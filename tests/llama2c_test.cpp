@@ -155,14 +155,19 @@ TEST_CASE("passkey-256: the recommended beam index is the flat scan up to exact_
   const auto& p = prompts.front();
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
   llama2c::transformer<llama2c::policies::quest> flat(model, knobs(longheads::attention_method::longheads, 32, 8));
-  llama2c::transformer<llama2c::policies::recommended> exact(model, knobs(longheads::attention_method::longheads, 32, 8));
+  // scan_below 0: every query searches, the beam widened below exact_below (127 chunks here).
+  llama2c::transformer<llama2c::policies::recommended> exact(model, knobs(longheads::attention_method::longheads, 32, 8),
+                                                            {.executor = longheads::thread_pool_executor(1), .index = {.scan_below = 0}});
+  llama2c::transformer<llama2c::policies::recommended> scanning(model, knobs(longheads::attention_method::longheads, 32, 8));
   // exact_below 0: every query past the budget goes through the beam (4096 tokens: 127 chunks).
   llama2c::transformer<llama2c::policies::recommended> beam(model, knobs(longheads::attention_method::longheads, 32, 8),
-                                                           {.executor = longheads::thread_pool_executor(2), .index = {.exact_below = 0}});
+                                                           {.executor = longheads::thread_pool_executor(2), .index = {.exact_below = 0, .scan_below = 0}});
   std::vector<float> expected(p.tokens.size() * vocab), got(expected.size()), beam_prefill(expected.size()), beam_decode(expected.size());
   llama2c::feed(flat, p.tokens, 512, expected);
   llama2c::feed(exact, p.tokens, 1, got);
   CHECK(got == expected);  // 127 candidates < exact_below: the flat scan's logits, bit for bit
+  llama2c::feed(scanning, p.tokens, 7, got);
+  CHECK(got == expected);  // the default (scan_below): the flat scan's scores themselves
   llama2c::feed(beam, p.tokens, 512, beam_prefill);
   std::vector<std::int32_t> prefill_selection;
   for (int l = 0; l < model.config().n_layers; ++l)

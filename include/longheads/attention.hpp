@@ -180,7 +180,11 @@ class attention {
     const std::int64_t first = cache.tokens() - q.tokens();
     const heads_of_item& heads = it.heads;
     constexpr bool shared = Planner::selects && group_selection_type::shared;
-    const std::int64_t scored = Planner::selects && !index_type::indexed ? chunks_to_score(config_, cache, first + it.t0 + it.count - 1) : 0;
+    // Scores of every chunk for the item's queries: without an index, or while the index's
+    // search would give the flat scan's chunks anyway (bound_tree_beam's scan_below).
+    const std::int64_t last = first + it.t0 + it.count - 1;
+    const bool flat = Planner::selects && scans_flat(policies_.index, config_, last);
+    const std::int64_t scored = flat ? chunks_to_score(config_, cache, last) : 0;
     if (scored > 0) score_block(policies_.scorer, policies_.group_selection, config_, rope_, cache, q, first, it, scored, s.selection);
     // Score rows: per head of the item (or group, shared), `count` queries of `scored` chunks.
     auto scores = [&](std::int64_t row_set, std::int64_t r) {
@@ -193,7 +197,7 @@ class attention {
         const std::int64_t t = it.t0 + r, p = first + t;
         for (int g = heads.group_begin; g < heads.group_end; ++g) {
           auto choose = [&](std::int64_t row_set, int h) {  // by scores, or from the cache's index
-            return choose_for_query(policies_, config_, rope_, cache, q.at(t, h), h, p, scores(row_set, r), s.selection);
+            return choose_for_query(policies_, config_, rope_, cache, q.at(t, h), h, p, scores(row_set, r), flat, s.selection);
           };
           chunk_choice choice = shared ? choose(g - heads.group_begin, g * config_.group_size()) : chunk_choice{};
           for (int i = 0; i < heads.per_group(); ++i) {

@@ -357,16 +357,22 @@ struct bound_tree_beam {
   int branching = 32;                    ///< chunks (or boxes) per box, >= 2
   int beam = 4;                          ///< boxes opened per level, >= 1
   int exact_below = 1024;                ///< up to this many candidate chunks the search is exact, >= 0
+  /// Up to this many candidate chunks the attention takes the flat scan's choice instead of
+  /// searching, >= 0: the same chunks while it is <= exact_below, found faster (a block of
+  /// queries scored at once); 0 makes every query search (tests of the widened beam).
+  int scan_below = 1024;
   /// Chunks per box of the cache's index.
   int fanout() const noexcept { return branching; }
+  /// Candidates up to which queries choose by the flat scan (scan_below).
+  std::int64_t flat_below() const noexcept { return scan_below; }
   /// The widest beam a search uses (scratch is sized for it).
   int widest_beam() const noexcept { return std::max(beam, exact_below); }
-  /// @throws config_error if branching < 2, beam < 1 or exact_below < 0.
+  /// @throws config_error if branching < 2, beam < 1, exact_below < 0 or scan_below < 0.
   void validate() const {
-    if (branching < 2 || beam < 1 || exact_below < 0)
-      detail::fail<config_error>("bound_tree_beam: branching must be >= 2, beam >= 1 and exact_below >= 0, got branching " +
+    if (branching < 2 || beam < 1 || exact_below < 0 || scan_below < 0)
+      detail::fail<config_error>("bound_tree_beam: branching must be >= 2, beam >= 1, exact_below >= 0 and scan_below >= 0, got branching " +
                                  std::to_string(branching) + ", beam " + std::to_string(beam) + ", exact_below " +
-                                 std::to_string(exact_below));
+                                 std::to_string(exact_below) + ", scan_below " + std::to_string(scan_below));
   }
   /// The `wanted` best chunks of [first, end) the beam reaches for the rotated query `q`
   /// (beam_search::top; exact up to exact_below candidates).

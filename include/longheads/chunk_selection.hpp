@@ -43,14 +43,18 @@ struct selection_scratch {
 
   /// Room for contexts of `chunks` chunks, blocks of `block` queries, items of up to
   /// `item_heads` heads, `segments` chunks per query and `scorer_floats` of the scorer's scratch.
+  /// `flat_chunks`: the most chunks a flat scan scores (an index's flat_scan_chunks; default: all).
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
-               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0) {
+               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0,
+               std::size_t flat_chunks = static_cast<std::size_t>(-1)) {
     if (selects && index_fanout > 0) {
       // A beam's frontier is bounded whatever the context; the exact search's grows with it.
       if (index_beam > 0) search.reserve_beam(index_beam, index_fanout);
       else search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
       detail::grow(rotated_query, static_cast<std::size_t>(config.head_dim));
-    } else if (selects) {
+    }
+    chunks = std::min(chunks, flat_chunks);
+    if (selects && chunks > 0) {
       detail::grow(scores, std::max(static_cast<std::size_t>(config.group_size()) * block, item_heads) * chunks);
       detail::grow(scorer, scorer_floats);
       detail::grow(candidates, chunks);
@@ -68,6 +72,28 @@ struct selection_scratch {
 inline std::int64_t chunks_to_score(const attention_config& config, const kv_cache& cache, std::int64_t last_position) noexcept {
   const std::int64_t last_chunk = last_position / config.chunk_size;
   return last_chunk + 1 > config.budget_chunks ? std::min(last_chunk, cache.summarised_chunks()) : 0;
+}
+
+/// Whether the queries up to `last_position` choose by a flat scan of every chunk's score:
+/// always without an index, and for an index with flat_below() (bound_tree_beam) while the
+/// last query has at most that many candidate chunks (its search would return the same chunks).
+template <class Index>
+bool scans_flat(const Index& index, const attention_config& config, std::int64_t last_position) noexcept {
+  if constexpr (!Index::indexed) {
+    return true;
+  } else if constexpr (requires { index.flat_below(); }) {
+    return last_position / config.chunk_size - config.local_chunks + 1 - config.sink_chunks <= index.flat_below();
+  } else {
+    return false;
+  }
+}
+/// Chunks a flat scan by `index`'s rule scores at most (SIZE_MAX: any number).
+template <class Index>
+std::size_t flat_scan_chunks(const Index& index, const attention_config& config) noexcept {
+  if constexpr (!Index::indexed) return static_cast<std::size_t>(-1);
+  else if constexpr (requires { index.flat_below(); })
+    return static_cast<std::size_t>(index.flat_below() + config.local_chunks + config.sink_chunks);
+  else return 0;
 }
 
 /// Scores the item's queries (positions first + item.t0 onwards) against chunks [0, chunks):
@@ -109,14 +135,17 @@ chunk_choice choose_chunks(const Selector& selector, const Remapper& remapper, c
 }
 
 /// LongHeads' choice for query position p of query head h (pre-RoPE query `query`): from its
-/// scores of the full chunks before its own (flat_scan), or by searching the cache's index
-/// (bound_tree_index: the same chunks; bound_tree_beam: the chunks its beam reaches; chunk_index.hpp).
+/// scores of the full chunks before its own (flat_scan, or `flat` per scans_flat), or by
+/// searching the cache's index (bound_tree_index: the same chunks; bound_tree_beam: the chunks
+/// its beam reaches; chunk_index.hpp).
 template <class PolicyValues>
 chunk_choice choose_for_query(const PolicyValues& policies, const attention_config& config, const rope& rotary, const kv_cache& cache,
-                              const float* query, int h, std::int64_t p, std::span<const float> scores, selection_scratch& s) noexcept {
+                              const float* query, int h, std::int64_t p, std::span<const float> scores, bool flat,
+                              selection_scratch& s) noexcept {
   if constexpr (!std::remove_cvref_t<decltype(policies.index)>::indexed) {
     return choose_chunks(policies.selector, policies.remapper, config, p, scores, s);
   } else {
+    if (flat) return choose_chunks(policies.selector, policies.remapper, config, p, scores, s);
     const int w = config.chunk_size;
     const std::int64_t i = p / w;
     std::size_t count = detail::select_all_if_fits({i, config.budget_chunks, config.sink_chunks, config.local_chunks}, s.selected);
