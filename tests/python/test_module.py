@@ -121,16 +121,19 @@ def test_bf16_storage_and_the_cache_report():
     assert bf16.config.kv_storage == "bf16"
 
 
-def bound_scorer(rope, offset_chunks=1):
-    """bound_scorer in NumPy: the query rotated to its offset in a chunk `offset_chunks` chunks
-    in, then sum_i max(q_i lo_i, q_i hi_i) over the chunk's key bounds [lo | hi] (float64)."""
-    def score(queries, summaries, first_position, chunk_size):
-        positions = (first_position + np.arange(len(queries))) % chunk_size + offset_chunks * chunk_size
-        q = rope.rotate(queries, positions).astype(np.float64)
-        d = q.shape[1]
-        lo, hi = summaries[:, :d].astype(np.float64), summaries[:, d:].astype(np.float64)
-        return np.maximum(q[:, None, :] * lo[None], q[:, None, :] * hi[None]).sum(-1)
-    return score
+def load_example(name):
+    import importlib.util
+    source = os.environ.get("LONGHEADS_SOURCE", os.path.join(os.path.dirname(__file__), "..", ".."))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(source, "examples", "python", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bound_scorer(rope):
+    """bound_scorer in NumPy: examples/python/passkey.py's python_bounds (the query rotated as the
+    C++ scorer rotates it, by rope.rotate; sum_i max(q_i lo_i, q_i hi_i) in float64)."""
+    return load_example("passkey").python_bounds(rope)
 
 
 def key_bounds(queries, keys, values):
@@ -183,10 +186,5 @@ def test_a_failing_python_policy_raises_and_leaves_the_cache_unchanged():
 
 
 def test_the_overhead_script_runs():
-    import importlib.util
-    source = os.environ.get("LONGHEADS_SOURCE", os.path.join(os.path.dirname(__file__), "..", ".."))
-    spec = importlib.util.spec_from_file_location("overhead", os.path.join(source, "examples", "python", "overhead.py"))
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
-    python_us, cpp_us = overhead.measure(calls=64, rounds=1)  # asserts the two caches end equal
+    python_us, cpp_us = load_example("overhead").measure(calls=64, rounds=1)  # asserts the two caches end equal
     assert python_us > 0 and cpp_us > 0
