@@ -159,7 +159,12 @@ TEST_CASE("truncate rewinds a cache: the same tokens after it give the same bits
       const kv_cache before = cache;
       CHECK_THROWS_AS(cache.truncate(51), limit_error);
       CHECK_THROWS_AS(cache.truncate(-1), limit_error);
-      CHECK_THROWS_WITH(cache.truncate(41), doctest::Contains("41 tokens; the cache holds 50 and can go back to a multiple of the chunk size 8 or to any length from 48"));
+      if (method == attention_method::longheads) {
+        CHECK(cache.rewindable_from() == 40);  // the last full chunk's queries are kept for its spread encoding
+        CHECK_THROWS_WITH(cache.truncate(33), doctest::Contains("33 tokens; the cache holds 50 and can go back to a multiple of the chunk size 8 or to any length from 40"));
+      } else {
+        CHECK(cache.rewindable_from() == 0);  // no queries kept: any length
+      }
       CHECK(cache == before);
       cache.truncate(48);
       cache.truncate(0);
@@ -1000,4 +1005,66 @@ TEST_CASE("spread encoding: the bits of encoding each chunk as it completes, in 
   one_local.local_chunks = 1;
   CHECK(attention<>(one_local, r).shape().spread_pieces == 0);
   CHECK(attention<quest_policies>(test::make_config(4, 2, d, 8, budget), r).shape().spread_pieces == 0);
+}
+
+TEST_CASE("rollback: random truncate and redo sequences give a fresh run's bits, across chunk boundaries where the cache allows") {
+  // Keys-only encoders (and the baselines) go back to any length; the paper's encoder to a
+  // chunk boundary or within the chunks whose queries the cache holds (rewindable_from).
+  const int w = 8, budget = 4, d = 16, T = 160;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  const test::sequence seq(T, 4, 2, d, 3100);
+  auto property = [&](auto& a, const std::string& name, bool any_length, int min_cases = 150, int min_across = 40) {
+    CAPTURE(name);
+    const auto expected = seq.run(a, 0);
+    std::mt19937 rng(17);
+    int cases = 0, across = 0;
+    for (int trial = 0; trial < 25; ++trial) {
+      auto cache = a.make_cache();
+      std::vector<float> out(static_cast<std::size_t>(T) * 4 * d);
+      auto feed = [&](int from, int to) {  // in random call sizes
+        for (int t = from; t < to;) {
+          const int n = std::min<int>(to - t, 1 + static_cast<int>(rng() % 13));
+          a.prefill(cache, seq.qv(t, n), seq.kv(t, n), seq.vv(t, n), {out.data() + static_cast<std::ptrdiff_t>(t) * 4 * d, n, 4, d});
+          t += n;
+        }
+      };
+      feed(0, 20 + static_cast<int>(rng() % 60));
+      for (int step = 0; step < 8; ++step) {
+        const auto tokens = static_cast<int>(cache.tokens());
+        const int back = static_cast<int>(rng() % 12);  // a few rejected tokens, often across a boundary
+        const int target = std::max(0, tokens - back);
+        const bool allowed = any_length || target >= cache.rewindable_from() || target % w == 0;
+        if (!allowed) {
+          const kv_cache before = cache;
+          CHECK_THROWS_AS(cache.truncate(target), limit_error);
+          CHECK(cache == before);
+          continue;
+        }
+        across += target / w < (tokens - 1) / w;
+        cache.truncate(target);
+        ++cases;
+        const int redo = std::min(T, target + 1 + static_cast<int>(rng() % 20));
+        feed(target, redo);
+        REQUIRE(std::equal(out.begin() + static_cast<std::ptrdiff_t>(target) * 4 * d, out.begin() + static_cast<std::ptrdiff_t>(redo) * 4 * d,
+                           expected.begin() + static_cast<std::ptrdiff_t>(target) * 4 * d));
+      }
+    }
+    CHECK(cases >= min_cases);
+    CHECK(across >= min_across);  // the property is exercised across chunk boundaries
+    MESSAGE(name << ": " << cases << " rollbacks, " << across << " across a chunk boundary");
+  };
+  attention<quest_policies> quest(test::make_config(4, 2, d, w, budget), r);
+  property(quest, "quest (keys only)", true);
+  attention<quest_beam_policies> beam(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 2, .scan_below = 0}});
+  property(beam, "quest through the beam index", true);
+  attention<> paper(test::make_config(4, 2, d, w, budget), r);
+  property(paper, "paper, spread encoding", false);
+  attention_config eager = test::make_config(4, 2, d, w, budget);
+  eager.spread_encoding = false;
+  attention<> paper_eager(eager, r);
+  // Without spreading only the open chunk's queries are kept: back across a boundary only to it,
+  // or from an empty open chunk; the refusals leave the cache as it was (checked above).
+  property(paper_eager, "paper, encoded at completion", false, 50, 1);
+  attention<> dense(test::make_config(4, 2, d, w, budget, attention_method::dense), r);
+  property(dense, "dense", true);
 }

@@ -160,24 +160,33 @@ class kv_cache {
   void clear() noexcept { rewind(0); }
 
   /// Forgets every token from position `tokens` on and keeps the memory: later calls then see
-  /// the cache that held those `tokens` tokens (no last selection is recorded, as after
-  /// clear()). Rewinds to a chunk boundary (a multiple of chunk_size) or within the open chunk:
-  /// an earlier chunk's queries, which its encoding needs, are not kept. For going back to a
-  /// shared prefix, or a benchmark that starts every run from the same context. A spread
-  /// encoding (cache_shape::spread_pieces) of the new last full chunk starts again when the cache
-  /// still holds that chunk's queries, and is otherwise kept finished (it was, further on).
-  /// @throws limit_error if `tokens` is negative, past tokens(), or inside an earlier chunk
-  /// than the open one without being a chunk boundary; strong guarantee.
+  /// the cache that held those `tokens` tokens, bit for bit in what they compute (no last
+  /// selection is recorded, as after clear()). A chunk that is no longer full is encoded again
+  /// when it fills. Goes back to a chunk boundary, or to any length from rewindable_from(): any
+  /// length at all when the cache keeps no queries (keys-only encoders, the baselines), else
+  /// within a chunk whose queries it still holds, which its encoding needs: the open chunk's,
+  /// and the last full chunk's while its encoding is spread (speculative decoding's rejected
+  /// tokens across one chunk boundary). A spread encoding (cache_shape::spread_pieces) of the new
+  /// last full chunk starts again when the cache holds that chunk's queries, and is otherwise
+  /// kept finished (it was, further on).
+  /// @throws limit_error if `tokens` is negative, past tokens(), or before rewindable_from()
+  /// without being a chunk boundary; strong guarantee.
   void truncate(std::int64_t tokens) {
-    const std::int64_t open_chunk_start = full_chunks() * shape_.chunk_size;
-    if (tokens < 0 || tokens > tokens_ || (tokens < open_chunk_start && tokens % shape_.chunk_size != 0))
+    if (tokens < 0 || tokens > tokens_ || (tokens < rewindable_from() && tokens % shape_.chunk_size != 0))
       detail::fail<limit_error>("kv_cache::truncate: " + std::to_string(tokens) + " tokens; the cache holds " + std::to_string(tokens_) +
                                 " and can go back to a multiple of the chunk size " + std::to_string(shape_.chunk_size) +
-                                " or to any length from " + std::to_string(open_chunk_start));
+                                " or to any length from " + std::to_string(rewindable_from()));
     const std::int64_t full_before = full_chunks();
     rewind(tokens);
     if (shape_.spreads_encoding() && full_chunks() != full_before)
       pending_done_ = full_chunks() > 0 && holds_queries_of(full_chunks() - 1) ? 0 : spread_total();
+  }
+  /// The earliest length truncate() goes back to that is not a chunk boundary: 0 when the cache
+  /// keeps no queries, else the start of the earliest chunk whose queries it holds.
+  std::int64_t rewindable_from() const noexcept {
+    if (!shape_.keeps_open_queries) return 0;
+    const std::int64_t open = full_chunks();
+    return (open > 0 && holds_queries_of(open - 1) ? open - 1 : open) * shape_.chunk_size;
   }
 
   /// [w, d] keys of one chunk of one kv head, rotated at local positions (fp32 caches).
