@@ -317,7 +317,8 @@ PYBIND11_MODULE(longheads, m) {
       .def_property_readonly("capacity_tokens", &kv_cache::capacity_tokens)
       .def("reserve", &kv_cache::reserve, py::arg("tokens"))
       .def("clear", &kv_cache::clear)
-      .def("truncate", &kv_cache::truncate, py::arg("tokens"), "Back to `tokens` tokens: a chunk boundary or within the open chunk.")
+      .def("truncate", &kv_cache::truncate, py::arg("tokens"), "Back to `tokens` tokens: a chunk boundary, or any length from rewindable_from.")
+      .def_property_readonly("rewindable_from", &kv_cache::rewindable_from)
       .def("last_selection", [](const kv_cache& c, int head) {
              if (head < 0 || head >= c.shape().n_q_heads) throw shape_error("head " + std::to_string(head) + " is not in [0, " + std::to_string(c.shape().n_q_heads) + ")");
              const auto s = c.last_selection(head);
