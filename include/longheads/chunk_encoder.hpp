@@ -109,6 +109,15 @@ inline std::size_t attention_rows_floats(const attention_config& cfg) noexcept {
   return static_cast<std::size_t>(std::min<std::ptrdiff_t>(attention_rows_per_block, cfg.chunk_size)) * static_cast<std::size_t>(cfg.chunk_size);
 }
 
+/// encode() of such an encoder: its pieces in order, the state (w floats) in the scratch after
+/// the attention rows, so a piece-by-piece encoding has encode()'s bits by construction.
+template <class Encoder>
+void encode_in_pieces(const Encoder& encoder, const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) noexcept {
+  const std::ptrdiff_t w = in.keys.rows();
+  const std::span<float> state = scratch.subspan(static_cast<std::size_t>(std::min(attention_rows_per_block, w) * w), static_cast<std::size_t>(w));
+  for (std::size_t piece = 0; piece <= attention_row_blocks(w); ++piece) encoder.encode_piece(in, piece, state, representation, scratch);
+}
+
 /// The pieces of an encoder that sums the rows of its chunk's own attention (column mass): one
 /// per block of rows, accumulating into `state` (w floats), then finish(state) as the last.
 template <class Finish>
@@ -139,9 +148,7 @@ struct attention_pooled_encoder {
 
   /// Writes the representation of one full chunk for one query head: its pieces, in order.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
-    const std::ptrdiff_t w = in.keys.rows();
-    const std::span<float> column_sum = scratch.subspan(static_cast<std::size_t>(std::min(detail::attention_rows_per_block, w) * w), static_cast<std::size_t>(w));
-    for (std::size_t piece = 0; piece <= detail::attention_row_blocks(w); ++piece) encode_piece(in, piece, column_sum, representation, scratch);
+    detail::encode_in_pieces(*this, in, representation, scratch);
   }
 
   /// One block of rows of the chunk's attention per piece, then the summary and the chunk key.
@@ -239,9 +246,7 @@ struct representative_keys_encoder {
   }
   /// Writes the representation of one full chunk for one query head: its pieces, in order.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float> scratch) const noexcept {
-    const std::ptrdiff_t w = in.keys.rows();
-    const std::span<float> mass = scratch.subspan(static_cast<std::size_t>(std::min(detail::attention_rows_per_block, w) * w), static_cast<std::size_t>(w));
-    for (std::size_t piece = 0; piece <= detail::attention_row_blocks(w); ++piece) encode_piece(in, piece, mass, representation, scratch);
+    detail::encode_in_pieces(*this, in, representation, scratch);
   }
 
   /// One block of rows of the chunk's attention per piece, then the choice of keys.
