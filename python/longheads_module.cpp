@@ -163,6 +163,8 @@ class layer {
   virtual kv_cache make_cache(std::int64_t reserve) const = 0;
   virtual void prefill(kv_cache&, tensor_view<const float>, tensor_view<const float>, tensor_view<const float>, tensor_view<float>,
                        std::span<std::int32_t>) = 0;
+  virtual void decode(kv_cache&, tensor_view<const float>, tensor_view<const float>, tensor_view<const float>, tensor_view<float>,
+                      std::span<std::int32_t>) = 0;
   virtual void ingest(kv_cache&, tensor_view<const float>, tensor_view<const float>, tensor_view<const float>) = 0;
   virtual float max_input_magnitude() const = 0;
 };
@@ -176,6 +178,10 @@ class layer_of final : public layer {
   void prefill(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v, tensor_view<float> out,
                std::span<std::int32_t> selections) override {
     a_.prefill(cache, q, k, v, out, selections);
+  }
+  void decode(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v, tensor_view<float> out,
+              std::span<std::int32_t> selections) override {
+    a_.decode(cache, q, k, v, out, selections);
   }
   void ingest(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) override {
     a_.ingest(cache, q, k, v);
@@ -220,7 +226,6 @@ struct py_attention {
   py::object run(kv_cache& cache, const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> out,
                  bool selections, bool single) {
     const auto qv = view_of<const float>(q, "q"), kv = view_of<const float>(k, "k"), vv = view_of<const float>(v, "v");
-    if (single && qv.tokens() != 1) throw shape_error("decode: q has " + std::to_string(qv.tokens()) + " tokens, expected 1");
     py::array result = out ? *out : py::array(py::array_t<float>({qv.tokens(), qv.heads(), qv.head_dim()}));
     const auto ov = view_of<float>(result, "out");
     const attention_config& c = impl->config();
@@ -231,7 +236,10 @@ struct py_attention {
       chosen = py::array_t<std::int32_t>({qv.tokens(), static_cast<py::ssize_t>(c.n_q_heads), static_cast<py::ssize_t>(c.budget_chunks)});
       chosen_span = {chosen.mutable_data(), static_cast<std::size_t>(chosen.size())};
     }
-    guarded(cache, [&] { impl->prefill(cache, qv, kv, vv, ov, chosen_span); });
+    guarded(cache, [&] {
+      if (single) impl->decode(cache, qv, kv, vv, ov, chosen_span);
+      else impl->prefill(cache, qv, kv, vv, ov, chosen_span);
+    });
     if (selections) return py::make_tuple(result, chosen);
     return result;
   }
