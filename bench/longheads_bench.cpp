@@ -283,6 +283,88 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   if (method == attention_method::dense && storage == kv_precision::fp32) state.counters["same_memory_read_GB/s"] = same_memory_read_rate(cache, threads);
 }
 
+// ------------------------------------------------------------------------------ batch decode
+/// The engine shape of the batch rows: a small model's layer, many sequences at once.
+constexpr model_shape batch_shape{"h8_kv8_d64", 8, 8, 64};
+constexpr int batch_w = 64, batch_chunks = 16;
+constexpr int batch_max_sequences = 16;
+
+/// Sequences of `context` tokens for the batch rows, built once with ingest() (each from its
+/// own window of the noise), kept for every row of that context. Sequence i starts i * w / 16
+/// tokens short of the context, so the sequences complete their chunks in different steps.
+std::vector<kv_cache>& batch_caches(std::int64_t context) {
+  std::pmr::memory_resource* memory = bench_memory();
+  static std::map<std::int64_t, std::vector<kv_cache>> all;
+  auto& caches = all[context];
+  if (!caches.empty()) return caches;
+  const model_shape& s = batch_shape;
+  attention<threaded_quest_beam> a(config_for(s, attention_method::longheads, batch_w, batch_chunks, kv_precision::bf16), rope(s.head_dim, 500000.0),
+                                   {.executor = thread_pool_executor(0)});
+  for (int i = 0; i < batch_max_sequences; ++i) {
+    caches.push_back(a.make_cache(context + batch_w, memory));
+    const std::int64_t start = context - i * batch_w / batch_max_sequences;
+    for (std::int64_t first = 0; first < start; first += 256) {
+      const std::int64_t n = std::min<std::int64_t>(256, start - first);
+      const auto q_floats = static_cast<std::size_t>(n * s.n_q_heads * s.head_dim), kv_floats = static_cast<std::size_t>(n * s.n_kv_heads * s.head_dim);
+      const std::size_t at = static_cast<std::size_t>(first) + static_cast<std::size_t>(i) * 1000003;
+      a.ingest(caches.back(), {noise_at(at, q_floats), n, s.n_q_heads, s.head_dim}, {noise_at(at + 1, kv_floats), n, s.n_kv_heads, s.head_dim},
+               {noise_at(at + 2, kv_floats), n, s.n_kv_heads, s.head_dim});
+    }
+  }
+  return caches;
+}
+
+/// decode/batch: each step decodes one token of each of `sequences` sequences in one batched
+/// call (attention::decode over sequence_calls); decode/separate: the same steps as one call
+/// per sequence. The recommended policies (Quest bounds through the beam index), bf16 K/V.
+/// tokens/s counts every sequence's token; sequence_token_us is a step's time per sequence.
+void decode_batch(benchmark::State& state, std::int64_t context, int sequences, unsigned threads, bool batched) {
+  const model_shape& s = batch_shape;
+  std::vector<kv_cache>& caches = batch_caches(context);
+  std::vector<std::int64_t> start(static_cast<std::size_t>(sequences));
+  for (int i = 0; i < sequences; ++i) {
+    caches[static_cast<std::size_t>(i)].truncate(context - i * batch_w / batch_max_sequences);
+    start[static_cast<std::size_t>(i)] = caches[static_cast<std::size_t>(i)].tokens();
+  }
+  attention<threaded_quest_beam> a(config_for(s, attention_method::longheads, batch_w, batch_chunks, kv_precision::bf16), rope(s.head_dim, 500000.0),
+                                   {.executor = thread_pool_executor(threads)});
+  a.reserve(context + batch_w, 1, static_cast<std::size_t>(sequences));
+  const auto hq = static_cast<std::size_t>(s.n_q_heads * s.head_dim), hkv = static_cast<std::size_t>(s.n_kv_heads * s.head_dim);
+  std::vector<float> out(hq * static_cast<std::size_t>(sequences));
+  std::vector<sequence_call> batch(static_cast<std::size_t>(sequences));
+  std::vector<double> step_us(1 << 16);
+  std::int64_t step = 0;
+  auto one_step = [&] {
+    for (int i = 0; i < sequences; ++i) {
+      kv_cache& cache = caches[static_cast<std::size_t>(i)];
+      if (cache.tokens() == start[static_cast<std::size_t>(i)] + batch_w) cache.truncate(start[static_cast<std::size_t>(i)]);  // a chunk a cycle
+      const std::size_t at = static_cast<std::size_t>(step) * 3 + static_cast<std::size_t>(i) * 7777;
+      batch[static_cast<std::size_t>(i)] = {&cache, {noise_at(at, hq), 1, s.n_q_heads, s.head_dim}, {noise_at(at + 1, hkv), 1, s.n_kv_heads, s.head_dim},
+                                            {noise_at(at + 2, hkv), 1, s.n_kv_heads, s.head_dim}, {out.data() + hq * static_cast<std::size_t>(i), 1, s.n_q_heads, s.head_dim}};
+    }
+    const auto begin = std::chrono::steady_clock::now();
+    if (batched) a.decode(batch);
+    else
+      for (const sequence_call& c : batch) a.decode(*c.cache, c.q, c.k, c.v, c.out);
+    benchmark::DoNotOptimize(out.data());
+    step_us[static_cast<std::size_t>(step) % step_us.size()] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - begin).count();
+    ++step;
+  };
+  one_step();  // untimed: the new attention object's scratch is touched for the first time
+  step = 0;
+  for (auto _ : state) one_step();
+  step_us.resize(std::min<std::size_t>(step_us.size(), static_cast<std::size_t>(step)));
+  std::vector<double> sorted = step_us;
+  std::sort(sorted.begin(), sorted.end());
+  auto at_quantile = [&](double q) { return sorted.empty() ? 0.0 : sorted[static_cast<std::size_t>(q * static_cast<double>(sorted.size() - 1) + 0.5)]; };
+  state.counters["step_p50_us"] = at_quantile(0.5);
+  state.counters["step_p99_us"] = at_quantile(0.99);
+  state.counters["step_max_us"] = sorted.empty() ? 0.0 : sorted.back();
+  state.counters["sequences"] = sequences;
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step) * sequences, benchmark::Counter::kIsRate);
+  state.counters["sequence_token_us"] = sorted.empty() ? 0.0 : std::accumulate(sorted.begin(), sorted.end(), 0.0) / static_cast<double>(sorted.size()) / sequences;
+}
+
 // ----------------------------------------------------------------------------------- prefill
 void prefill(benchmark::State& state, model_shape s, attention_method method, std::int64_t tokens, unsigned threads) {
   const int w = 64, chunks = 8;
@@ -475,6 +557,23 @@ void register_all() {
       register_decode("longheads-quest-beam-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest_beam, 64, 64>, attention_method::longheads,
                       kv_precision::bf16);
     });
+  // Batches: B sequences of a small model's layer decoded in one call, and 16 in separate calls.
+  const std::int64_t batch_context = smoke ? 1024 : 4096;
+  in_rounds([&] {
+    for (unsigned t : thread_counts) {
+      for (int b : {1, 4, batch_max_sequences})
+        benchmark::RegisterBenchmark(("decode/batch/" + std::string(batch_shape.name) + "/" + std::to_string(batch_context) + "/sequences:" +
+                                      std::to_string(b) + "/threads:" + std::to_string(t)).c_str(),
+                                     decode_batch, batch_context, b, t, true)
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("decode/separate/" + std::string(batch_shape.name) + "/" + std::to_string(batch_context) + "/sequences:" +
+                                    std::to_string(batch_max_sequences) + "/threads:" + std::to_string(t)).c_str(),
+                                   decode_batch, batch_context, batch_max_sequences, t, false)
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
+  });
   for (std::int64_t n : prefill_tokens)
     in_rounds([&] {
       for (attention_method m : {attention_method::dense, attention_method::longheads})

@@ -124,6 +124,13 @@ def main():
         if same and gqa:
             rows.append((f"  for reference: dense decode 128k llama3_8b K/V read rate / its cache's own probe read ({t} thread)",
                          f"{counter_ratio(step, 'GB/s', step, 'same_memory_read_GB/s'):.0%} ({gqa:.1f} of {same:.1f} GB/s)", "", ""))
+    # Batches (issue 21): 16 sequences in one call on 2 threads against 1 thread, and against
+    # 16 separate calls (per-sequence cost: the step's time, the same 16 tokens either way).
+    batch = "decode/batch/h8_kv8_d64/4096/sequences:16/threads:{}"
+    ratio("batched decode B=16: 2 threads / 1 thread", batch.format(2), batch.format(1), 1.8)
+    for t in (1, 2):
+        ratio(f"batched decode B=16: 16 separate calls / one batched call ({t} thread)", batch.format(t),
+              f"decode/separate/h8_kv8_d64/4096/sequences:16/threads:{t}", 1.0)
     fma = [counter(f"probe/fma_peak/threads:{t}", "GFLOP/s") for t in (1, 2)]
     width = max(len(r[0]) for r in rows)
     print(f"host: {context.get('host_name', '?')}, {context.get('num_cpus', '?')} cpus, {context.get('date', '')}")

@@ -137,6 +137,50 @@ TEST_CASE("every public way of preparing a cache gives allocation-free decode (r
   }
 }
 
+/// Batched decode of `sequences` sequences at different lengths after attention::reserve(n,
+/// prompt, sequences) and one warm-up batch; returns the allocations made while decoding.
+template <class Policies>
+long allocations_while_decoding_batches(attention_method method, typename attention<Policies>::policy_set policies, int sequences) {
+  const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 100;
+  attention<Policies> a(test::make_config(hq, hkv, d, w, budget, method), rope(d), std::move(policies));
+  a.reserve(prompt + steps + sequences, prompt, static_cast<std::size_t>(sequences));
+  std::vector<test::sequence> seqs;
+  std::vector<kv_cache> caches;
+  std::vector<float> out(static_cast<std::size_t>(prompt) * hq * d * static_cast<std::size_t>(sequences));
+  for (int i = 0; i < sequences; ++i) {
+    seqs.emplace_back(prompt + steps + sequences, hq, hkv, d, 90 + static_cast<std::uint32_t>(i));
+    caches.push_back(a.make_cache(prompt + steps + sequences));
+    const int length = prompt - 1 + i;  // the sequences complete their chunks in different steps
+    a.prefill(caches.back(), seqs.back().qv(0, length), seqs.back().kv(0, length), seqs.back().vv(0, length), {out.data(), length, hq, d});
+  }
+  std::vector<sequence_call> batch(static_cast<std::size_t>(sequences));
+  auto step = [&] {
+    for (int i = 0; i < sequences; ++i) {
+      const auto t = static_cast<int>(caches[static_cast<std::size_t>(i)].tokens());
+      batch[static_cast<std::size_t>(i)] = {&caches[static_cast<std::size_t>(i)], seqs[static_cast<std::size_t>(i)].qv(t, 1),
+                                            seqs[static_cast<std::size_t>(i)].kv(t, 1), seqs[static_cast<std::size_t>(i)].vv(t, 1),
+                                            {out.data() + static_cast<std::ptrdiff_t>(i) * hq * d, 1, hq, d}};
+    }
+    a.decode(batch);
+  };
+  step();  // warm-up
+  allocations = 0;
+  counting = true;
+  for (int t = 0; t < steps; ++t) step();  // crosses 6 chunk boundaries per sequence (encoding)
+  counting = false;
+  return allocations.load();
+}
+
+TEST_CASE("batched decode after reserve(context, block, sequences) allocates nothing") {
+  for (attention_method method : {attention_method::longheads, attention_method::dense, attention_method::sink_window}) {
+    CAPTURE(to_string(method));
+    CHECK(allocations_while_decoding_batches<paper_policies>(method, {}, 4) == 0);
+    CHECK(allocations_while_decoding_batches<pooled>(method, {.executor = thread_pool_executor(2)}, 1) == 0);
+    CHECK(allocations_while_decoding_batches<pooled>(method, {.executor = thread_pool_executor(2)}, 5) == 0);
+  }
+  CHECK(allocations_while_decoding_batches<quest_beam>(attention_method::longheads, {}, 3) == 0);
+}
+
 TEST_CASE("the counter sees allocations (the test above can fail)") {
   allocations = 0;
   counting = true;

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 // LongHeads attention composed from its policies, with dense and sink+window baselines.
 //
-// A call (a prefill block of T tokens, or decode with T = 1) runs the stages in the order of
-// the algorithm, each in its own header:
+// A call (a prefill block of T tokens, or decode with T = 1; of one sequence, or of a batch of
+// sequences each with its own cache: batch.hpp) runs the stages in the order of the algorithm,
+// each in its own header:
 //   validate  validation.hpp      every argument; throws with the cache untouched
 //   reserve   workspace.hpp       cache capacity and each lane's scratch (strong guarantee)
 //   append    kv_cache.hpp        keys rotated at local positions, values, open-chunk queries
@@ -25,6 +26,7 @@
 #include <utility>
 
 #include "attention_config.hpp"
+#include "batch.hpp"
 #include "chunk_encoding.hpp"
 #include "chunk_selection.hpp"
 #include "errors.hpp"
@@ -69,6 +71,7 @@ class attention {
     // table stops at 64 MiB (beyond it rotations compute the same floats directly).
     rope_.tabulate(std::min<std::int64_t>(config_.budget_tokens() + config_.chunk_size, rope_.max_table_positions()));
     input_limit_ = longheads::max_input_magnitude(config_, rope_);
+    batch_.reserve(1);
   }
 
   ///@{
@@ -101,13 +104,14 @@ class attention {
     return cache;
   }
 
-  /// Sizes the scratch for contexts up to `context_tokens` and prefill blocks up to
-  /// `block_tokens`, so calls within those sizes never allocate.
-  void reserve(std::int64_t context_tokens, std::int64_t block_tokens = 1) {
+  /// Sizes the scratch for contexts up to `context_tokens`, prefill blocks up to `block_tokens`
+  /// and batches of up to `sequences`, so calls within those sizes never allocate.
+  void reserve(std::int64_t context_tokens, std::int64_t block_tokens = 1, std::size_t sequences = 1) {
     if (context_tokens < 0 || context_tokens > max_sequence_tokens)
       detail::fail<limit_error>("attention::reserve: " + std::to_string(context_tokens) + " tokens is beyond the limit of " +
                                 std::to_string(max_sequence_tokens));
     prepare(context_tokens, std::max<std::int64_t>(1, block_tokens));
+    batch_.reserve(sequences);
   }
   /// Appends T tokens to the sequence and computes their attention.
   /// @param cache this sequence's cache for this layer (from make_cache())
@@ -120,19 +124,26 @@ class attention {
   /// @throws shape_error, config_error, value_error, limit_error; the cache is then unchanged.
   void prefill(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
                tensor_view<float> out, std::span<std::int32_t> selections = {}) {
-    validate_call("prefill", config_, shape(), input_limit_, cache, q, k, v, out, selections);
-    cache.reserve(cache.tokens() + q.tokens());
-    prepare(cache.tokens() + q.tokens(), q.tokens());
-    append(cache, q, k, v);  // nothing from here on throws: the call commits
-    with_planner(config_.method, [&](auto planner) { attend(planner, cache, q, out, selections); });
+    const sequence_call call{&cache, q, k, v, out, selections};
+    run("prefill", {&call, 1}, false, false);
   }
-
   /// prefill() of exactly one token.
   void decode(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
               tensor_view<float> out, std::span<std::int32_t> selections = {}) {
-    if (q.tokens() != 1) detail::fail<shape_error>("decode: q has " + std::to_string(q.tokens()) + " tokens, expected 1");
-    prefill(cache, q, k, v, out, selections);
+    const sequence_call call{&cache, q, k, v, out, selections};
+    run("decode", {&call, 1}, false, true);
   }
+  /// prefill() of several sequences in one call (batch.hpp): each sequence (its own cache, its
+  /// own T) gets the bits of a prefill() of its own, for any thread count, while their work
+  /// shares the executor. Sequences may differ from call to call; an empty batch does nothing.
+  /// With reserve(context, block, sequences), batches up to those sizes never allocate.
+  /// @throws shape_error, config_error, value_error, limit_error naming the sequence (and a
+  ///         cache given twice, or an `out` overlapping another sequence's buffers); every cache
+  ///         is then unchanged.
+  void prefill(std::span<const sequence_call> batch) { run("prefill", batch, true, false); }
+  /// prefill() of a batch whose sequences each append exactly one token.
+  void decode(std::span<const sequence_call> batch) { run("decode", batch, true, true); }
+
   /// Appends T tokens to the sequence without computing their attention: keys and values are
   /// cached and full chunks encoded exactly as prefill() would, so later calls see the same
   /// cache; no last selection is kept. For a host's last layer, whose prefix outputs nobody
@@ -148,6 +159,32 @@ class attention {
 
  private:
   bool selects() const noexcept { return config_.method == attention_method::longheads; }
+
+  /// A computing call over `batch` (named `call`; its errors name the sequence when `batched`;
+  /// each sequence one token when `one_token`): validate every sequence, then the batch,
+  /// reserve, append and encode, then select, plan and attend for the items of all sequences.
+  void run(const char* call, std::span<const sequence_call> batch, bool batched, bool one_token) {
+    std::int64_t context = 0, tokens = 1;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      const detail::sequence_name name(call, i);
+      const char* where = batched ? name.text : call;
+      if (batch[i].cache == nullptr) detail::fail<shape_error>(std::string(where) + ": no cache (null pointer)");
+      validate_call(where, config_, shape(), input_limit_, *batch[i].cache, batch[i].q, batch[i].k, batch[i].v, batch[i].out,
+                    batch[i].selections);
+      if (one_token && batch[i].q.tokens() != 1)
+        detail::fail<shape_error>(std::string(where) + ": q has " + std::to_string(batch[i].q.tokens()) + " tokens, expected 1");
+      context = std::max(context, batch[i].cache->tokens() + batch[i].q.tokens());
+      tokens = std::max<std::int64_t>(tokens, batch[i].q.tokens());
+    }
+    if (batched) validate_batch(call, batch);
+    for (const sequence_call& s : batch) s.cache->reserve(s.cache->tokens() + s.q.tokens());
+    prepare(context, tokens);
+    batch_.reserve(batch.size());
+    // Nothing from here on throws: the call commits.
+    append(batch);
+    with_planner(config_.method, [&](auto planner) { attend(planner, batch); });
+  }
+
   void prepare(std::int64_t context, std::int64_t tokens) {
     // Dense rotates queries by deltas up to the whole context: tabulated up to the cap (past it a
     // rotation costs d/2 cos/sin per chunk and query; the same floats), so no table grows with n.
@@ -162,17 +199,36 @@ class attention {
     append_and_encode(policies_.encoder, config_, rope_, cache, selects(), q, k, v, [&](std::size_t n, auto& f) { run_parallel(n, f); },
                       [&](std::size_t lane) -> encoding_scratch& { return workspace_.lane(lane).encoding; });
   }
-
-  /// Select, plan and attend for the call's queries, item by item (work_items.hpp).
-  template <class Planner>
-  void attend(Planner planner, kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections) noexcept {
-    const bool shared = Planner::selects && group_selection_type::shared;
-    const work_partition work(config_, q.tokens(), workspace_.lanes(), shared, work_partition::tile_queries(config_));
-    auto item = [&](std::size_t index, std::size_t lane) {
-      const work_item it = work.item(index);
-      if (it.heads.count() > 0) attend_item(planner, cache, q, out, selections, it, workspace_.lane(lane));
+  /// A batch's appends: with at least as many sequences as lanes, a sequence is a work item
+  /// (its chunks and heads then run on that item's lane); else one sequence after another, each
+  /// over the lanes. The same arithmetic either way.
+  void append(std::span<const sequence_call> batch) noexcept {
+    if (batch.size() < 2 || batch.size() < workspace_.lanes()) {
+      for (const sequence_call& s : batch) append(*s.cache, s.q, s.k, s.v);
+      return;
+    }
+    auto sequence = [&](std::size_t i, std::size_t lane) {
+      const sequence_call& s = batch[i];
+      append_and_encode(
+          policies_.encoder, config_, rope_, *s.cache, selects(), s.q, s.k, s.v,
+          [lane](std::size_t n, auto& f) {
+            for (std::size_t item = 0; item < n; ++item) f(item, lane);
+          },
+          [&](std::size_t l) -> encoding_scratch& { return workspace_.lane(l).encoding; });
     };
-    run_parallel(work.items(), item);
+    run_parallel(batch.size(), sequence);
+  }
+
+  /// Select, plan and attend for the batch's queries, item by item (work_items.hpp, batch.hpp).
+  template <class Planner>
+  void attend(Planner planner, std::span<const sequence_call> batch) noexcept {
+    batch_.assign(config_, batch, workspace_.lanes(), Planner::selects && group_selection_type::shared);
+    auto item = [&](std::size_t index, std::size_t lane) {
+      const auto [sequence, it] = batch_.item(index);
+      const sequence_call& s = batch[sequence];
+      if (it.heads.count() > 0) attend_item(planner, *s.cache, s.q, s.out, s.selections, it, workspace_.lane(lane));
+    };
+    run_parallel(batch_.items(), item);
   }
   template <class Planner>
   void attend_item(Planner planner, kv_cache& cache, tensor_view<const float> q, tensor_view<float> out, std::span<std::int32_t> selections,
@@ -228,6 +284,7 @@ class attention {
   rope rope_;
   policy_set policies_;
   workspace workspace_;
+  batch_partition batch_;
   float input_limit_ = 0;
 };
 

@@ -6,6 +6,7 @@
 #include "attention.hpp"
 #include "attention_config.hpp"
 #include "attention_kernel.hpp"
+#include "batch.hpp"
 #include "chunk_encoder.hpp"
 #include "chunk_encoding.hpp"
 #include "chunk_index.hpp"

@@ -67,6 +67,13 @@ bool views_overlap(const tensor_view<A>& a, const tensor_view<B>& b) noexcept {
   return false;
 }
 
+/// A call's name for its error messages; the string is made only when a message is (a batch's
+/// names, "decode: sequence 12", would not fit std::string's small buffer).
+struct call_name {
+  const char* name;
+  friend std::string operator+(call_name c, const char* rest) { return std::string(c.name) + rest; }
+};
+
 inline std::string shape_of(std::ptrdiff_t tokens, std::ptrdiff_t heads, std::ptrdiff_t head_dim) {
   // Appended piece by piece: GCC 12 warns -Wrestrict on "[" + std::to_string(...) (bug 105329).
   std::string s(1, '[');
@@ -105,7 +112,7 @@ void validate_layer(const attention_config& config, const rope& rotary, const En
 inline void validate_shapes(const char* call, const attention_config& config, const cache_shape& expected, const kv_cache& cache,
                             tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v,
                             const tensor_view<float>* out) {
-  const std::string where = call;
+  const auto where = detail::call_name{call};
   if (cache.shape() != expected)
     detail::fail<shape_error>(where + ": cache has shape " + to_string(cache.shape()) + ", this attention expects " + to_string(expected));
   const std::ptrdiff_t T = q.tokens();
@@ -160,7 +167,7 @@ inline void validate_call(const char* call, const attention_config& config, cons
                           tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v, tensor_view<float> out,
                           std::span<std::int32_t> selections) {
   validate_shapes(call, config, expected, cache, q, k, v, &out);
-  const std::string where = call;
+  const auto where = detail::call_name{call};
   for (auto [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}})
     if (detail::views_overlap(out, t)) detail::fail<shape_error>(where + ": out overlaps " + name + "; attention cannot run in place");
   if (!selections.empty()) {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <span>
 #include <vector>
 
 namespace {
@@ -58,9 +59,10 @@ class layer {
     for (float& x : w_out_) x = normal(rng);
   }
 
-  // One cache per layer per sequence; reserving up front keeps later calls allocation-free.
+  // One cache per layer per sequence; reserving up front (tokens, prefill block, sequences
+  // decoded together) keeps later calls allocation-free.
   longheads::kv_cache new_sequence(std::int64_t max_tokens) {
-    attention_.reserve(max_tokens, /*block_tokens=*/256);
+    attention_.reserve(max_tokens, /*block_tokens=*/256, /*sequences=*/8);
     return attention_.make_cache(max_tokens);
   }
   // [/snippet:layer]
@@ -86,6 +88,28 @@ class layer {
   }
   // [/snippet:forward]
 
+  // [snippet:batch]
+  /// One decode step of several sequences: x holds one token's row per sequence ([B, dim]),
+  /// caches[i] is sequence i's cache of this layer. One projection over all B rows, one
+  /// attention call over all B sequences (their (sequence, kv group) items share the pool).
+  void decode_batch(std::span<longheads::kv_cache* const> caches, float* x) {
+    const auto sequences = static_cast<std::ptrdiff_t>(caches.size());
+    qkv_.resize(static_cast<std::size_t>(sequences) * qkv_width);
+    attended_.resize(static_cast<std::size_t>(sequences) * dim);
+    project(x, sequences, dim, w_qkv_.data(), qkv_width, qkv_.data());
+    calls_.clear();
+    for (std::ptrdiff_t i = 0; i < sequences; ++i) {
+      const float* row = qkv_.data() + i * qkv_width;
+      calls_.push_back({caches[static_cast<std::size_t>(i)], {row, 1, n_q_heads, head_dim}, {row + dim, 1, n_kv_heads, head_dim},
+                        {row + dim + n_kv_heads * head_dim, 1, n_kv_heads, head_dim}, {attended_.data() + i * dim, 1, n_q_heads, head_dim}});
+    }
+    attention_.decode(calls_);
+    delta_.resize(static_cast<std::size_t>(sequences) * dim);
+    project(attended_.data(), sequences, dim, w_out_.data(), dim, delta_.data());
+    for (std::size_t i = 0; i < delta_.size(); ++i) x[i] += delta_[i];
+  }
+  // [/snippet:batch]
+
  private:
   /// out[T, cols] = in[T, rows] W[rows, cols]: the engine's own projection (a real engine
   /// calls its BLAS here).
@@ -100,6 +124,7 @@ class layer {
 
   engine_attention attention_;
   std::vector<float> w_qkv_, w_out_, qkv_, attended_, delta_;  // the engine's buffers
+  std::vector<longheads::sequence_call> calls_;               // a batch's sequences
 };
 
 std::vector<float> random_tokens(std::ptrdiff_t tokens, std::uint32_t seed) {
@@ -164,6 +189,39 @@ int main() {
   }
   // [/snippet:run]
   if (caches[0].tokens() != prompt_tokens + new_tokens) return 1;
+
+  // 3. Several sequences at once (continuous batching): four prompts of different lengths,
+  // then decode steps in which all of them, and later three, take one call per layer. Each
+  // sequence gets exactly what decoding it alone gives.
+  // [snippet:serve]
+  layer server(rope, longheads::attention_method::longheads, pool, 200);
+  const std::int64_t lengths[] = {600, 900, 1300, 1700};
+  std::vector<longheads::kv_cache> batched, alone;
+  for (std::int64_t n : lengths) {
+    batched.push_back(server.new_sequence(n + 16));
+    auto x = random_tokens(n, static_cast<std::uint32_t>(n));
+    server.forward(batched.back(), x.data(), n);
+  }
+  alone = batched;  // copies, to decode one sequence at a time
+  std::vector<longheads::kv_cache*> active;
+  for (auto& cache : batched) active.push_back(&cache);
+  bool same = true;
+  for (std::uint32_t step = 0; step < 8; ++step) {
+    if (step == 4) active.erase(active.begin() + 1);  // sequence 1 has finished: it leaves the batch
+    std::vector<float> x_batch, x_alone;
+    for (longheads::kv_cache* cache : active) {
+      const auto next = random_tokens(1, 5000 + step * 10 + static_cast<std::uint32_t>(cache - batched.data()));
+      x_batch.insert(x_batch.end(), next.begin(), next.end());
+    }
+    x_alone = x_batch;
+    server.decode_batch(active, x_batch.data());  // all active sequences in one call
+    for (std::size_t i = 0; i < active.size(); ++i)  // the same, one call per sequence
+      server.forward(alone[static_cast<std::size_t>(active[i] - batched.data())], x_alone.data() + i * dim, 1);
+    same = same && x_batch == x_alone;
+  }
+  std::printf("4 sequences decoded in batches (one leaving after 4 steps): %s one at a time\n", same ? "bitwise equal to" : "DIFFERENT from");
+  // [/snippet:serve]
+  if (!same) return 1;
 
   // [snippet:errors]
   // Bad input throws a longheads::error naming what is wrong; the cache is left as it was.
