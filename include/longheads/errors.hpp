@@ -41,6 +41,14 @@ class limit_error : public error {
   using error::error;
 };
 
+/// A cache file that cannot be used: unreadable or unwritable, truncated, corrupted (a checksum
+/// or a field out of range), not a longheads cache, of another format version or byte order, or
+/// saved by a layer of another configuration, RoPE or policies (cache_file.hpp).
+class file_error : public error {
+ public:
+  using error::error;
+};
+
 namespace detail {
 template <class E>
 [[noreturn]] inline void fail(const std::string& message) {

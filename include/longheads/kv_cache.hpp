@@ -80,6 +80,10 @@ inline std::string to_string(const cache_shape& s) {
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
 inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int32_t>::max();
 
+namespace detail {
+struct cache_file_access;  // cache_file.hpp: saves and loads every buffer
+}  // namespace detail
+
 /// One sequence of one layer: keys rotated once at their local positions, values, the open
 /// chunk's queries and one representation per full chunk and query head (or kv head).
 /// Made by attention::make_cache(); copyable; equal (==) when every stored bit is. Hosts read
@@ -334,8 +338,10 @@ class kv_cache {
     held = offset == 0 ? held_rows{chunk, 1} : held.chunk == chunk && held.rows == offset ? held_rows{chunk, offset + 1} : held_rows{};
   }
   /// The queries of one head of chunk `chunk`, [w, d], rotated at local positions 0..w-1, as
-  /// kept for its encoding: the open chunk's, or (spread encoding) the last full chunk's.
+  /// kept for its encoding: the open chunk's, or (spread encoding) the last full chunk's. A
+  /// null view when the cache keeps no queries (its encoder reads keys only).
   matrix_view<const float> chunk_queries(std::int64_t chunk, int q_head) const noexcept {
+    if (!shape_.keeps_open_queries) return {nullptr, shape_.chunk_size, shape_.head_dim, static_cast<std::ptrdiff_t>(shape_.n_q_heads) * shape_.head_dim};
     return {query_buffer(chunk) + static_cast<std::size_t>(q_head) * static_cast<std::size_t>(shape_.head_dim), shape_.chunk_size,
             shape_.head_dim, static_cast<std::ptrdiff_t>(shape_.n_q_heads) * shape_.head_dim};
   }
@@ -389,6 +395,7 @@ class kv_cache {
   }
 
  private:
+  friend struct detail::cache_file_access;
   void rewind(std::int64_t tokens) noexcept {
     tokens_ = tokens;
     for (held_rows& held : held_)  // rows past the end are forgotten

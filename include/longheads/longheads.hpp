@@ -7,6 +7,7 @@
 #include "attention_config.hpp"
 #include "attention_kernel.hpp"
 #include "batch.hpp"
+#include "cache_file.hpp"
 #include "chunk_encoder.hpp"
 #include "chunk_encoding.hpp"
 #include "chunk_index.hpp"

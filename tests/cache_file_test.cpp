@@ -1,0 +1,289 @@
+// Cache files (cache_file.hpp): save -> load -> decode on gives the bits of a cache never saved,
+// for every method, storage and policy set; every kind of bad file is a named file_error that
+// leaves the caller's caches as they were.
+#include <doctest/doctest.h>
+
+#include <longheads/longheads.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace longheads;
+
+namespace {
+
+struct quest_policies : paper_policies {
+  using encoder = key_bounds_encoder;
+  using scorer = bound_scorer;
+};
+struct quest_beam_policies : quest_policies {
+  using index = bound_tree_beam;
+};
+struct representative_policies : paper_policies {
+  using encoder = representative_keys_encoder;
+  using scorer = max_key_scorer;
+};
+struct group_policies : quest_policies {
+  using group_selection = group_max_selection;
+};
+struct rotated_paper_policies : paper_policies {
+  using scorer = rotated_query_scorer;
+};
+
+std::string saved(const auto& layer, const kv_cache& cache) {
+  std::ostringstream out(std::ios::binary);
+  save_cache(out, layer, cache);
+  return out.str();
+}
+template <class Policies>
+kv_cache loaded(const std::string& bytes, const attention<Policies>& layer) {
+  std::istringstream in(bytes, std::ios::binary);
+  return load_cache(in, layer);
+}
+
+/// Prefills `prompt` tokens, saves, loads (from a stream and from a file), then decodes 64 more
+/// tokens on the original and on both loaded caches: outputs and caches must be equal.
+template <class Policies>
+void check_round_trip(attention_config config, typename attention<Policies>::policy_set policies, int prompt, std::uint32_t seed) {
+  const int hq = config.n_q_heads, hkv = config.n_kv_heads, d = config.head_dim;
+  attention<Policies> layer(config, rope(d, 10000.0), policies);
+  const test::sequence seq(prompt + 64, hq, hkv, d, seed);
+  kv_cache original = layer.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(prompt + 64) * hq * d);
+  for (int first = 0; first < prompt; first += 50) {
+    const int n = std::min(50, prompt - first);
+    layer.prefill(original, seq.qv(first, n), seq.kv(first, n), seq.vv(first, n), {out.data() + first * hq * d, n, hq, d});
+  }
+  const std::string bytes = saved(layer, original);
+  kv_cache from_stream = loaded(bytes, layer);
+  CHECK(from_stream == original);
+  const auto path = std::filesystem::temp_directory_path() / ("longheads_cache_test_" + std::to_string(seed) + ".lhkv");
+  save_cache(path, layer, original);
+  kv_cache from_file = load_cache(path, layer, prompt + 64);
+  std::filesystem::remove(path);
+  CHECK(from_file == original);
+  CHECK(from_file.capacity_tokens() >= prompt + 64);
+  // Decoding on: the same bits from all three.
+  std::vector<float> a(static_cast<std::size_t>(hq) * d), b(a.size()), c(a.size());
+  for (int t = prompt; t < prompt + 64; ++t) {
+    layer.decode(original, seq.qv(t, 1), seq.kv(t, 1), seq.vv(t, 1), {a.data(), 1, hq, d});
+    layer.decode(from_stream, seq.qv(t, 1), seq.kv(t, 1), seq.vv(t, 1), {b.data(), 1, hq, d});
+    layer.decode(from_file, seq.qv(t, 1), seq.kv(t, 1), seq.vv(t, 1), {c.data(), 1, hq, d});
+    REQUIRE(a == b);
+    REQUIRE(a == c);
+  }
+  CHECK(from_stream == original);
+  CHECK(from_file == original);
+}
+
+}  // namespace
+
+TEST_CASE("XXH64 gives the published digests, fed whole or in pieces") {
+  CHECK(detail::xxh64::of("", 0) == 0xEF46DB3751D8E999ull);
+  CHECK(detail::xxh64::of("abc", 3) == 0x44BC2CF5AD770999ull);
+  const std::vector<float> x = test::random_floats(300, 3);
+  const auto* bytes = reinterpret_cast<const char*>(x.data());
+  for (std::size_t n : {0u, 1u, 7u, 31u, 32u, 33u, 64u, 100u, 1200u}) {
+    const std::uint64_t whole = detail::xxh64::of(bytes, n);
+    for (std::size_t piece : {1u, 3u, 8u, 31u, 32u, 45u}) {
+      detail::xxh64 h;
+      for (std::size_t at = 0; at < n; at += piece) h.update(bytes + at, std::min(piece, n - at));
+      CHECK(h.digest() == whole);
+    }
+  }
+}
+
+TEST_CASE("save -> load -> decode 64 more tokens == never saved, every method, storage and policy set") {
+  std::uint32_t seed = 100;
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+    for (int prompt : {0, 1, 37, 96, 171}) {  // empty, inside the first chunk, on a boundary, past one (w 16 and 32)
+      CAPTURE(to_string(storage));
+      CAPTURE(prompt);
+      for (auto [hq, hkv] : {std::pair{4, 4}, std::pair{8, 2}}) {
+        attention_config config = test::make_config(hq, hkv, 16, 16, 4);
+        config.kv_storage = storage;
+        check_round_trip<paper_policies>(config, {}, prompt, ++seed);  // spread encoding mid-chunk
+        attention_config at_completion = config;
+        at_completion.spread_encoding = false;
+        check_round_trip<paper_policies>(at_completion, {}, prompt, ++seed);
+        check_round_trip<quest_policies>(config, {}, prompt, ++seed);
+        check_round_trip<quest_beam_policies>(config, {.index = bound_tree_beam{.branching = 4, .beam = 2, .exact_below = 4, .scan_below = 0}}, prompt,
+                                              ++seed);
+        check_round_trip<representative_policies>(config, {.encoder = representative_keys_encoder{3}, .scorer = max_key_scorer{3}}, prompt, ++seed);
+        if (hq != hkv) check_round_trip<group_policies>(config, {}, prompt, ++seed);
+        for (attention_method m : {attention_method::dense, attention_method::sink_window}) {
+          attention_config baseline = config;
+          baseline.method = m;
+          check_round_trip<paper_policies>(baseline, {}, prompt, ++seed);
+        }
+        attention_config wide = config;
+        wide.chunk_size = 32;
+        wide.budget_chunks = 3;
+        check_round_trip<paper_policies>(wide, {}, prompt, ++seed);
+      }
+    }
+}
+
+TEST_CASE("a model's layers in one file: records load in order, and the file must end after the last") {
+  const auto path = std::filesystem::temp_directory_path() / "longheads_cache_test_layers.lhkv";
+  const attention_config c1 = test::make_config(4, 2, 16, 16, 4), c2 = test::make_config(4, 4, 32, 8, 6);
+  attention<paper_policies> l1(c1, rope(16));
+  attention<quest_policies> l2(c2, rope(32));
+  const test::sequence s1(90, 4, 2, 16, 1), s2(90, 4, 4, 32, 2);
+  kv_cache k1 = l1.make_cache(), k2 = l2.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(90) * 4 * 32);
+  l1.prefill(k1, s1.qv(0, 90), s1.kv(0, 90), s1.vv(0, 90), {out.data(), 90, 4, 16});
+  l2.prefill(k2, s2.qv(0, 90), s2.kv(0, 90), s2.vv(0, 90), {out.data(), 90, 4, 32});
+  {
+    cache_file_writer file(path);
+    file.save(l1, k1);
+    file.save(l2, k2);
+    CHECK(!std::filesystem::exists(path));  // nothing at the path until commit()
+    file.commit();
+  }
+  cache_file_reader file(path);
+  CHECK(file.load(l1) == k1);
+  CHECK(!file.at_end());
+  CHECK_THROWS_WITH_AS(file.expect_end(), doctest::Contains("bytes after the last record loaded"), file_error);
+  CHECK_THROWS_WITH_AS(file.load(l1), doctest::Contains("record at byte"), file_error);  // layer 2's record is not layer 1's
+  CHECK(file.load(l2) == k2);
+  CHECK(file.at_end());
+  file.expect_end();
+  std::filesystem::remove(path);
+  {
+    cache_file_writer abandoned(path);
+    abandoned.save(l1, k1);
+  }  // destroyed without commit(): no file, no partial file
+  CHECK(!std::filesystem::exists(path));
+  CHECK(!std::filesystem::exists(path.string() + ".partial"));
+}
+
+TEST_CASE("bad cache files are named file_errors, and the caller's cache stays as it was") {
+  const int hq = 4, hkv = 2, d = 16, prompt = 150;
+  attention_config config = test::make_config(hq, hkv, d, 16, 4);
+  attention<paper_policies> layer(config, rope(d));
+  const test::sequence seq(prompt, hq, hkv, d, 9);
+  kv_cache cache = layer.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(prompt) * hq * d);
+  layer.prefill(cache, seq.qv(0, prompt), seq.kv(0, prompt), seq.vv(0, prompt), {out.data(), prompt, hq, d});
+  const std::string good = saved(layer, cache);
+  REQUIRE(loaded(good, layer) == cache);
+
+  // The record's layout: header 24 bytes, meta size, meta, its hash, then five sections.
+  std::uint64_t meta_bytes;
+  std::memcpy(&meta_bytes, good.data() + 24, 8);
+  const std::size_t meta_at = 32, keys_size_at = meta_at + meta_bytes + 8, keys_at = keys_size_at + 8;
+  std::uint64_t keys_bytes;
+  std::memcpy(&keys_bytes, good.data() + keys_size_at, 8);
+  const std::size_t values_size_at = keys_at + keys_bytes + 8;
+
+  kv_cache target = layer.make_cache();  // a caller's cache, to be assigned from a load
+  layer.prefill(target, seq.qv(0, 20), seq.kv(0, 20), seq.vv(0, 20), {out.data(), 20, hq, d});
+  const kv_cache before = target;
+  int cases = 0;
+  // From a stream, and from a file through the mapping (a stream may hold more records after
+  // this one, so bytes after it are an error of a file only).
+  auto expect = [&](const std::string& bytes, const std::string& says, bool from_stream = true) {
+    ++cases;
+    CAPTURE(says);
+    auto check = [&](auto&& load) {
+      bool thrown = false;
+      try {
+        target = load();
+      } catch (const file_error& e) {
+        thrown = true;
+        CHECK_MESSAGE(std::string(e.what()).find(says) != std::string::npos, e.what());
+      }
+      CHECK(thrown);
+      CHECK(target == before);
+    };
+    if (from_stream) check([&] { return loaded(bytes, layer); });
+    const auto path = std::filesystem::temp_directory_path() / "longheads_cache_test_bad.lhkv";
+    std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    check([&] { return load_cache(path, layer); });
+    std::filesystem::remove(path);
+  };
+  auto patched = [&](std::size_t at, const void* value, std::size_t n) {
+    std::string b = good;
+    std::memcpy(b.data() + at, value, n);
+    return b;
+  };
+  auto flipped = [&](std::size_t at) {
+    std::string b = good;
+    b[at] = static_cast<char>(b[at] ^ 0x10);
+    return b;
+  };
+
+  expect("", "truncated in the header");
+  expect("GIF89a, certainly not a cache of anything at all", "not a longheads cache");
+  for (std::size_t cut : {std::size_t{10}, std::size_t{30}, meta_at + 5, keys_at + 1000, good.size() - 3})
+    expect(good.substr(0, cut), "truncated");
+  const std::uint32_t version2 = 2;
+  expect(patched(8, &version2, 4), "format version 2");
+  const std::uint64_t swapped = 0x0807060504030201ull;
+  expect(patched(16, &swapped, 8), "other byte order");
+  expect(flipped(meta_at + 40), "corrupted meta block (checksum mismatch)");
+  expect(flipped(keys_at + 123), "corrupted keys section (checksum mismatch)");
+  expect(flipped(values_size_at - 2), "corrupted keys section (checksum mismatch)");  // in the keys' own checksum
+  const std::uint64_t wrong_length = keys_bytes - 4;
+  expect(patched(keys_size_at, &wrong_length, 8), "the keys section has");
+  expect(good + "trailing", "bytes after the last record", false);
+
+  // Consistent files (every checksum right) of something this layer cannot take.
+  auto rehashed_meta = [&](std::string b) {
+    const std::uint64_t h = detail::xxh64::of(b.data() + meta_at, meta_bytes);
+    std::memcpy(b.data() + meta_at + meta_bytes, &h, 8);
+    return b;
+  };
+  {
+    std::string b = good;  // tokens beyond what the sections hold
+    detail::meta_writer layer_part;
+    detail::write_layer(layer_part, layer.shape(), layer.config(), layer.rotary(), policy_identity<paper_policies>());
+    const std::size_t tokens_at = meta_at + layer_part.data().size();
+    std::int64_t tokens;
+    std::memcpy(&tokens, b.data() + tokens_at, 8);
+    REQUIRE(tokens == prompt);
+    const std::int64_t more = std::int64_t{1} << 30;
+    std::memcpy(b.data() + tokens_at, &more, 8);
+    expect(rehashed_meta(b), "the keys section has");
+  }
+  {
+    std::string b = good;  // a NaN key, with the keys' checksum made to match
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(b.data() + keys_at + 64, &nan, 4);
+    const std::uint64_t h = detail::xxh64::of(b.data() + keys_at, keys_bytes);
+    std::memcpy(b.data() + keys_at + keys_bytes, &h, 8);
+    expect(b, "non-finite value");
+    const float huge = 1e30f;  // finite, but beyond any rotated input this layer accepts
+    std::memcpy(b.data() + keys_at + 64, &huge, 4);
+    const std::uint64_t h2 = detail::xxh64::of(b.data() + keys_at, keys_bytes);
+    std::memcpy(b.data() + keys_at + keys_bytes, &h2, 8);
+    expect(b, "larger than this layer's inputs can make");
+  }
+  auto from_other = [&](auto&& other_layer) {
+    kv_cache c = other_layer.make_cache();
+    other_layer.prefill(c, seq.qv(0, 40), seq.kv(0, 40), seq.vv(0, 40), {out.data(), 40, hq, d});
+    return saved(other_layer, c);
+  };
+  attention_config other_chunks = config;
+  other_chunks.chunk_size = 8;
+  expect(from_other(attention<paper_policies>(other_chunks, rope(d))), "another shape");
+  attention_config other_budget = config;
+  other_budget.budget_chunks = 5;
+  expect(from_other(attention<paper_policies>(other_budget, rope(d))), "another configuration");
+  expect(from_other(attention<paper_policies>(config, rope(d, 500000.0))), "another RoPE");
+  expect(from_other(attention<rotated_paper_policies>(config, rope(d))), "other policies");
+  attention_config bf16 = config;
+  bf16.kv_storage = kv_precision::bf16;
+  expect(from_other(attention<paper_policies>(bf16, rope(d))), "another shape");
+  CHECK(cases >= 8);
+  CHECK_THROWS_WITH_AS(load_cache(std::filesystem::path("/nonexistent/longheads.lhkv"), layer), doctest::Contains("cannot open"), file_error);
+}
