@@ -10,6 +10,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -73,6 +74,22 @@ class transformer {
   std::span<const float> last_query(int layer) const {
     return std::span<const float>(last_queries_).subspan(static_cast<std::size_t>(layer) * static_cast<std::size_t>(config_.dim),
                                                          static_cast<std::size_t>(config_.dim));
+  }
+
+  /// Saves every layer's cache to one file (a record per layer, longheads/cache_file.hpp).
+  void save_caches(const std::filesystem::path& path) const {
+    longheads::cache_file_writer file(path);
+    for (const auto& c : caches_) file.save(attention_, c);
+    file.commit();
+  }
+  /// Replaces every layer's cache with the file's (saved by save_caches() of this model and
+  /// configuration), with room for `reserve_tokens` tokens. On error the caches are unchanged.
+  void load_caches(const std::filesystem::path& path, std::int64_t reserve_tokens = 0) {
+    longheads::cache_file_reader file(path);
+    std::vector<longheads::kv_cache> loaded;
+    for (std::size_t l = 0; l < caches_.size(); ++l) loaded.push_back(file.load(attention_, reserve_tokens, &tools::huge_pages()));
+    file.expect_end();
+    caches_ = std::move(loaded);
   }
 
   /// Starts a new sequence; keeps the memory.

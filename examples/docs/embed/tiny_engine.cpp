@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <random>
 #include <span>
 #include <vector>
@@ -109,6 +110,23 @@ class layer {
     for (std::size_t i = 0; i < delta_.size(); ++i) x[i] += delta_[i];
   }
   // [/snippet:batch]
+
+  // [snippet:session]
+  /// Session files: this layer's caches of some sequences saved to one file, and loaded back
+  /// (a model saves every layer's caches, in layer order, to one cache_file_writer).
+  void save(const std::filesystem::path& path, std::span<const longheads::kv_cache> caches) const {
+    longheads::cache_file_writer file(path);  // writes path.partial, renamed by commit()
+    for (const longheads::kv_cache& cache : caches) file.save(attention_, cache);
+    file.commit();
+  }
+  std::vector<longheads::kv_cache> load(const std::filesystem::path& path, std::size_t sequences, std::int64_t max_tokens) const {
+    longheads::cache_file_reader file(path);  // mapped; every record checked before it is used
+    std::vector<longheads::kv_cache> caches;
+    for (std::size_t i = 0; i < sequences; ++i) caches.push_back(file.load(attention_, max_tokens));
+    file.expect_end();
+    return caches;
+  }
+  // [/snippet:session]
 
  private:
   /// out[T, cols] = in[T, rows] W[rows, cols]: the engine's own projection (a real engine
@@ -222,6 +240,20 @@ int main() {
   std::printf("4 sequences decoded in batches (one leaving after 4 steps): %s one at a time\n", same ? "bitwise equal to" : "DIFFERENT from");
   // [/snippet:serve]
   if (!same) return 1;
+
+  // 4. Save the served sequences' caches, load them into new caches, and go on decoding both.
+  // [snippet:resume]
+  const auto session = std::filesystem::temp_directory_path() / "tiny_engine_session.lhkv";
+  server.save(session, batched);
+  std::vector<longheads::kv_cache> resumed = server.load(session, batched.size(), 2048);
+  std::filesystem::remove(session);
+  auto next = random_tokens(1, 9000), next_resumed = next;
+  server.forward(batched[0], next.data(), 1);
+  server.forward(resumed[0], next_resumed.data(), 1);
+  const bool resumes = next == next_resumed && resumed[0] == batched[0];
+  std::printf("caches saved and loaded: decoding on %s never saving them\n", resumes ? "bitwise equal to" : "DIFFERENT from");
+  // [/snippet:resume]
+  if (!resumes) return 1;
 
   // [snippet:errors]
   // Bad input throws a longheads::error naming what is wrong; the cache is left as it was.
