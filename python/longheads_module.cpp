@@ -166,6 +166,9 @@ class layer {
   virtual void decode(kv_cache&, tensor_view<const float>, tensor_view<const float>, tensor_view<const float>, tensor_view<float>,
                       std::span<std::int32_t>) = 0;
   virtual void ingest(kv_cache&, tensor_view<const float>, tensor_view<const float>, tensor_view<const float>) = 0;
+  virtual void decode(std::span<const sequence_call>) = 0;
+  virtual void save(const std::string& path, const std::vector<kv_cache*>& caches) const = 0;
+  virtual std::vector<kv_cache> load(const std::string& path, std::int64_t reserve) const = 0;
   virtual float max_input_magnitude() const = 0;
 };
 
@@ -186,6 +189,18 @@ class layer_of final : public layer {
   void ingest(kv_cache& cache, tensor_view<const float> q, tensor_view<const float> k, tensor_view<const float> v) override {
     a_.ingest(cache, q, k, v);
   }
+  void decode(std::span<const sequence_call> batch) override { a_.decode(batch); }
+  void save(const std::string& path, const std::vector<kv_cache*>& caches) const override {
+    cache_file_writer file(path);
+    for (const kv_cache* c : caches) file.save(a_, *c);
+    file.commit();
+  }
+  std::vector<kv_cache> load(const std::string& path, std::int64_t reserve) const override {
+    cache_file_reader file(path);
+    std::vector<kv_cache> caches;
+    while (!file.at_end()) caches.push_back(file.load(a_, reserve));
+    return caches;
+  }
   float max_input_magnitude() const override { return a_.max_input_magnitude(); }
 
  private:
@@ -203,11 +218,16 @@ struct py_attention {
   /// and the failure is raised (the library's call itself cannot fail once validated).
   template <class F>
   void guarded(kv_cache& cache, F&& call) {
+    guarded(std::vector<kv_cache*>{&cache}, std::forward<F>(call));
+  }
+  template <class F>
+  void guarded(const std::vector<kv_cache*>& caches, F&& call) {
     if (callbacks.empty()) {
       py::gil_scoped_release unlocked;
       return call();
     }
-    const kv_cache before = cache;
+    std::vector<kv_cache> before;
+    for (kv_cache* c : caches) before.push_back(*c);
     for (auto& c : callbacks) c->failure.reset();
     {
       py::gil_scoped_release unlocked;
@@ -215,7 +235,7 @@ struct py_attention {
     }
     for (auto& c : callbacks)
       if (c->failure) {
-        cache = before;
+        for (std::size_t i = 0; i < caches.size(); ++i) *caches[i] = before[i];
         py::error_already_set failure = std::move(*c->failure);
         c->failure.reset();
         throw failure;
@@ -255,6 +275,7 @@ PYBIND11_MODULE(longheads, m) {
   py::register_exception<config_error>(m, "ConfigError", base.ptr());
   py::register_exception<value_error>(m, "ValueError", base.ptr());
   py::register_exception<limit_error>(m, "LimitError", base.ptr());
+  py::register_exception<file_error>(m, "FileError", base.ptr());
 
   py::class_<attention_config>(m, "AttentionConfig", "The shape and knobs of one layer (docs/configuration.md).")
       .def(py::init([](int n_q_heads, int n_kv_heads, int head_dim, int chunk_size, int budget_chunks, int sink_chunks, int local_chunks,
@@ -401,6 +422,33 @@ PYBIND11_MODULE(longheads, m) {
                         bool selections) { return a.run(cache, q, k, v, std::move(out), selections, true); },
            py::arg("cache"), py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("out") = py::none(), py::arg("selections") = false,
            "prefill() of exactly one token.")
+      .def("decode_batch", [](py_attention& a, const std::vector<kv_cache*>& caches, const py::array& q, const py::array& k, const py::array& v,
+                              std::optional<py::array> out) {
+             // One token of each of B sequences: row i of q, k, v (and out) is sequence i's.
+             const auto qv = view_of<const float>(q, "q"), kv = view_of<const float>(k, "k"), vv = view_of<const float>(v, "v");
+             py::array result = out ? *out : py::array(py::array_t<float>({qv.tokens(), qv.heads(), qv.head_dim()}));
+             const auto ov = view_of<float>(result, "out");
+             const auto sequences = static_cast<std::ptrdiff_t>(caches.size());
+             for (const auto& [name, t] : {std::pair{"k", kv}, std::pair{"v", vv}, std::pair{"out", tensor_view<const float>(ov)}, std::pair{"q", qv}})
+               if (t.tokens() != sequences)
+                 throw shape_error("decode_batch: " + std::string(name) + " has " + std::to_string(t.tokens()) + " rows for " +
+                                   std::to_string(sequences) + " caches (one token per sequence)");
+             std::vector<sequence_call> batch;
+             for (std::ptrdiff_t i = 0; i < sequences; ++i)
+               batch.push_back({caches[static_cast<std::size_t>(i)], qv.slice(i, 1), kv.slice(i, 1), vv.slice(i, 1), ov.slice(i, 1)});
+             a.guarded(caches, [&] { a.impl->decode(batch); });
+             return result;
+           },
+           py::arg("caches"), py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("out") = py::none(),
+           "One token of each of B sequences in one call: q [B, H_q, d], k and v [B, H_kv, d], row i for caches[i]; returns out "
+           "[B, H_q, d]. Each sequence gets the bits of decode() on its own.")
+      .def("save_caches", [](const py_attention& a, const std::string& path, const std::vector<kv_cache*>& caches) { a.impl->save(path, caches); },
+           py::arg("path"), py::arg("caches"),
+           "Saves the caches (of this layer) to one file, replaced whole (docs/embedding.md, cache files).")
+      .def("load_caches", [](const py_attention& a, const std::string& path, std::int64_t reserve) { return a.impl->load(path, reserve); },
+           py::arg("path"), py::kw_only(), py::arg("reserve") = 0,
+           "Every cache of a file saved by save_caches() of a layer like this one, each with room for `reserve` tokens. "
+           "Raises FileError naming what is wrong.")
       .def("_decode_loop", [](py_attention& a, kv_cache& cache, const py::array& q, const py::array& k, const py::array& v, py::array& out) {
              // The same decode calls made from C++, timed there: the measure of a Python call's overhead (examples/python/overhead.py).
              const auto qv = view_of<const float>(q, "q"), kv = view_of<const float>(k, "k"), vv = view_of<const float>(v, "v");

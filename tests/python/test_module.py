@@ -188,3 +188,64 @@ def test_a_failing_python_policy_raises_and_leaves_the_cache_unchanged():
 def test_the_overhead_script_runs():
     python_us, cpp_us = load_example("overhead").measure(calls=64, rounds=1)  # asserts the two caches end equal
     assert python_us > 0 and cpp_us > 0
+
+
+@pytest.mark.parametrize("policy", ["paper", "recommended"])
+def test_batched_decode_gives_each_sequence_its_own_bits(policy):
+    lengths = [40, 75, 130]
+    data = [sequence(n + 12, seed=20 + i) for i, n in enumerate(lengths)]
+    batched_layer, alone_layer = layer(policy=policy, threads=2), layer(policy=policy)
+    batched, alone = [], []
+    for (q, k, v), n in zip(data, lengths):
+        for a, caches in ((batched_layer, batched), (alone_layer, alone)):
+            caches.append(a.make_cache())
+            a.prefill(caches[-1], q[:n], k[:n], v[:n])
+    for step in range(12):
+        active = [i for i in range(3) if not (i == 1 and step >= 6)]  # sequence 1 leaves after 6 steps
+        rows = [lengths[i] + step for i in active]
+        q = np.stack([data[i][0][r] for i, r in zip(active, rows)])
+        k = np.stack([data[i][1][r] for i, r in zip(active, rows)])
+        v = np.stack([data[i][2][r] for i, r in zip(active, rows)])
+        out = batched_layer.decode_batch([batched[i] for i in active], q, k, v)
+        for j, i in enumerate(active):
+            single = alone_layer.decode(alone[i], q[j:j + 1], k[j:j + 1], v[j:j + 1])
+            assert np.array_equal(out[j:j + 1].view(np.uint32), single.view(np.uint32))
+    assert all(a == b for a, b in zip(batched, alone))
+    with pytest.raises(lh.ShapeError, match="2 rows for 3 caches"):
+        batched_layer.decode_batch(batched, q[:2], k[:2], v[:2])
+    before = [c.copy() for c in batched]
+    with pytest.raises(lh.ShapeError, match="sequence 0's cache is also sequence 1's"):
+        batched_layer.decode_batch([batched[0], batched[0]], q[:2], k[:2], v[:2])
+    assert all(a == b for a, b in zip(batched, before))
+
+
+def test_caches_saved_and_loaded_decode_on_with_the_same_bits():
+    q, k, v = sequence(200, seed=8)
+    a = layer(policy="recommended")
+    caches = [a.make_cache(), a.make_cache()]
+    a.prefill(caches[0], q[:150], k[:150], v[:150])
+    a.prefill(caches[1], q[:61], k[:61], v[:61])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "session.lhkv")
+        a.save_caches(path, caches)
+        loaded = a.load_caches(path, reserve=200)
+        assert len(loaded) == 2 and all(x == y for x, y in zip(loaded, caches))
+        for t in range(150, 200):
+            assert np.array_equal(a.decode(caches[0], q[t:t + 1], k[t:t + 1], v[t:t + 1]).view(np.uint32),
+                                  a.decode(loaded[0], q[t:t + 1], k[t:t + 1], v[t:t + 1]).view(np.uint32))
+        with pytest.raises(lh.FileError, match="saved by a layer with another"):
+            layer(policy="recommended", chunk_size=16).load_caches(path)
+        with pytest.raises(lh.FileError, match="another shape"):  # no index: no boxes in the cache
+            layer(policy="quest").load_caches(path)
+        paper = layer(policy="paper")
+        paper_path = os.path.join(tmp, "paper.lhkv")
+        paper.save_caches(paper_path, [paper.make_cache()])
+        with pytest.raises(lh.FileError, match="other policies"):  # the same summaries, scored another way
+            layer(policy="paper-rotated").load_caches(paper_path)
+        with open(path, "r+b") as f:
+            f.seek(200)
+            byte = f.read(1)
+            f.seek(200)
+            f.write(bytes([byte[0] ^ 1]))
+        with pytest.raises(lh.FileError, match="corrupted"):
+            a.load_caches(path)
