@@ -280,7 +280,7 @@ PYBIND11_MODULE(longheads, m) {
   py::class_<attention_config>(m, "AttentionConfig", "The shape and knobs of one layer (docs/configuration.md).")
       .def(py::init([](int n_q_heads, int n_kv_heads, int head_dim, int chunk_size, int budget_chunks, int sink_chunks, int local_chunks,
                        int sink_tokens, const std::string& method, float softmax_scale, bool reject_nonfinite, const std::string& kv_storage,
-                       bool spread_encoding) {
+                       bool spread_encoding, int rollback_chunks) {
              attention_config c;
              c.n_q_heads = n_q_heads;
              c.n_kv_heads = n_kv_heads;
@@ -295,12 +295,13 @@ PYBIND11_MODULE(longheads, m) {
              c.reject_nonfinite = reject_nonfinite;
              c.kv_storage = storage_from(kv_storage);
              c.spread_encoding = spread_encoding;
+             c.rollback_chunks = rollback_chunks;
              return c;
            }),
            py::kw_only(), py::arg("n_q_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("chunk_size") = 256,
            py::arg("budget_chunks") = 16, py::arg("sink_chunks") = 1, py::arg("local_chunks") = 2, py::arg("sink_tokens") = 4,
            py::arg("method") = "longheads", py::arg("softmax_scale") = 0.0f, py::arg("reject_nonfinite") = true, py::arg("kv_storage") = "fp32",
-           py::arg("spread_encoding") = true)
+           py::arg("spread_encoding") = true, py::arg("rollback_chunks") = 0)
       .def_readwrite("n_q_heads", &attention_config::n_q_heads)
       .def_readwrite("n_kv_heads", &attention_config::n_kv_heads)
       .def_readwrite("head_dim", &attention_config::head_dim)
@@ -312,6 +313,7 @@ PYBIND11_MODULE(longheads, m) {
       .def_readwrite("softmax_scale", &attention_config::softmax_scale)
       .def_readwrite("reject_nonfinite", &attention_config::reject_nonfinite)
       .def_readwrite("spread_encoding", &attention_config::spread_encoding)
+      .def_readwrite("rollback_chunks", &attention_config::rollback_chunks)
       .def_property("method", [](const attention_config& c) { return std::string(c.method == attention_method::sink_window ? "sink_window" : to_string(c.method)); },
                     [](attention_config& c, const std::string& s) { c.method = method_from(s); })
       .def_property("kv_storage", [](const attention_config& c) { return std::string(to_string(c.kv_storage)); },

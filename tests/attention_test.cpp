@@ -1013,13 +1013,17 @@ TEST_CASE("rollback: random truncate and redo sequences give a fresh run's bits,
   const int w = 8, budget = 4, d = 16, T = 160;
   rope r(d, 10000.0, rope_layout::interleaved);
   const test::sequence seq(T, 4, 2, d, 3100);
-  auto property = [&](auto& a, const std::string& name, bool any_length, int min_cases = 150, int min_across = 40) {
+  // kept_full: full chunks before the furthest open chunk whose queries the cache keeps (the
+  // ring of rollback_chunks; going back does not bring back what the ring dropped further on).
+  auto property = [&](auto& a, const std::string& name, bool any_length, int min_cases = 150, int min_across = 40, int max_back = 12,
+                      int kept_full = -1) {
     CAPTURE(name);
     const auto expected = seq.run(a, 0);
     std::mt19937 rng(17);
     int cases = 0, across = 0;
     for (int trial = 0; trial < 25; ++trial) {
       auto cache = a.make_cache();
+      int furthest = 0;
       std::vector<float> out(static_cast<std::size_t>(T) * 4 * d);
       auto feed = [&](int from, int to) {  // in random call sizes
         for (int t = from; t < to;) {
@@ -1031,9 +1035,11 @@ TEST_CASE("rollback: random truncate and redo sequences give a fresh run's bits,
       feed(0, 20 + static_cast<int>(rng() % 60));
       for (int step = 0; step < 8; ++step) {
         const auto tokens = static_cast<int>(cache.tokens());
-        const int back = static_cast<int>(rng() % 12);  // a few rejected tokens, often across a boundary
+        const int back = static_cast<int>(rng() % static_cast<unsigned>(max_back));  // a few rejected tokens, often across a boundary
         const int target = std::max(0, tokens - back);
         const bool allowed = any_length || target >= cache.rewindable_from() || target % w == 0;
+        furthest = std::max(furthest, tokens);
+        if (kept_full >= 0 && target >= (furthest / w - kept_full) * w) CHECK(allowed);  // within the chunks kept for rollback
         if (!allowed) {
           const kv_cache before = cache;
           CHECK_THROWS_AS(cache.truncate(target), limit_error);
@@ -1065,6 +1071,21 @@ TEST_CASE("rollback: random truncate and redo sequences give a fresh run's bits,
   // Without spreading only the open chunk's queries are kept: back across a boundary only to it,
   // or from an empty open chunk; the refusals leave the cache as it was (checked above).
   property(paper_eager, "paper, encoded at completion", false, 50, 1);
+  // With rollback_chunks the paper's encoder keeps that many more chunks' queries: back to any
+  // token of them (whatever call sizes fed them), spread or not.
+  for (bool spread : {true, false}) {
+    attention_config keeping = test::make_config(4, 2, d, w, budget);
+    keeping.spread_encoding = spread;
+    keeping.rollback_chunks = 3;
+    attention<> paper_rollback(keeping, r);
+    property(paper_rollback, spread ? "paper, spread, rollback_chunks 3" : "paper, at completion, rollback_chunks 3", false, 150, 60, 4 * w,
+             spread ? 4 : 3);
+  }
+  for (int wrong : {-1, 257}) {
+    attention_config bad = test::make_config(4, 2, d, w, budget);
+    bad.rollback_chunks = wrong;
+    CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("rollback_chunks must be in [0, 256]"), config_error);
+  }
   attention<> dense(test::make_config(4, 2, d, w, budget, attention_method::dense), r);
   property(dense, "dense", true);
 }

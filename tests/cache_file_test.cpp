@@ -114,6 +114,9 @@ TEST_CASE("save -> load -> decode 64 more tokens == never saved, every method, s
         attention_config at_completion = config;
         at_completion.spread_encoding = false;
         check_round_trip<paper_policies>(at_completion, {}, prompt, ++seed);
+        attention_config rollback = config;
+        rollback.rollback_chunks = 2;
+        check_round_trip<paper_policies>(rollback, {}, prompt, ++seed);
         check_round_trip<quest_policies>(config, {}, prompt, ++seed);
         check_round_trip<quest_beam_policies>(config, {.index = bound_tree_beam{.branching = 4, .beam = 2, .exact_below = 4, .scan_below = 0}}, prompt,
                                               ++seed);

@@ -51,6 +51,11 @@ struct attention_config {
   /// Only with local_chunks >= 2: the previous chunk is then always read in full, so its summary
   /// is first needed a chunk later. Otherwise, or when false, a chunk is encoded as it completes.
   bool spread_encoding = true;
+  /// Full chunks whose queries a cache keeps beyond what encoding needs, so that
+  /// kv_cache::truncate() can go back to any token of them (speculative decoding, rollback).
+  /// Only encoders that read queries need it (keys-only encoders and the baselines go back
+  /// anywhere without it); each costs chunk_size * n_q_heads * head_dim floats per cache.
+  int rollback_chunks = 0;
 
   /// L = budget_chunks * chunk_size, the most tokens a head reads per query.
   std::int64_t budget_tokens() const noexcept { return std::int64_t{budget_chunks} * chunk_size; }
@@ -89,6 +94,7 @@ struct attention_config {
     need(sink_tokens >= 0 && sink_tokens < budget_tokens(),
          "sink_tokens must be in [0, budget_chunks*chunk_size = " + std::to_string(budget_tokens()) + "), got " +
              std::to_string(sink_tokens));
+    need(rollback_chunks >= 0 && rollback_chunks <= 256, "rollback_chunks must be in [0, 256], got " + std::to_string(rollback_chunks));
     need(softmax_scale >= 0.0f && softmax_scale < 1e30f, "softmax_scale must be >= 0 and finite (0 = 1/sqrt(head_dim))");
   }
 };

@@ -16,7 +16,8 @@
 //   5 sections, each u64 n  bytes[n]  u64 XXH64(bytes):
 //     keys, values       [ceil(tokens / w) chunks][H_kv][w][d] in the storage's element type
 //     representations   [H_r][full chunks][r] fp32
-//     query buffers     the open chunk's (and a spread encoding's last full chunk's) queries
+//     query buffers     the open chunk's queries (and a spread encoding's last full chunk's, and
+//                       rollback_chunks more)
 //     encoder state     a spread encoding's state per representation head
 //
 // Loading checks everything before it hands out a cache: magic, version, byte order, every
@@ -155,12 +156,12 @@ inline void write_layer(meta_writer& m, const cache_shape& s, const attention_co
   for (std::int64_t x : {std::int64_t{s.n_q_heads}, std::int64_t{s.n_kv_heads}, std::int64_t{s.head_dim}, std::int64_t{s.chunk_size},
                          static_cast<std::int64_t>(s.representation_floats), static_cast<std::int64_t>(s.precision),
                          std::int64_t{s.representation_heads}, std::int64_t{s.index_fanout}, std::int64_t{s.keeps_open_queries},
-                         std::int64_t{s.spread_pieces}, static_cast<std::int64_t>(s.spread_state_floats)})
+                         std::int64_t{s.spread_pieces}, static_cast<std::int64_t>(s.spread_state_floats), std::int64_t{s.rollback_chunks}})
     m.i64(x);
   for (std::int64_t x : {std::int64_t{c.n_q_heads}, std::int64_t{c.n_kv_heads}, std::int64_t{c.head_dim}, std::int64_t{c.chunk_size},
                          std::int64_t{c.budget_chunks}, std::int64_t{c.sink_chunks}, std::int64_t{c.local_chunks}, std::int64_t{c.sink_tokens},
                          static_cast<std::int64_t>(c.method), std::int64_t{c.reject_nonfinite}, static_cast<std::int64_t>(c.kv_storage),
-                         std::int64_t{c.spread_encoding}})
+                         std::int64_t{c.spread_encoding}, std::int64_t{c.rollback_chunks}})
     m.i64(x);
   m.f32(c.softmax_scale);
   m.i64(r.head_dim());
@@ -198,7 +199,7 @@ struct cache_file_access {
   /// A record's cache state, read and checked before anything is allocated for it.
   struct state {
     std::int64_t tokens = 0, pending_done = 0;
-    kv_cache::held_rows held[2];
+    std::vector<kv_cache::held_rows> held;
     std::vector<std::int32_t> counts, chosen;  // every head's last selection, one after another
   };
   /// Reads the state for the (empty) cache `c`, checking every field against its shape.
@@ -214,14 +215,14 @@ struct cache_file_access {
     need(tokens >= 0 && tokens <= max_sequence_tokens, "tokens " + std::to_string(tokens) + " is out of range");
     need(st.pending_done >= 0 && st.pending_done <= c.spread_total(),
          "spread-encoding progress " + std::to_string(st.pending_done) + " is outside [0, " + std::to_string(c.spread_total()) + "]");
-    for (std::size_t i = 0; i < 2; ++i) {
+    for (std::size_t i = 0; i < static_cast<std::size_t>(s.query_chunks()); ++i) {
       const std::int64_t chunk = m.i64(), rows = m.i64();
       const bool none = chunk == -1 && rows == 0;
       need(none || (s.keeps_open_queries && chunk >= 0 && chunk <= tokens / s.chunk_size && c.buffer_of(chunk) == i && rows >= 0 &&
                     rows <= std::min<std::int64_t>(s.chunk_size, tokens - chunk * s.chunk_size)),
            "query buffer " + std::to_string(i) + " claims rows [0, " + std::to_string(rows) + ") of chunk " + std::to_string(chunk) +
                ", which a cache of " + std::to_string(tokens) + " tokens cannot hold there");
-      st.held[i] = {chunk, rows};
+      st.held.push_back({chunk, rows});
     }
     const std::int64_t chunks = (tokens + s.chunk_size - 1) / s.chunk_size;
     for (int h = 0; h < s.n_q_heads; ++h) {
@@ -241,8 +242,7 @@ struct cache_file_access {
   static void apply_state(kv_cache& c, const state& st) {
     c.tokens_ = st.tokens;
     c.pending_done_ = st.pending_done;
-    c.held_[0] = st.held[0];
-    c.held_[1] = st.held[1];
+    c.held_ = st.held;
     std::size_t at = 0;
     for (std::size_t h = 0; h < st.counts.size(); ++h) {
       const auto n = static_cast<std::size_t>(st.counts[h]);
@@ -410,12 +410,12 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   if (meta.size() < layer.size() || std::string_view(meta).substr(0, layer.size()) != layer) {
     meta_reader file(meta), ours(layer);
     const char* what[] = {"shape", "configuration", "RoPE", "policies"};
-    const std::size_t fields[] = {11, 13, 4 + static_cast<std::size_t>(rotary.head_dim() / 2), 1};
+    const std::size_t fields[] = {12, 14, 4 + static_cast<std::size_t>(rotary.head_dim() / 2), 1};
     for (std::size_t part = 0; part < 4; ++part)
       for (std::size_t f = 0; f < fields[part]; ++f) {
         // Compare field by field to name the first difference (strings last).
         const bool string_field = part == 3;
-        const bool float_field = (part == 1 && f == 12) || (part == 2 && f != 0 && f != 2);
+        const bool float_field = (part == 1 && f == 13) || (part == 2 && f != 0 && f != 2);
         if (string_field) {
           if (file.str() != ours.str())
             fail<file_error>("cache file: saved by a layer with other policies (" + std::string(what[part]) + " differ: " + policies + " here)");

@@ -152,10 +152,11 @@ void append_and_encode(const Encoder& encoder, const attention_config& config, c
              if (encode_carried)
                encode_chunk(encoder, config, cache, first_chunk, h, cache.chunk_queries(first_chunk, query_head_of<Encoder>(config, h)), s);
            });
-  // Then (their buffers may be the ones just read) the queries of the chunk left open and of
-  // the chunk left for spreading, which starts on its share of pieces.
-  for (std::int64_t p = std::max(carried_end, spread_chunk >= 0 ? spread_chunk * w : end_full * w); p < end; ++p)
-    cache.store_open_queries(p, q, p - first, rotary);
+  // Then (their buffers may be the ones just read) the queries of the chunk left open, of the
+  // chunk left for spreading, which starts on its share of pieces, and of the full chunks
+  // before them the cache keeps for rollback (cache_shape::query_chunks).
+  const std::int64_t kept_from = (end_full - std::max(0, cache.shape().query_chunks() - 1)) * w;
+  for (std::int64_t p = std::max(carried_end, kept_from); p < end; ++p) cache.store_open_queries(p, q, p - first, rotary);
   if (spread_chunk < 0) return cache.commit(end, previous_to);
   const std::int64_t scheduled = cache.scheduled_pieces(end);
   on_heads(0, scheduled, [&](int h, encoding_scratch& s) { encode_pieces(encoder, config, cache, spread_chunk, h, 0, scheduled, s); });

@@ -61,10 +61,16 @@ struct cache_shape {
   int spread_pieces = 0;
   /// Floats of encoder state kept per representation head between pieces (spread_pieces > 0).
   std::size_t spread_state_floats = 0;
+  /// Full chunks whose queries are kept beyond what encoding needs, so that truncate() can go
+  /// back into them (attention_config::rollback_chunks; only with keeps_open_queries).
+  int rollback_chunks = 0;
   /// representation_heads, 0 resolved.
   int summary_heads() const noexcept { return representation_heads > 0 ? representation_heads : n_q_heads; }
   /// Whether the last full chunk's encoding is spread over the open chunk's tokens.
   bool spreads_encoding() const noexcept { return spread_pieces > 0; }
+  /// Chunks whose queries a cache keeps: the open chunk's, the last full chunk's while its
+  /// encoding is spread, and rollback_chunks more; none without keeps_open_queries.
+  int query_chunks() const noexcept { return keeps_open_queries ? (spreads_encoding() ? 2 : 1) + rollback_chunks : 0; }
   /// Equal when every field is.
   friend bool operator==(const cache_shape&, const cache_shape&) = default;
 };
@@ -74,8 +80,12 @@ inline std::string to_string(const cache_shape& s) {
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
          std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, index fanout " +
          std::to_string(s.index_fanout) + ", open queries " + (s.keeps_open_queries ? "kept" : "none") + ", spread pieces " +
-         std::to_string(s.spread_pieces) + " x " + std::to_string(s.spread_state_floats) + " floats, kv " + to_string(s.precision) + "}";
+         std::to_string(s.spread_pieces) + " x " + std::to_string(s.spread_state_floats) + " floats, rollback chunks " +
+         std::to_string(s.rollback_chunks) + ", kv " + to_string(s.precision) + "}";
 }
+
+/// The most full chunks whose queries a cache keeps for rollback (cache_shape::rollback_chunks).
+inline constexpr int max_rollback_chunks = 256;
 
 /// Positions are int32 throughout (selections, chunk ids): the longest sequence a cache holds.
 inline constexpr std::int64_t max_sequence_tokens = std::numeric_limits<std::int32_t>::max();
@@ -118,8 +128,11 @@ class kv_cache {
     if (shape.spread_pieces < 0 || (shape.spread_pieces > 0 && (!shape.keeps_open_queries || shape.representation_floats == 0)))
       detail::fail<shape_error>("kv_cache: spreading the encoding needs spread_pieces >= 0, the open chunk's queries and representations, got " +
                                 to_string(shape));
-    if (shape.keeps_open_queries)
-      open_queries_.resize((shape.spreads_encoding() ? 2 : 1) * query_buffer_floats());
+    if (shape.rollback_chunks < 0 || shape.rollback_chunks > max_rollback_chunks || (shape.rollback_chunks > 0 && !shape.keeps_open_queries))
+      detail::fail<shape_error>("kv_cache: rollback_chunks must be in [0, " + std::to_string(max_rollback_chunks) +
+                                "] and 0 unless the cache keeps queries, got " + to_string(shape));
+    open_queries_.resize(static_cast<std::size_t>(shape.query_chunks()) * query_buffer_floats());
+    held_.assign(static_cast<std::size_t>(shape.query_chunks()), held_rows{});
     spread_state_.resize(shape.spreads_encoding() ? static_cast<std::size_t>(shape.summary_heads()) * shape.spread_state_floats : 0);
     if (shape.index_fanout != 0) trees_.assign(static_cast<std::size_t>(shape.summary_heads()), bound_tree(shape.head_dim, shape.index_fanout));
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
@@ -169,8 +182,8 @@ class kv_cache {
   /// when it fills. Goes back to a chunk boundary, or to any length from rewindable_from(): any
   /// length at all when the cache keeps no queries (keys-only encoders, the baselines), else
   /// within a chunk whose queries it still holds, which its encoding needs: the open chunk's,
-  /// and the last full chunk's while its encoding is spread (speculative decoding's rejected
-  /// tokens across one chunk boundary). A spread encoding (cache_shape::spread_pieces) of the new
+  /// the last full chunk's while its encoding is spread (speculative decoding's rejected tokens
+  /// across one chunk boundary), and rollback_chunks more (attention_config::rollback_chunks). A spread encoding (cache_shape::spread_pieces) of the new
   /// last full chunk starts again when the cache holds that chunk's queries, and is otherwise
   /// kept finished (it was, further on).
   /// @throws limit_error if `tokens` is negative, past tokens(), or before rewindable_from()
@@ -189,8 +202,9 @@ class kv_cache {
   /// keeps no queries, else the start of the earliest chunk whose queries it holds.
   std::int64_t rewindable_from() const noexcept {
     if (!shape_.keeps_open_queries) return 0;
-    const std::int64_t open = full_chunks();
-    return (open > 0 && holds_queries_of(open - 1) ? open - 1 : open) * shape_.chunk_size;
+    std::int64_t earliest = full_chunks();
+    while (earliest > 0 && holds_queries_of(earliest - 1)) --earliest;
+    return earliest * shape_.chunk_size;
   }
 
   /// [w, d] keys of one chunk of one kv head, rotated at local positions (fp32 caches).
@@ -420,12 +434,12 @@ class kv_cache {
            shape_.representation_floats;
   }
   std::size_t representation_offset(std::int64_t chunk, int head) const noexcept { return representation_offset(chunk, head, capacity_chunks_); }
-  // Chunk c's queries are in buffer c mod 2 when the encoding is spread (the last full chunk's
-  // and the open chunk's side by side), else in the one buffer.
+  // Chunk c's queries are in buffer c mod query_chunks(): a ring holding the open chunk's, the
+  // last full chunk's (spread encoding) and rollback_chunks more.
   std::size_t query_buffer_floats() const noexcept {
     return static_cast<std::size_t>(shape_.chunk_size) * static_cast<std::size_t>(shape_.n_q_heads) * static_cast<std::size_t>(shape_.head_dim);
   }
-  std::size_t buffer_of(std::int64_t chunk) const noexcept { return shape_.spreads_encoding() ? static_cast<std::size_t>(chunk % 2) : 0; }
+  std::size_t buffer_of(std::int64_t chunk) const noexcept { return static_cast<std::size_t>(chunk % std::max(1, shape_.query_chunks())); }
   float* query_buffer(std::int64_t chunk) noexcept { return open_queries_.data() + buffer_of(chunk) * query_buffer_floats(); }
   const float* query_buffer(std::int64_t chunk) const noexcept { return open_queries_.data() + buffer_of(chunk) * query_buffer_floats(); }
   // Whether a query buffer holds all w rows of `chunk`.
@@ -492,7 +506,7 @@ class kv_cache {
   struct held_rows {
     std::int64_t chunk = -1, rows = 0;
   };
-  held_rows held_[2];
+  std::vector<held_rows> held_;  // per query buffer
   std::pmr::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
   std::vector<std::int32_t> selections_, selection_counts_;
   std::vector<bound_tree> trees_;  // per representation head, when shape_.index_fanout > 0
