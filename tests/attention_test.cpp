@@ -334,24 +334,11 @@ TEST_CASE("views with a token stride read a fused QKV buffer in place") {
 }
 
 namespace {
-struct threaded_policies : paper_policies {
-  using executor = thread_pool_executor;
-};
-struct quest_policies : paper_policies {
-  using encoder = key_bounds_encoder;
-  using scorer = bound_scorer;
-};
-struct representative_policies : paper_policies {
-  using encoder = representative_keys_encoder;
-  using scorer = max_key_scorer;
-};
-template <class Combine>
-struct quest_group_policies : quest_policies {
-  using group_selection = Combine;
-};
-struct rotated_paper_policies : paper_policies {
-  using scorer = rotated_query_scorer;
-};
+using threaded_policies = test::pooled<>;
+using test::quest_policies;
+using test::representative_policies;
+using test::quest_group_policies;
+using test::rotated_paper_policies;
 struct alternative_policies : paper_policies {
   using encoder = mean_key_encoder;
   using scorer = rotated_query_scorer;
@@ -812,15 +799,9 @@ namespace {
 struct quest_index_policies : quest_policies {
   using index = bound_tree_index;
 };
-struct pooled_quest_index : quest_index_policies {
-  using executor = thread_pool_executor;
-};
-struct quest_beam_policies : quest_policies {
-  using index = bound_tree_beam;
-};
-struct pooled_quest_beam : quest_beam_policies {
-  using executor = thread_pool_executor;
-};
+using pooled_quest_index = test::pooled<quest_index_policies>;
+using test::quest_beam_policies;
+using pooled_quest_beam = test::pooled<quest_beam_policies>;
 }  // namespace
 
 TEST_CASE("the bound-tree index selects exactly the flat scan's chunks: same outputs and selections, any split and thread count") {

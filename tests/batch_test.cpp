@@ -18,19 +18,9 @@ using namespace longheads;
 
 namespace {
 
-struct pooled_paper : paper_policies {
-  using executor = thread_pool_executor;
-};
-struct pooled_quest_beam : pooled_paper {
-  using encoder = key_bounds_encoder;
-  using scorer = bound_scorer;
-  using index = bound_tree_beam;
-};
-struct pooled_quest_group : pooled_paper {
-  using encoder = key_bounds_encoder;
-  using scorer = bound_scorer;
-  using group_selection = group_max_selection;
-};
+using pooled_paper = test::pooled<>;
+using pooled_quest_beam = test::pooled<test::quest_beam_policies>;
+using pooled_quest_group = test::pooled<test::quest_group_policies<group_max_selection>>;
 
 /// One sequence of a batched run: its inputs, how far it got, the calls it was given (token
 /// counts) and what they wrote.

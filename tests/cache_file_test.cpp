@@ -20,23 +20,11 @@ using namespace longheads;
 
 namespace {
 
-struct quest_policies : paper_policies {
-  using encoder = key_bounds_encoder;
-  using scorer = bound_scorer;
-};
-struct quest_beam_policies : quest_policies {
-  using index = bound_tree_beam;
-};
-struct representative_policies : paper_policies {
-  using encoder = representative_keys_encoder;
-  using scorer = max_key_scorer;
-};
-struct group_policies : quest_policies {
-  using group_selection = group_max_selection;
-};
-struct rotated_paper_policies : paper_policies {
-  using scorer = rotated_query_scorer;
-};
+using test::quest_beam_policies;
+using test::quest_policies;
+using test::representative_policies;
+using test::rotated_paper_policies;
+using group_policies = test::quest_group_policies<group_max_selection>;
 
 std::string saved(const auto& layer, const kv_cache& cache) {
   std::ostringstream out(std::ios::binary);

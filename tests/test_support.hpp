@@ -90,6 +90,31 @@ struct sequence {
   }
 };
 
+/// Policy bundles the tests share.
+struct quest_policies : longheads::paper_policies {
+  using encoder = longheads::key_bounds_encoder;
+  using scorer = longheads::bound_scorer;
+};
+struct quest_beam_policies : quest_policies {
+  using index = longheads::bound_tree_beam;
+};
+template <class Combine>
+struct quest_group_policies : quest_policies {
+  using group_selection = Combine;
+};
+struct representative_policies : longheads::paper_policies {
+  using encoder = longheads::representative_keys_encoder;
+  using scorer = longheads::max_key_scorer;
+};
+struct rotated_paper_policies : longheads::paper_policies {
+  using scorer = longheads::rotated_query_scorer;
+};
+/// A bundle run on a thread pool.
+template <class Policies = longheads::paper_policies>
+struct pooled : Policies {
+  using executor = longheads::thread_pool_executor;
+};
+
 inline longheads::attention_config make_config(int hq, int hkv, int d, int w, int budget,
                                                longheads::attention_method m = longheads::attention_method::longheads) {
   longheads::attention_config c;
