@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <memory_resource>
 #include <span>
 #include <string>
@@ -167,8 +168,8 @@ class attention {
   void run(const char* call, std::span<const sequence_call> batch, bool batched, bool one_token) {
     std::int64_t context = 0, tokens = 1;
     for (std::size_t i = 0; i < batch.size(); ++i) {
-      const detail::sequence_name name(call, i);
-      const char* where = batched ? name.text : call;
+      char name[64];  // "<call>: sequence <i>" for a batch's errors, written only for a batch
+      const char* where = batched ? (std::snprintf(name, sizeof name, "%s: sequence %zu", call, i), name) : call;
       if (batch[i].cache == nullptr) detail::fail<shape_error>(std::string(where) + ": no cache (null pointer)");
       validate_call(where, config_, shape(), input_limit_, *batch[i].cache, batch[i].q, batch[i].k, batch[i].v, batch[i].out,
                     batch[i].selections);

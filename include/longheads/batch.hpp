@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <span>
 #include <string>
 #include <utility>
@@ -36,14 +35,6 @@ struct sequence_call {
   tensor_view<float> out;                   ///< [T, H_q, d]; shares no element with any buffer of the batch
   std::span<std::int32_t> selections = {};  ///< optional [T, H_q, budget_chunks] chunk ids (longheads only)
 };
-
-namespace detail {
-/// "<call>: sequence <i>", the name a batch's errors give a sequence, without allocating.
-struct sequence_name {
-  char text[64];
-  sequence_name(const char* call, std::size_t i) noexcept { std::snprintf(text, sizeof text, "%s: sequence %zu", call, i); }
-};
-}  // namespace detail
 
 /// What a batch checks across its sequences (each sequence's own arguments, its cache not null
 /// included, are checked like a single call's first): no cache twice (both would append to it), and no `out` sharing

@@ -151,25 +151,31 @@ class meta_reader {
   std::size_t at_ = 0;
 };
 
-/// A layer's identity: the cache shape, configuration, RoPE and policies, in record order.
-inline void write_layer(meta_writer& m, const cache_shape& s, const attention_config& c, const rope& r, const std::string& policies) {
+/// A layer's identity: the cache shape, configuration, RoPE and policies, in record order;
+/// `ends`, when given, receives where each of the four parts ends.
+inline void write_layer(meta_writer& m, const cache_shape& s, const attention_config& c, const rope& r, const std::string& policies,
+                        std::size_t* ends = nullptr) {
   for (std::int64_t x : {std::int64_t{s.n_q_heads}, std::int64_t{s.n_kv_heads}, std::int64_t{s.head_dim}, std::int64_t{s.chunk_size},
                          static_cast<std::int64_t>(s.representation_floats), static_cast<std::int64_t>(s.precision),
                          std::int64_t{s.representation_heads}, std::int64_t{s.index_fanout}, std::int64_t{s.keeps_open_queries},
                          std::int64_t{s.spread_pieces}, static_cast<std::int64_t>(s.spread_state_floats), std::int64_t{s.rollback_chunks}})
     m.i64(x);
+  if (ends) ends[0] = m.data().size();
   for (std::int64_t x : {std::int64_t{c.n_q_heads}, std::int64_t{c.n_kv_heads}, std::int64_t{c.head_dim}, std::int64_t{c.chunk_size},
                          std::int64_t{c.budget_chunks}, std::int64_t{c.sink_chunks}, std::int64_t{c.local_chunks}, std::int64_t{c.sink_tokens},
                          static_cast<std::int64_t>(c.method), std::int64_t{c.reject_nonfinite}, static_cast<std::int64_t>(c.kv_storage),
                          std::int64_t{c.spread_encoding}, std::int64_t{c.rollback_chunks}})
     m.i64(x);
   m.f32(c.softmax_scale);
+  if (ends) ends[1] = m.data().size();
   m.i64(r.head_dim());
   m.f64(r.base());
   m.i64(static_cast<std::int64_t>(r.layout()));
   m.f64(r.magnitude());
   for (double f : r.inverse_frequencies()) m.f64(f);
+  if (ends) ends[2] = m.data().size();
   m.str(policies);
+  if (ends) ends[3] = m.data().size();
 }
 
 /// The cache's buffers and state, for saving and loading (kv_cache's friend).
@@ -403,36 +409,16 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   if (read_value<std::uint64_t>(in, "the meta block") != xxh64::of(meta.data(), meta.size()))
     fail<file_error>("cache file: corrupted meta block (checksum mismatch)");
 
-  // The layer: the file's must be this one's, field for field.
+  // The layer: the file's must be this one's, byte for byte; the first part that differs is named.
   meta_writer expected;
-  write_layer(expected, shape, config, rotary, policies);
+  std::size_t ends[4];
+  write_layer(expected, shape, config, rotary, policies, ends);
   const std::string_view layer = expected.data();
-  if (meta.size() < layer.size() || std::string_view(meta).substr(0, layer.size()) != layer) {
-    meta_reader file(meta), ours(layer);
-    const char* what[] = {"shape", "configuration", "RoPE", "policies"};
-    const std::size_t fields[] = {12, 14, 4 + static_cast<std::size_t>(rotary.head_dim() / 2), 1};
-    for (std::size_t part = 0; part < 4; ++part)
-      for (std::size_t f = 0; f < fields[part]; ++f) {
-        // Compare field by field to name the first difference (strings last).
-        const bool string_field = part == 3;
-        const bool float_field = (part == 1 && f == 13) || (part == 2 && f != 0 && f != 2);
-        if (string_field) {
-          if (file.str() != ours.str())
-            fail<file_error>("cache file: saved by a layer with other policies (" + std::string(what[part]) + " differ: " + policies + " here)");
-        } else if (float_field) {
-          const double a = part == 1 ? file.f32() : file.f64(), b = part == 1 ? ours.f32() : ours.f64();
-          if (std::memcmp(&a, &b, sizeof a) != 0)
-            fail<file_error>("cache file: saved by a layer with another " + std::string(what[part]) + " (field " + std::to_string(f) + ": " +
-                             std::to_string(a) + " in the file, " + std::to_string(b) + " here)");
-        } else {
-          const std::int64_t a = file.i64(), b = ours.i64();
-          if (a != b)
-            fail<file_error>("cache file: saved by a layer with another " + std::string(what[part]) + " (field " + std::to_string(f) + ": " +
-                             std::to_string(a) + " in the file, " + std::to_string(b) + " here; this layer's shape is " + to_string(shape) + ")");
-        }
-      }
-    fail<file_error>("cache file: saved by a layer with another shape, configuration, RoPE or policies");
-  }
+  const char* parts[] = {"another shape (this layer's: " , "another configuration", "another RoPE (base, layout or scaling)", "other policies"};
+  for (std::size_t part = 0, begin = 0; part < 4; begin = ends[part++])
+    if (meta.size() < ends[part] || std::string_view(meta).substr(begin, ends[part] - begin) != layer.substr(begin, ends[part] - begin))
+      fail<file_error>(std::string("cache file: saved by a layer with ") + parts[part] +
+                       (part == 0 ? to_string(shape) + ")" : part == 3 ? " (this layer's: " + policies + ")" : ""));
   meta_reader state_block(std::string_view(meta).substr(layer.size()));
   kv_cache cache(shape, memory);
   const cache_file_access::state st = cache_file_access::read_state(state_block, cache);
