@@ -110,7 +110,7 @@ TEST_CASE("the kernel reads bf16 rows in place with the bits of reading them con
         from_bf16(values16.data(), values_wide.data(), static_cast<std::ptrdiff_t>(elements));
         const auto queries = test::random_floats(n * d, seed++);
 
-        auto run = [&](const auto* k, const auto* v) {
+        auto run = [&](auto k, auto v) {
           std::vector<const float*> rows(n);
           std::vector<float> buf(n * d), scratch(kernel.scratch_floats(length, d));
           std::vector<float*> outs(n);
@@ -130,5 +130,98 @@ TEST_CASE("the kernel reads bf16 rows in place with the bits of reading them con
           return buf;
         };
         CHECK(run(keys16.data(), values16.data()) == run(keys_wide.data(), values_wide.data()));
+      }
+}
+
+TEST_CASE("int8 blocks: quantized within half a step of the block's scale, dequantized exactly, against a double reference") {
+  std::uint32_t seed = 500;
+  for (int d : {2, 6, 16, 18, 32, 96, 128, 130}) {
+    CAPTURE(d);
+    const int block = int8_block_elements(d);
+    CHECK(block == std::min(32, d & -d));
+    CHECK(d % block == 0);
+    const int rows = 5;
+    const auto n = static_cast<std::size_t>(rows * d);
+    auto x = test::random_floats(n, seed++, 3.0f);
+    x[1] = 1e-39f;  // a subnormal element
+    if (block >= 4) x[static_cast<std::size_t>(block) + 2] = 1e30f;  // an outlier costs precision only in its own block
+    for (int i = 0; i < block; ++i) x[static_cast<std::size_t>(2 * block + i)] = 0.0f;  // an all-zero block
+    std::vector<std::int8_t> q(n);
+    std::vector<bf16> scales(n / static_cast<std::size_t>(block));
+    quantize_int8(x.data(), q.data(), scales.data(), static_cast<std::ptrdiff_t>(n), block);
+    std::vector<float> back(n);
+    dequantize_int8(q.data(), scales.data(), back.data(), static_cast<std::ptrdiff_t>(n), block);
+    for (std::size_t b = 0; b < scales.size(); ++b) {
+      double largest = 0;
+      for (int i = 0; i < block; ++i) largest = std::max(largest, std::abs(double{x[b * block + i]}));
+      const double s = from_bf16(scales[b]);
+      // The scale: largest / 127 rounded up to a bf16 (within one bf16 step, 2^-7 relative).
+      CHECK(s >= largest / 127.0);
+      CHECK(s <= largest / 127.0 * (1.0 + 0x1p-7) + 1e-45);
+      for (int i = 0; i < block; ++i) {
+        const std::size_t e = b * static_cast<std::size_t>(block) + static_cast<std::size_t>(i);
+        CHECK(std::abs(int{q[e]}) <= 127);
+        CHECK(double{back[e]} == static_cast<double>(q[e]) * s);              // exact in fp32
+        CHECK(std::abs(double{back[e]} - x[e]) <= s / 2 * (1 + 1e-6));  // round to nearest
+      }
+    }
+    if (block >= 4) CHECK(from_bf16(scales[1]) > 1e27f);
+    CHECK(from_bf16(scales[2]) == 0.0f);
+    // A non-finite element makes its block NaN, and only its block.
+    x[0] = std::numeric_limits<float>::infinity();
+    quantize_int8(x.data(), q.data(), scales.data(), static_cast<std::ptrdiff_t>(n), block);
+    dequantize_int8(q.data(), scales.data(), back.data(), static_cast<std::ptrdiff_t>(n), block);
+    for (int i = 0; i < block; ++i) CHECK(std::isnan(back[static_cast<std::size_t>(i)]));
+    CHECK(std::isfinite(back[static_cast<std::size_t>(block)]));
+  }
+}
+
+TEST_CASE("the kernel reads int8 rows in place with the bits of reading them dequantized to fp32") {
+  static_assert(int8_reading_kernel<online_softmax_kernel>);
+  const online_softmax_kernel kernel{};
+  std::uint32_t seed = 700;
+  // Head dims whose blocks hold a whole vector (16, 32, 64, 96, 128: one scale per load) and
+  // ones whose blocks are smaller than a vector (6, 18, 130: blocks of 2, read lane by lane).
+  for (int d : {6, 16, 18, 32, 64, 96, 128, 130})
+    for (int length : {1, 7, 16, 33})
+      for (std::size_t n : {1u, 2u, 3u, 4u, 5u}) {
+        CAPTURE(d);
+        CAPTURE(length);
+        CAPTURE(n);
+        const int block = int8_block_elements(d);
+        const auto elements = 2 * static_cast<std::size_t>(length) * d;
+        const auto keys = test::random_floats(elements, seed++, 1.5f), values = test::random_floats(elements, seed++);
+        std::vector<std::int8_t> keys8(elements), values8(elements);
+        std::vector<bf16> key_scales(elements / static_cast<std::size_t>(block)), value_scales(key_scales.size());
+        quantize_int8(keys.data(), keys8.data(), key_scales.data(), static_cast<std::ptrdiff_t>(elements), block);
+        quantize_int8(values.data(), values8.data(), value_scales.data(), static_cast<std::ptrdiff_t>(elements), block);
+        std::vector<float> keys_wide(elements), values_wide(elements);
+        dequantize_int8(keys8.data(), key_scales.data(), keys_wide.data(), static_cast<std::ptrdiff_t>(elements), block);
+        dequantize_int8(values8.data(), value_scales.data(), values_wide.data(), static_cast<std::ptrdiff_t>(elements), block);
+        const auto queries = test::random_floats(n * d, seed++);
+        const int shift = std::countr_zero(static_cast<unsigned>(block));
+        const int8_rows k{keys8.data(), key_scales.data(), 0, shift}, v{values8.data(), value_scales.data(), 0, shift};
+        for (std::size_t e = 0; e < elements; e += 7) CHECK(k[static_cast<std::ptrdiff_t>(e)] == keys_wide[e]);
+
+        auto run = [&](auto keys_in, auto values_in) {
+          std::vector<const float*> rows(n);
+          std::vector<float> buf(n * d), scratch(kernel.scratch_floats(length, d));
+          std::vector<float*> outs(n);
+          std::vector<softmax_state> states(n);
+          std::vector<softmax_state*> state_ptrs(n);
+          for (std::size_t r = 0; r < n; ++r) {
+            rows[r] = queries.data() + r * d;
+            outs[r] = buf.data() + r * d;
+            state_ptrs[r] = &states[r];
+            kernel.begin(states[r], outs[r], d);
+          }
+          for (int segment = 0; segment < 2; ++segment) {
+            const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(segment) * length * d;
+            kernel.consume_shared(keys_in + at, values_in + at, length, rows.data(), n, d, 0.3f, state_ptrs.data(), outs.data(), scratch);
+          }
+          for (std::size_t r = 0; r < n; ++r) kernel.finish(states[r], outs[r], d);
+          return buf;
+        };
+        CHECK(run(k, v) == run(keys_wide.data(), values_wide.data()));
       }
 }

@@ -43,8 +43,9 @@ struct attention_config {
   /// Reject NaN/Inf in q/k/v with value_error (the cache stays clean); when false they are
   /// the caller's responsibility and propagate into outputs.
   bool reject_nonfinite = true;
-  /// Element type of the cached keys and values: bf16 halves the cache and what decode reads;
-  /// attention still computes in fp32.
+  /// Element type of the cached keys and values: bf16 halves the cache and what decode reads,
+  /// int8 with a bf16 scale per 32 elements takes 0.53x of bf16 (kv_storage.hpp); attention
+  /// still computes in fp32.
   kv_precision kv_storage = kv_precision::fp32;
   /// Spread a chunk's encoding over the steps of the next chunk (a piecewise_chunk_encoder's
   /// pieces), so no step pays for a whole chunk; the same bits as encoding it when it completes.
@@ -96,6 +97,8 @@ struct attention_config {
              std::to_string(sink_tokens));
     need(rollback_chunks >= 0 && rollback_chunks <= 256, "rollback_chunks must be in [0, 256], got " + std::to_string(rollback_chunks));
     need(softmax_scale >= 0.0f && softmax_scale < 1e30f, "softmax_scale must be >= 0 and finite (0 = 1/sqrt(head_dim))");
+    need(kv_storage == kv_precision::fp32 || kv_storage == kv_precision::bf16 || kv_storage == kv_precision::int8,
+         "kv_storage must be fp32, bf16 or int8, got the value " + std::to_string(static_cast<int>(kv_storage)));
   }
 };
 

@@ -59,22 +59,31 @@ void attend(const K& kernel, std::span<const kv_segment> segments, int head_dim,
   kernel.finish(state, out, head_dim);
 }
 
-/// A kernel that also reads bf16 keys and values in place (consume_shared over bf16 rows,
-/// widening them in registers). The attention hands other kernels a bf16 chunk converted to
-/// fp32 in scratch, which costs a write and a re-read of twice the chunk's bytes.
-template <class K>
-concept bf16_reading_kernel = attention_kernel<K> && requires(const K& k, const bf16* rows, std::int32_t length, const float* const* queries,
-                                                              std::size_t n, int head_dim, float scale, softmax_state* const* states,
-                                                              float* const* outs, std::span<float> scratch) {
+/// A kernel that also reads compact keys and values in place: consume_shared over `Rows` (a
+/// `const bf16*` or int8_rows), widening them in registers. The attention hands other kernels a
+/// compact chunk converted to fp32 in scratch, which costs a write and a re-read of a chunk
+/// of fp32.
+template <class K, class Rows>
+concept kernel_reads_in_place = attention_kernel<K> && requires(const K& k, Rows rows, std::int32_t length, const float* const* queries,
+                                                                std::size_t n, int head_dim, float scale, softmax_state* const* states,
+                                                                float* const* outs, std::span<float> scratch) {
   { k.consume_shared(rows, rows, length, queries, n, head_dim, scale, states, outs, scratch) } noexcept;
 };
 
+/// A kernel that reads bf16 caches in place.
+template <class K>
+concept bf16_reading_kernel = kernel_reads_in_place<K, const bf16*>;
+
+/// A kernel that reads int8 caches in place.
+template <class K>
+concept int8_reading_kernel = kernel_reads_in_place<K, int8_rows>;
+
 /// Streams one segment of keys and values into n queries: in one pass with the kernel's
-/// consume_shared() where it has one, else query by query with consume(). bf16 rows only go to
-/// a bf16_reading_kernel.
-template <attention_kernel K, detail::kv_element Element>
-  requires std::same_as<Element, float> || bf16_reading_kernel<K>
-void consume_shared(const K& kernel, const Element* keys, const Element* values, std::int32_t length, const float* const* queries,
+/// consume_shared() where it has one, else query by query with consume(). Compact rows only go
+/// to a kernel that reads them in place.
+template <attention_kernel K, detail::kv_rows Rows>
+  requires std::convertible_to<Rows, const float*> || kernel_reads_in_place<K, Rows>
+void consume_shared(const K& kernel, Rows keys, Rows values, std::int32_t length, const float* const* queries,
                     std::size_t n, int head_dim, float scale, softmax_state* const* states, float* const* outs,
                     std::span<float> scratch) noexcept {
   if constexpr (requires { kernel.consume_shared(keys, values, length, queries, n, head_dim, scale, states, outs, scratch); })
@@ -118,10 +127,10 @@ struct online_softmax_kernel {
   /// neighbouring queries of a block), each with its own rotated query, state and output: every
   /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
   /// consume()'s (dot_block and accumulate_rows guarantee it), so the results are the same bits. Keys
-  /// and values may be bf16, read in place: the bits are then those of consume() over the
-  /// rows converted with from_bf16.
-  template <detail::kv_element Element>
-  void consume_shared(const Element* keys, const Element* values, std::int32_t length, const float* const* queries, std::size_t n,
+  /// and values may be bf16 or int8 (int8_rows), read in place: the bits are then those of
+  /// consume() over the rows converted with from_bf16 or dequantize_int8.
+  template <detail::kv_rows Rows>
+  void consume_shared(Rows keys, Rows values, std::int32_t length, const float* const* queries, std::size_t n,
                       int head_dim, float scale, softmax_state* const* states, float* const* outs,
                       std::span<float> scratch) const noexcept {
     std::size_t i = 0;
@@ -140,8 +149,8 @@ struct online_softmax_kernel {
     return (length + detail::simd_width - 1) / detail::simd_width * detail::simd_width;
   }
 
-  template <std::size_t R, detail::kv_element Element>
-  void consume_rows(const Element* keys, const Element* values, std::int32_t length, const float* const* queries, int head_dim,
+  template <std::size_t R, detail::kv_rows Rows>
+  void consume_rows(Rows keys, Rows values, std::int32_t length, const float* const* queries, int head_dim,
                     float scale, softmax_state* const* states, float* const* outs, std::span<float> scratch) const noexcept {
     const std::ptrdiff_t d = head_dim;
     const std::ptrdiff_t width = padded(length);
@@ -200,7 +209,7 @@ struct online_softmax_kernel {
       for (std::size_t r = 0; r < R; ++r) probabilities[r] = logits[r] + j0;
       const std::int32_t next = std::min(length, j0 + block);
       detail::accumulate_rows(probabilities, values + j0 * d, next - j0, out, d,
-                              detail::upcoming_rows<Element>{values + next * d, std::min(block, length - next)});
+                              detail::upcoming_rows<Rows>{values + next * d, std::min(block, length - next)});
     }
   }
 };
@@ -249,5 +258,6 @@ struct scalar_online_softmax_kernel {
 
 static_assert(attention_kernel<online_softmax_kernel> && attention_kernel<scalar_online_softmax_kernel>);
 static_assert(bf16_reading_kernel<online_softmax_kernel> && !bf16_reading_kernel<scalar_online_softmax_kernel>);
+static_assert(int8_reading_kernel<online_softmax_kernel> && !int8_reading_kernel<scalar_online_softmax_kernel>);
 
 }  // namespace longheads

@@ -14,7 +14,8 @@
 //                                        spread-encoding progress, the query buffers' rows,
 //                                        every head's last selection)
 //   5 sections, each u64 n  bytes[n]  u64 XXH64(bytes):
-//     keys, values       [ceil(tokens / w) chunks][H_kv][w][d] in the storage's element type
+//     keys, values       [ceil(tokens / w) chunks][H_kv][w][d] in the storage's element type (for
+//                       int8: those bytes, then one bf16 scale per block, in the same order)
 //     representations   [H_r][full chunks][r] fp32
 //     query buffers     the open chunk's queries (and a spread encoding's last full chunk's, and
 //                       rollback_chunks more)
@@ -184,7 +185,8 @@ struct cache_file_access {
   static std::array<std::size_t, 5> section_bytes(const kv_cache& c, std::int64_t tokens) {
     const cache_shape& s = c.shape();
     const auto chunks = static_cast<std::size_t>((tokens + s.chunk_size - 1) / s.chunk_size);
-    const std::size_t kv = chunks * c.kv_floats_per_chunk() * kv_element_bytes(s.precision);
+    const std::size_t elements = chunks * c.kv_floats_per_chunk();
+    const std::size_t kv = s.precision == kv_precision::int8 ? int8_storage_bytes(elements, s.head_dim) : elements * kv_element_bytes(s.precision);
     const std::size_t reps = static_cast<std::size_t>(s.summary_heads()) * static_cast<std::size_t>(tokens / s.chunk_size) *
                              s.representation_floats * sizeof(float);
     return {kv, kv, reps, c.open_queries_.size() * sizeof(float), c.spread_state_.size() * sizeof(float)};
@@ -256,14 +258,24 @@ struct cache_file_access {
       at += n;
     }
   }
-  /// The five sections' storage, [data, bytes) each: where a save reads and a load writes.
-  static std::array<std::pair<char*, std::size_t>, 5> sections(kv_cache& c) {
+  /// One section's storage: one piece [data, bytes), or two (int8 elements, then their scales).
+  using section_pieces = std::array<std::pair<char*, std::size_t>, 2>;
+  /// The five sections' storage: where a save reads and a load writes.
+  static std::array<section_pieces, 5> sections(kv_cache& c) {
     const auto bytes = section_bytes(c, c.tokens_);
-    const bool bf16 = c.shape().precision == kv_precision::bf16;
-    auto* keys = bf16 ? reinterpret_cast<char*>(c.keys16_.data()) : reinterpret_cast<char*>(c.keys_.data());
-    auto* values = bf16 ? reinterpret_cast<char*>(c.values16_.data()) : reinterpret_cast<char*>(c.values_.data());
-    return {std::pair{keys, bytes[0]}, {values, bytes[1]}, {reinterpret_cast<char*>(c.representations_.data()), bytes[2]},
-            {reinterpret_cast<char*>(c.open_queries_.data()), bytes[3]}, {reinterpret_cast<char*>(c.spread_state_.data()), bytes[4]}};
+    auto raw = [](auto& v) { return reinterpret_cast<char*>(v.data()); };
+    auto one = [](char* p, std::size_t n) { return section_pieces{std::pair{p, n}, std::pair{p, std::size_t{0}}}; };
+    section_pieces keys = one(raw(c.keys_), bytes[0]), values = one(raw(c.values_), bytes[1]);
+    if (c.shape().precision == kv_precision::bf16) {
+      keys = one(raw(c.keys16_), bytes[0]);
+      values = one(raw(c.values16_), bytes[1]);
+    } else if (c.shape().precision == kv_precision::int8) {
+      const auto w = c.shape().chunk_size;
+      const std::size_t elements = static_cast<std::size_t>((c.tokens_ + w - 1) / w) * c.kv_floats_per_chunk();
+      keys = {std::pair{raw(c.keys8_), elements}, std::pair{raw(c.key_scales_), bytes[0] - elements}};
+      values = {std::pair{raw(c.values8_), elements}, std::pair{raw(c.value_scales_), bytes[1] - elements}};
+    }
+    return {keys, values, one(raw(c.representations_), bytes[2]), one(raw(c.open_queries_), bytes[3]), one(raw(c.spread_state_), bytes[4])};
   }
   /// Representations are head-major with the capacity as stride: section 2 is each head's run
   /// of full chunks one after another, so it is copied head by head.
@@ -291,6 +303,19 @@ inline bool all_within(const char* p, std::size_t bytes, bool bf16, float bound)
     float x;
     std::memcpy(&x, p + i, 4);
     ok &= std::abs(x) <= bound;
+  }
+  return ok;
+}
+
+/// Whether every element of int8 storage (n elements in blocks of `block`, one scale each) is
+/// finite and at most `bound` in magnitude.
+inline bool int8_within(const std::int8_t* elements, const bf16* scales, std::size_t n, int block, float bound) noexcept {
+  bool ok = true;
+  for (std::size_t b = 0; b * static_cast<std::size_t>(block) < n; ++b) {
+    int largest = 0;
+    for (int i = 0; i < block; ++i) largest = std::max(largest, std::abs(int{elements[b * static_cast<std::size_t>(block) + static_cast<std::size_t>(i)]}));
+    const float s = from_bf16(scales[b]);
+    ok &= s >= 0.0f && static_cast<float>(largest) * s <= bound;  // false for NaN
   }
   return ok;
 }
@@ -368,7 +393,7 @@ inline void save_record(std::ostream& out, const cache_shape& shape, const atten
   auto& c = const_cast<kv_cache&>(cache);  // read only: sections() hands out the buffers for both ways
   const auto sections = cache_file_access::sections(c);
   for (std::size_t i = 0; i < sections.size(); ++i) {
-    write_value(out, static_cast<std::uint64_t>(sections[i].second));
+    write_value(out, static_cast<std::uint64_t>(sections[i][0].second + sections[i][1].second));
     xxh64 hash;
     auto put = [&](const char* p, std::size_t n) {
       hash.update(p, n);
@@ -377,7 +402,7 @@ inline void save_record(std::ostream& out, const cache_shape& shape, const atten
     if (i == 2)
       for (int h = 0; h < shape.summary_heads(); ++h) put(cache_file_access::representation_run(c, h), cache_file_access::representation_run_bytes(c));
     else
-      put(sections[i].first, sections[i].second);
+      for (const auto& [p, n] : sections[i]) put(p, n);
     write_value(out, hash.digest());
   }
 }
@@ -440,7 +465,7 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   cache_file_access::apply_state(cache, st);
 
   // With reject_nonfinite a live cache holds only what validated input gives: keys, values and
-  // queries at most sqrt(2) m max_input_magnitude (a rotation's gain; 1% over it for bf16's
+  // queries at most sqrt(2) m max_input_magnitude (a rotation's gain; 1% over it for bf16's or int8's
   // rounding), every summary and encoder state finite. A file must hold no more, so a loaded
   // cache keeps the layer's promise of finite outputs.
   const bool check_values = config.reject_nonfinite;
@@ -449,23 +474,31 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   for (std::size_t i = 0; i < sections.size(); ++i) {
     if (i > 0) check_size(i, read_value<std::uint64_t>(in, section_names[i]));
     xxh64 hash;
-    const bool bf16 = i < 2 && shape.precision == kv_precision::bf16;
+    const bool halves = i < 2 && shape.precision == kv_precision::bf16, int8 = i < 2 && shape.precision == kv_precision::int8;
+    auto refuse = [&] {
+      fail<file_error>(std::string("cache file: the ") + section_names[i] +
+                       " section holds a non-finite value, or one larger than this layer's inputs can make (reject_nonfinite)");
+    };
     auto get = [&](char* p, std::size_t n) {
       for (std::size_t at = 0; at < n; at += cache_file_block) {
         const std::size_t block = std::min(cache_file_block, n - at);
         in.read(p + at, block, section_names[i]);
         hash.update(p + at, block);
-        if (check_values && !all_within(p + at, block, bf16, i == 2 || i == 4 ? std::numeric_limits<float>::max() : row_bound))
-          fail<file_error>(std::string("cache file: the ") + section_names[i] +
-                           " section holds a non-finite value, or one larger than this layer's inputs can make (reject_nonfinite)");
+        if (check_values && !int8 && !all_within(p + at, block, halves, i == 2 || i == 4 ? std::numeric_limits<float>::max() : row_bound))
+          refuse();
       }
     };
     if (i == 2)
       for (int h = 0; h < shape.summary_heads(); ++h) get(cache_file_access::representation_run(cache, h), cache_file_access::representation_run_bytes(cache));
     else
-      get(sections[i].first, sections[i].second);
+      for (const auto& [p, n] : sections[i]) get(p, n);
     if (read_value<std::uint64_t>(in, section_names[i]) != hash.digest())
       fail<file_error>(std::string("cache file: corrupted ") + section_names[i] + " section (checksum mismatch)");
+    // An int8 block's values are its bytes times its scale: checked once both are in.
+    if (check_values && int8 &&
+        !int8_within(reinterpret_cast<const std::int8_t*>(sections[i][0].first), reinterpret_cast<const bf16*>(sections[i][1].first),
+                     sections[i][0].second, cache.int8_block(), row_bound))
+      refuse();
   }
   cache_file_access::finish_load(cache);
   return cache;

@@ -34,7 +34,7 @@ namespace longheads {
 struct encoding_scratch {
   detail::scratch_vector<float> encoder;        ///< the encoder's own
   detail::scratch_vector<float> chunk_queries;  ///< [w, d]: a chunk's queries rotated for its encoder
-  detail::scratch_vector<float> converted;      ///< [2, w, d]: a bf16 chunk's keys and values in fp32
+  detail::scratch_vector<float> converted;      ///< [2, w, d]: a bf16 or int8 chunk's keys and values in fp32
   detail::scratch_vector<float> key_row;        ///< [d]: a key rotated before its bf16 conversion
 
   /// Room for calls of `tokens` tokens with an encoder needing `encoder_floats` of scratch.
@@ -42,7 +42,7 @@ struct encoding_scratch {
     const auto d = static_cast<std::size_t>(config.head_dim), w = static_cast<std::size_t>(config.chunk_size);
     if (encodes) detail::grow(encoder, encoder_floats);
     if (encodes && tokens >= config.chunk_size) detail::grow(chunk_queries, w * d);
-    if (config.kv_storage == kv_precision::bf16) detail::grow(converted, 2 * w * d);
+    if (config.kv_storage != kv_precision::fp32) detail::grow(converted, 2 * w * d);
     detail::grow(key_row, d);
   }
 };

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -117,7 +118,11 @@ class kv_cache {
         open_queries_(memory),
         spread_state_(memory),
         keys16_(memory),
-        values16_(memory) {
+        values16_(memory),
+        keys8_(memory),
+        values8_(memory),
+        key_scales_(memory),
+        value_scales_(memory) {
     if (shape.n_q_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 || shape.chunk_size <= 0 || shape.n_q_heads % shape.n_kv_heads != 0)
       detail::fail<shape_error>("kv_cache: every dimension must be > 0 and n_kv_heads divide n_q_heads, got " + to_string(shape));
     if (shape.representation_heads != 0 && shape.representation_heads != shape.n_q_heads && shape.representation_heads != shape.n_kv_heads)
@@ -216,6 +221,13 @@ class kv_cache {
   const bf16* keys_bf16(std::int64_t chunk, int kv_head) const noexcept { return keys16_.data() + kv_offset(chunk, kv_head); }
   const bf16* values_bf16(std::int64_t chunk, int kv_head) const noexcept { return values16_.data() + kv_offset(chunk, kv_head); }
   ///@}
+  ///@{
+  /// The same for int8 caches: the quantized rows with their block scales.
+  int8_rows keys_int8(std::int64_t chunk, int kv_head) const noexcept { return keys_at<int8_rows>(kv_offset(chunk, kv_head)); }
+  int8_rows values_int8(std::int64_t chunk, int kv_head) const noexcept { return values_at<int8_rows>(kv_offset(chunk, kv_head)); }
+  ///@}
+  /// Elements per scale of an int8 cache (int8_block_elements of the head dim).
+  int int8_block() const noexcept { return int8_block_elements(shape_.head_dim); }
   /// The representations query head `q_head` scores chunks against, [summarised_chunks, r]
   /// (shared by the heads of a kv group when the encoder reads keys only).
   matrix_view<const float> representations(int q_head) const noexcept {
@@ -242,8 +254,10 @@ class kv_cache {
   };
   /// Bytes held (capacity) by kind; divide by capacity_tokens() for bytes per token.
   memory_use bytes_by_kind() const noexcept {
-    return {keys_.capacity() * sizeof(float) + keys16_.capacity() * sizeof(bf16),
-            values_.capacity() * sizeof(float) + values16_.capacity() * sizeof(bf16), representations_.capacity() * sizeof(float),
+    return {keys_.capacity() * sizeof(float) + keys16_.capacity() * sizeof(bf16) + keys8_.capacity() + key_scales_.capacity() * sizeof(bf16),
+            values_.capacity() * sizeof(float) + values16_.capacity() * sizeof(bf16) + values8_.capacity() +
+                value_scales_.capacity() * sizeof(bf16),
+            representations_.capacity() * sizeof(float),
             (open_queries_.capacity() + spread_state_.capacity()) * sizeof(float),
             (selections_.capacity() + selection_counts_.capacity()) * sizeof(std::int32_t), index_floats() * sizeof(float)};
   }
@@ -273,8 +287,13 @@ class kv_cache {
       auto sa = a.last_selection(static_cast<int>(h)), sb = b.last_selection(static_cast<int>(h));
       if (!std::equal(sa.begin(), sa.end(), sb.begin(), sb.end())) return false;
     }
+    const std::size_t blocks = kv / static_cast<std::size_t>(a.int8_block());
     const bool kv_same = a.shape_.precision == kv_precision::bf16
                              ? same(a.keys16_.data(), b.keys16_.data(), kv) && same(a.values16_.data(), b.values16_.data(), kv)
+                         : a.shape_.precision == kv_precision::int8
+                             ? same(a.keys8_.data(), b.keys8_.data(), kv) && same(a.values8_.data(), b.values8_.data(), kv) &&
+                                   same(a.key_scales_.data(), b.key_scales_.data(), blocks) &&
+                                   same(a.value_scales_.data(), b.value_scales_.data(), blocks)
                              : same(a.keys_.data(), b.keys_.data(), kv) && same(a.values_.data(), b.values_.data(), kv);
     for (int h = 0; h < a.shape_.summary_heads(); ++h)
       if (!same(a.representations_.data() + a.representation_offset(0, h), b.representations_.data() + b.representation_offset(0, h), reps))
@@ -294,36 +313,40 @@ class kv_cache {
            static_cast<std::size_t>(shape_.head_dim);
   }
   ///@}
-  /// Keys, then values, from element `offset` of the storage, in the storage's element type
-  /// (float for fp32 caches, bf16 for bf16 ones).
-  template <class Element>
-  const Element* keys_at(std::size_t offset) const noexcept {
-    if constexpr (std::is_same_v<Element, bf16>) return keys16_.data() + offset;
-    else return keys_.data() + offset;
+  /// Keys, then values, from element `offset` of the storage, as the kernels read them: a
+  /// `const float*` (fp32 caches), `const bf16*` (bf16) or int8_rows (int8).
+  template <class Rows>
+  Rows keys_at(std::size_t offset) const noexcept {
+    return rows_at<Rows>(keys_, keys16_, keys8_, key_scales_, offset);
   }
   /// @copydoc keys_at
-  template <class Element>
-  const Element* values_at(std::size_t offset) const noexcept {
-    if constexpr (std::is_same_v<Element, bf16>) return values16_.data() + offset;
-    else return values_.data() + offset;
+  template <class Rows>
+  Rows values_at(std::size_t offset) const noexcept {
+    return rows_at<Rows>(values_, values16_, values8_, value_scales_, offset);
   }
 
   /// `tokens` keys and values from element `offset` of the storage as fp32: in place in an
-  /// fp32 cache, converted from bf16 into `scratch` ([2, w, d] floats) in a bf16 one.
+  /// fp32 cache, converted (exactly) into `scratch` ([2, w, d] floats) in a bf16 or int8 one.
   std::pair<const float*, const float*> fp32_rows(std::size_t offset, std::int64_t tokens, std::span<float> scratch) const noexcept {
     if (shape_.precision == kv_precision::fp32) return {keys_.data() + offset, values_.data() + offset};
     const std::ptrdiff_t n = tokens * shape_.head_dim;
     float* keys = scratch.data();
     float* values = keys + static_cast<std::ptrdiff_t>(shape_.chunk_size) * shape_.head_dim;
-    from_bf16(keys16_.data() + offset, keys, n);
-    from_bf16(values16_.data() + offset, values, n);
+    if (shape_.precision == kv_precision::int8) {
+      const int block = int8_block();
+      dequantize_int8(keys8_.data() + offset, key_scales_.data() + offset / block, keys, n, block);
+      dequantize_int8(values8_.data() + offset, value_scales_.data() + offset / block, values, n, block);
+    } else {
+      from_bf16(keys16_.data() + offset, keys, n);
+      from_bf16(values16_.data() + offset, values, n);
+    }
     return {keys, values};
   }
 
   // ----------------------------------------------------------------- the attention's writers
   /// Stores row t of k and v as the token at sequence position `position`: keys rotated at the
   /// local position position mod w, both converted to the storage type. `scratch` holds d floats
-  /// (a bf16 cache rotates there first). The position must be allocated (reserve()).
+  /// (a bf16 or int8 cache rotates there first). The position must be allocated (reserve()).
   void store_token(std::int64_t position, tensor_view<const float> k, tensor_view<const float> v, std::ptrdiff_t t, const rope& rotary,
                    std::span<float> scratch) noexcept {
     const std::int64_t chunk = position / shape_.chunk_size, offset = position % shape_.chunk_size;
@@ -335,6 +358,11 @@ class kv_cache {
         rotary.rotate(k.at(t, g), scratch.data(), offset);
         to_bf16(scratch.data(), keys16_.data() + at, d);
         to_bf16(v.at(t, g), values16_.data() + at, d);
+      } else if (shape_.precision == kv_precision::int8) {
+        const int block = int8_block();
+        rotary.rotate(k.at(t, g), scratch.data(), offset);
+        quantize_int8(scratch.data(), keys8_.data() + at, key_scales_.data() + at / block, d, block);
+        quantize_int8(v.at(t, g), values8_.data() + at, value_scales_.data() + at / block, d, block);
       } else {
         rotary.rotate(k.at(t, g), keys_.data() + at, offset);
         std::copy_n(v.at(t, g), d, values_.data() + at);
@@ -464,20 +492,28 @@ class kv_cache {
   void grow(std::int64_t chunks) {
     const std::size_t kv_floats = static_cast<std::size_t>(chunks) * kv_floats_per_chunk();
     const std::size_t rep_floats = static_cast<std::size_t>(chunks) * representation_floats_per_chunk();
-    const bool compact = shape_.precision == kv_precision::bf16;
+    const kv_precision p = shape_.precision;
+    const std::size_t fp32 = p == kv_precision::fp32 ? kv_floats : 0, half = p == kv_precision::bf16 ? kv_floats : 0,
+                      int8 = p == kv_precision::int8 ? kv_floats : 0, scales = int8 / static_cast<std::size_t>(int8_block());
     // From the buffers' own resources (a copy's may differ from the constructor's), so the
     // swaps below exchange storage of equal allocators.
-    std::pmr::vector<float> keys(compact ? 0 : kv_floats, keys_.get_allocator()), values(compact ? 0 : kv_floats, values_.get_allocator());
+    std::pmr::vector<float> keys(fp32, keys_.get_allocator()), values(fp32, values_.get_allocator());
     std::pmr::vector<float> reps(rep_floats, representations_.get_allocator());
-    std::pmr::vector<bf16> keys16(compact ? kv_floats : 0, keys16_.get_allocator()), values16(compact ? kv_floats : 0, values16_.get_allocator());
+    std::pmr::vector<bf16> keys16(half, keys16_.get_allocator()), values16(half, values16_.get_allocator());
+    std::pmr::vector<std::int8_t> keys8(int8, keys8_.get_allocator()), values8(int8, values8_.get_allocator());
+    std::pmr::vector<bf16> key_scales(scales, key_scales_.get_allocator()), value_scales(scales, value_scales_.get_allocator());
     const auto used = static_cast<std::size_t>((tokens_ + shape_.chunk_size - 1) / shape_.chunk_size) * kv_floats_per_chunk();
-    if (compact) {
-      std::copy_n(keys16_.begin(), used, keys16.begin());
-      std::copy_n(values16_.begin(), used, values16.begin());
-    } else {
-      std::copy_n(keys_.begin(), used, keys.begin());
-      std::copy_n(values_.begin(), used, values.begin());
-    }
+    auto keep = [used](const auto& from, auto& to, std::size_t per = 1) {
+      if (!to.empty()) std::copy_n(from.begin(), used / per, to.begin());
+    };
+    keep(keys_, keys);
+    keep(values_, values);
+    keep(keys16_, keys16);
+    keep(values16_, values16);
+    keep(keys8_, keys8);
+    keep(values8_, values8);
+    keep(key_scales_, key_scales, static_cast<std::size_t>(int8_block()));
+    keep(value_scales_, value_scales, static_cast<std::size_t>(int8_block()));
     // Each head's run moves to its place in the larger capacity.
     const std::size_t rep_run = static_cast<std::size_t>(full_chunks()) * shape_.representation_floats;
     for (int h = 0; h < shape_.summary_heads(); ++h)
@@ -486,6 +522,10 @@ class kv_cache {
     values_.swap(values);
     keys16_.swap(keys16);
     values16_.swap(values16);
+    keys8_.swap(keys8);
+    values8_.swap(values8);
+    key_scales_.swap(key_scales);
+    value_scales_.swap(value_scales);
     representations_.swap(reps);
     capacity_chunks_ = chunks;
   }
@@ -508,6 +548,17 @@ class kv_cache {
   };
   std::vector<held_rows> held_;  // per query buffer
   std::pmr::vector<bf16> keys16_, values16_;  // instead of keys_ and values_ when the precision is bf16
+  // Instead of them when it is int8: elements, and a scale per int8_block() elements.
+  std::pmr::vector<std::int8_t> keys8_, values8_;
+  std::pmr::vector<bf16> key_scales_, value_scales_;
+  template <class Rows, class Compact>
+  Rows rows_at(const std::pmr::vector<float>& fp32, const Compact& half, const std::pmr::vector<std::int8_t>& int8,
+               const std::pmr::vector<bf16>& scales, std::size_t offset) const noexcept {
+    if constexpr (std::is_same_v<Rows, int8_rows>)
+      return {int8.data(), scales.data(), static_cast<std::ptrdiff_t>(offset), std::countr_zero(static_cast<unsigned>(int8_block()))};
+    else if constexpr (std::is_same_v<Rows, const bf16*>) return half.data() + offset;
+    else return fp32.data() + offset;
+  }
   std::vector<std::int32_t> selections_, selection_counts_;
   std::vector<bound_tree> trees_;  // per representation head, when shape_.index_fanout > 0
   std::size_t selection_stride_ = 0;

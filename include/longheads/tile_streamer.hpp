@@ -27,7 +27,7 @@ namespace longheads {
 class tile_scratch {
  public:
   /// Room for `queries` queries of up to `segments` segments each, `kernel_floats` of kernel
-  /// scratch and (bf16 caches read by a kernel that cannot) a converted chunk.
+  /// scratch and (bf16 or int8 caches read by a kernel that cannot) a converted chunk.
   void reserve(const attention_config& config, std::size_t queries, std::size_t segments, std::size_t kernel_floats) {
     const auto d = static_cast<std::size_t>(config.head_dim), w = static_cast<std::size_t>(config.chunk_size);
     max_plan_ = std::max(max_plan_, segments);
@@ -43,7 +43,7 @@ class tile_scratch {
     detail::grow(round_lengths_, capacity_);
     detail::grow(rotated_, capacity_ * d);
     detail::grow(kernel_, kernel_floats);
-    if (config.kv_storage == kv_precision::bf16) detail::grow(converted_, 2 * w * d);
+    if (config.kv_storage != kv_precision::fp32) detail::grow(converted_, 2 * w * d);
   }
 
   /// Empties the tile.
@@ -58,7 +58,7 @@ class tile_scratch {
     outputs_[size_] = out;
     ++size_;
   }
-  /// The bf16 chunk conversion buffer ([2, w, d]).
+  /// The compact chunk conversion buffer ([2, w, d]).
   std::span<float> converted() noexcept { return converted_; }
 
   /// Streams every planned segment of the tile's queries through the kernel (see the file
@@ -100,7 +100,7 @@ class tile_scratch {
         ++m;
         ++cursors_[i];
       }
-      auto consume_round = [&](const auto* keys, const auto* values) {
+      auto consume_round = [&](auto keys, auto values) {
         for (std::size_t begin = 0; begin < m;) {
           std::size_t end = begin + 1;
           while (end < m && round_lengths_[end] == round_lengths_[begin]) ++end;
@@ -111,7 +111,13 @@ class tile_scratch {
       };
       if constexpr (bf16_reading_kernel<Kernel>) {
         if (config.kv_storage == kv_precision::bf16) {
-          consume_round(cache.keys_at<bf16>(next), cache.values_at<bf16>(next));
+          consume_round(cache.keys_at<const bf16*>(next), cache.values_at<const bf16*>(next));
+          continue;
+        }
+      }
+      if constexpr (int8_reading_kernel<Kernel>) {
+        if (config.kv_storage == kv_precision::int8) {
+          consume_round(cache.keys_at<int8_rows>(next), cache.values_at<int8_rows>(next));
           continue;
         }
       }
@@ -133,7 +139,7 @@ class tile_scratch {
   std::vector<std::int32_t> round_lengths_;
   detail::scratch_vector<float> rotated_;    // [capacity, d]: the round's rotated queries
   detail::scratch_vector<float> kernel_;     // the kernel's own
-  detail::scratch_vector<float> converted_;  // [2, w, d]: a bf16 chunk's keys and values in fp32
+  detail::scratch_vector<float> converted_;  // [2, w, d]: a bf16 or int8 chunk's keys and values in fp32
 };
 
 }  // namespace longheads

@@ -34,7 +34,7 @@ namespace longheads {
 /// (or the encoders' 1/sqrt(d), or 1 for scores); the limit keeps that below FLT_MAX / 4, so
 /// differences of two logits and fp32 rounding stay finite too. Values enter outputs only
 /// through convex combinations (and unnormalised sums of at most 2^31 rows, hence the cap at 2^64),
-/// and bf16 holds anything below FLT_MAX. For d = 128 and plain RoPE: about 5.8e17.
+/// and bf16 holds anything below FLT_MAX (int8 too: its scale is the block's largest / 127). For d = 128 and plain RoPE: about 5.8e17.
 inline float max_input_magnitude(const attention_config& config, const rope& rotary) noexcept {
   const double m = std::max(1.0, rotary.magnitude());
   const double scale = std::max(1.0, static_cast<double>(config.scale()));

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
 // Small xsimd loops shared by the kernels: dot products (one row against many, or a block of
 // rows reduced together), y += a*x, y *= a. The shared operand
-// (a key or value row) may be fp32 or bf16; bf16 is widened in registers as it is loaded, so a
-// bf16 row costs half the memory traffic and the arithmetic sees exactly the floats that
-// from_bf16 would give.
+// (key or value rows) may be fp32, bf16 or int8 with block scales; bf16 and int8 are widened in
+// registers as they are loaded, so a row costs a half or a quarter of the memory traffic and the
+// arithmetic sees exactly the floats that from_bf16 or dequantize_int8 would give.
 #pragma once
 
 #include <algorithm>
@@ -43,9 +43,24 @@ inline auto reduce_add(const Batch& x) noexcept {
 #endif
 }
 
-/// Element types a key or value row may be stored in.
+/// How key or value rows are read: a pointer to fp32 or bf16 elements, or int8_rows. Each moves
+/// like a pointer (rows + n) and reads elements (rows[i], through to_float).
 template <class T>
-concept kv_element = std::same_as<T, float> || std::same_as<T, bf16>;
+concept kv_rows = std::same_as<T, int8_rows> ||
+                  (std::is_pointer_v<T> && (std::same_as<std::remove_cv_t<std::remove_pointer_t<T>>, float> ||
+                                            std::same_as<std::remove_cv_t<std::remove_pointer_t<T>>, bf16>));
+
+/// Bytes one element of such rows takes in memory (scales aside).
+template <kv_rows Rows>
+inline constexpr std::ptrdiff_t element_bytes = [] {
+  if constexpr (std::is_pointer_v<Rows>) return static_cast<std::ptrdiff_t>(sizeof(std::remove_pointer_t<Rows>));
+  else return std::ptrdiff_t{1};
+}();
+
+/// Where an element of such rows is in memory (for prefetching).
+template <class T>
+inline const void* address_of(const T* p) noexcept { return p; }
+inline const void* address_of(const int8_rows& p) noexcept { return p.elements + p.at; }
 
 inline float_batch load_floats(const float* p) noexcept { return float_batch::load_unaligned(p); }
 
@@ -65,6 +80,29 @@ inline Batch load_floats(const bf16* p) noexcept {
 #endif
   alignas(Batch::arch_type::alignment()) float wide[Batch::size];
   from_bf16(p, wide, Batch::size);
+  return Batch::load_aligned(wide);
+}
+
+/// simd_width int8 elements times their block's scale, widened to floats (exact: a 7-bit
+/// integer times a bf16). One scale for the whole vector when a block holds at least a
+/// vector (rows of a multiple of 32, the loads starting at multiples of the width); else lane
+/// by lane.
+template <class Batch = float_batch>
+inline Batch load_floats(const int8_rows& p) noexcept {
+  if ((std::ptrdiff_t{1} << p.block_shift) >= static_cast<std::ptrdiff_t>(Batch::size)) {
+    const Batch scale(from_bf16(p.scales[p.at >> p.block_shift]));
+    [[maybe_unused]] const std::int8_t* e = p.elements + p.at;
+#if defined(__AVX512F__)
+    if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>)
+      return Batch(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(e))))) * scale;
+#endif
+#if defined(__AVX2__)
+    if constexpr (Batch::size == 8 && std::is_base_of_v<xsimd::avx2, typename Batch::arch_type>)
+      return Batch(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e))))) * scale;
+#endif
+  }
+  alignas(Batch::arch_type::alignment()) float wide[Batch::size];
+  for (std::size_t j = 0; j < Batch::size; ++j) wide[j] = p[static_cast<std::ptrdiff_t>(j)];
   return Batch::load_aligned(wide);
 }
 
@@ -191,8 +229,8 @@ inline Batch sum_rows(const Batch* rows) noexcept {
 /// transposing horizontal add (instead of one reduction per row), then the tail of n past the
 /// last whole vector is added row by row. A result depends only on its query and its row, never
 /// on R, count or the other rows. Writes simd_width floats at each out[r].
-template <std::size_t R, kv_element K>
-inline void dot_block(const float* const (&q)[R], const K* k, std::ptrdiff_t count, std::ptrdiff_t n, float* const (&out)[R]) noexcept {
+template <std::size_t R, kv_rows K>
+inline void dot_block(const float* const (&q)[R], K k, std::ptrdiff_t count, std::ptrdiff_t n, float* const (&out)[R]) noexcept {
   const std::ptrdiff_t vectors = n - n % simd_width;
   float_batch acc[R][simd_width];
   // For a whole block of the common head dims the row count and length are compile-time
@@ -311,9 +349,9 @@ inline void axpy(float alpha, const float* x, float* y, std::ptrdiff_t n) noexce
 }
 
 /// Rows a caller reads after the current ones (same width), or none.
-template <kv_element X>
+template <kv_rows X>
 struct upcoming_rows {
-  const X* rows = nullptr;
+  X rows{};
   std::ptrdiff_t count = 0;
 };
 
@@ -328,8 +366,8 @@ inline void prefetch_line([[maybe_unused]] const void* p) noexcept {
 /// element exactly the operations of axpy(alpha[r][j], x_j, y[r], n) row by row, but each block
 /// of y stays in registers across the rows instead of going through memory once per row. Row j
 /// of `upcoming` (the same columns) is prefetched alongside row j.
-template <std::size_t R, std::size_t B, kv_element X>
-inline void accumulate_block(const float* const (&alpha)[R], const X* x, std::ptrdiff_t rows, std::ptrdiff_t stride,
+template <std::size_t R, std::size_t B, kv_rows X>
+inline void accumulate_block(const float* const (&alpha)[R], X x, std::ptrdiff_t rows, std::ptrdiff_t stride,
                              float* const (&y)[R], std::ptrdiff_t column, upcoming_rows<X> upcoming = {}) noexcept {
   float_batch acc[R][B];
   LONGHEADS_UNROLL
@@ -337,15 +375,15 @@ inline void accumulate_block(const float* const (&alpha)[R], const X* x, std::pt
     LONGHEADS_UNROLL
     for (std::size_t b = 0; b < B; ++b) acc[r][b] = float_batch::load_unaligned(y[r] + column + static_cast<std::ptrdiff_t>(b) * simd_width);
   for (std::ptrdiff_t j = 0; j < rows; ++j) {
-    const X* row = x + j * stride + column;
+    const X row = x + j * stride + column;
     float_batch a[R];
     LONGHEADS_UNROLL
     for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r][j]);
     LONGHEADS_UNROLL
     for (std::size_t b = 0; b < B; ++b) {
-      constexpr auto line_floats = static_cast<std::ptrdiff_t>(64 / sizeof(X));
-      if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_floats == 0)
-        prefetch_line(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width);
+      constexpr std::ptrdiff_t line_elements = 64 / element_bytes<X>;
+      if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_elements == 0)
+        prefetch_line(address_of(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width));
       float_batch xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
       if constexpr (R > 1) loaded_once(xb);
       LONGHEADS_UNROLL
@@ -362,8 +400,8 @@ inline void accumulate_block(const float* const (&alpha)[R], const X* x, std::pt
 /// j order: the bits of calling axpy once per row and output, whatever R. `upcoming` names the
 /// rows the caller reads next, prefetched while a second pass re-reads x from L1 (a single pass
 /// reading x from memory leaves them to the hardware prefetcher; SecondPass is internal).
-template <std::size_t R, kv_element X, bool SecondPass = false>
-inline void accumulate_rows(const float* const (&alpha)[R], const X* x, std::ptrdiff_t rows, float* const (&y)[R], std::ptrdiff_t n,
+template <std::size_t R, kv_rows X, bool SecondPass = false>
+inline void accumulate_rows(const float* const (&alpha)[R], X x, std::ptrdiff_t rows, float* const (&y)[R], std::ptrdiff_t n,
                             upcoming_rows<X> upcoming = {}) noexcept {
   // Blocks as wide as fit in up to 16 accumulators (half the AVX-512 register file, so nothing
   // spills), narrowing only for what is left: a narrow block makes each accumulator a long
