@@ -119,6 +119,8 @@ TEST_CASE("decode after reserve and one warm-up step allocates nothing") {
   CHECK(allocations_while_decoding<pooled_quest_group>(attention_method::longheads, {.executor = thread_pool_executor(2)}) == 0);
   CHECK(allocations_while_decoding<paper_policies>(attention_method::longheads, {}, kv_precision::bf16) == 0);
   CHECK(allocations_while_decoding<paper_policies>(attention_method::dense, {}, kv_precision::bf16) == 0);
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::longheads, {}, kv_precision::int8) == 0);
+  CHECK(allocations_while_decoding<paper_policies>(attention_method::dense, {}, kv_precision::int8) == 0);
 }
 
 TEST_CASE("every public way of preparing a cache gives allocation-free decode (review finding 3)") {
@@ -128,6 +130,7 @@ TEST_CASE("every public way of preparing a cache gives allocation-free decode (r
       CAPTURE(to_string(method));
       CHECK(allocations_while_decoding<paper_policies>(method, {}, kv_precision::fp32, how) == 0);
       CHECK(allocations_while_decoding<pooled>(method, {.executor = thread_pool_executor(2)}, kv_precision::bf16, how) == 0);
+      CHECK(allocations_while_decoding<pooled>(method, {.executor = thread_pool_executor(2)}, kv_precision::int8, how) == 0);
     }
   // The selection index grows its boxes as chunks complete: within the reserved length, in place.
   for (preparation how : {preparation::make_cache_reserved, preparation::cache_reserve, preparation::copy_of_reserved, preparation::truncated}) {

@@ -130,7 +130,7 @@ TEST_CASE("appending tokens never changes earlier outputs") {
 TEST_CASE("truncate rewinds a cache: the same tokens after it give the same bits as the first time") {
   const int w = 8, budget = 3, d = 16;
   for (attention_method method : {attention_method::longheads, attention_method::dense})
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
       CAPTURE(to_string(method));
       CAPTURE(to_string(storage));
       attention_config config = test::make_config(4, 2, d, w, budget, method);
@@ -554,7 +554,7 @@ TEST_CASE("a cache's buffers come from the memory resource it is given, with the
   const int w = 8, budget = 4, d = 16, hq = 4, hkv = 2;
   counting_resource memory;
   for (attention_method method : {attention_method::longheads, attention_method::dense}) {
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
       const std::string case_name = to_string(method) + std::string(" ") + to_string(storage);
       CAPTURE(case_name);
       attention_config config = test::make_config(hq, hkv, d, w, budget, method);
@@ -783,7 +783,7 @@ TEST_CASE_TEMPLATE("keys-only encoders keep one representation per kv head, with
   const int w = 8, budget = 4, d = 16, hq = 8, hkv = 2, T = 300;
   rope r(d);
   const test::sequence seq(T, hq, hkv, d, 2300);
-  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
     attention_config c = test::make_config(hq, hkv, d, w, budget);
     c.kv_storage = storage;
     attention<shared> a(c, r);
@@ -825,7 +825,7 @@ TEST_CASE("the bound-tree index selects exactly the flat scan's chunks: same out
   const int w = 4, budget = 5, d = 16;
   rope r(d, 10000.0, rope_layout::interleaved);
   for (head_layout heads : {mha, gqa, mqa})
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
       for (int fanout : {2, 16}) {
         CAPTURE(heads.hkv);
         CAPTURE(to_string(storage));
@@ -865,7 +865,7 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
   const int w = 4, budget = 5, d = 16;
   rope r(d, 10000.0, rope_layout::interleaved);
   for (head_layout heads : {mha, gqa})
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
       for (int beam : {1, 2}) {
         CAPTURE(heads.hkv);
         CAPTURE(to_string(storage));
@@ -923,7 +923,7 @@ TEST_CASE("spread encoding: the bits of encoding each chunk as it completes, in 
   rope r(d, 10000.0, rope_layout::interleaved);
   for (int w : {8, 20})
     for (head_layout heads : {mha, gqa})
-      for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+      for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
         CAPTURE(w);
         CAPTURE(heads.hkv);
         CAPTURE(std::string(to_string(storage)));

@@ -106,7 +106,7 @@ void check_batches_equal_separate_calls(const attention_config& config, typename
 TEST_CASE("batched decode and prefill give each sequence the bits of its own calls, any thread count, sequences joining and leaving") {
   std::uint32_t seed = 1;
   for (unsigned threads : {1u, 2u, 3u})
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
       for (auto [hq, hkv] : {std::pair{4, 4}, std::pair{8, 2}})
         for (bool decode_only : {true, false}) {
           CAPTURE(threads);

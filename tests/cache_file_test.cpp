@@ -91,7 +91,7 @@ TEST_CASE("XXH64 gives the published digests, fed whole or in pieces") {
 
 TEST_CASE("save -> load -> decode 64 more tokens == never saved, every method, storage and policy set") {
   std::uint32_t seed = 100;
-  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
     for (int prompt : {0, 1, 37, 96, 171}) {  // empty, inside the first chunk, on a boundary, past one (w 16 and 32)
       CAPTURE(to_string(storage));
       CAPTURE(prompt);
@@ -277,4 +277,49 @@ TEST_CASE("bad cache files are named file_errors, and the caller's cache stays a
   expect(from_other(attention<paper_policies>(bf16, rope(d))), "another shape");
   CHECK(cases >= 8);
   CHECK_THROWS_WITH_AS(load_cache(std::filesystem::path("/nonexistent/longheads.lhkv"), layer), doctest::Contains("cannot open"), file_error);
+}
+
+TEST_CASE("int8 cache files: a scale that makes a value non-finite or larger than the inputs allow is refused") {
+  const int hq = 4, hkv = 2, d = 16, w = 16, prompt = 150;
+  attention_config config = test::make_config(hq, hkv, d, w, 4);
+  config.kv_storage = kv_precision::int8;
+  attention<paper_policies> layer(config, rope(d));
+  const test::sequence seq(prompt, hq, hkv, d, 19);
+  kv_cache cache = layer.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(prompt) * hq * d);
+  layer.prefill(cache, seq.qv(0, prompt), seq.kv(0, prompt), seq.vv(0, prompt), {out.data(), prompt, hq, d});
+  const std::string good = saved(layer, cache);
+  REQUIRE(loaded(good, layer) == cache);
+
+  // Keys: ceil(150 / 16) chunks of [H_kv][w][d] bytes, then a bf16 scale per 16 of them.
+  std::uint64_t meta_bytes, keys_bytes;
+  std::memcpy(&meta_bytes, good.data() + 24, 8);
+  const std::size_t keys_size_at = 32 + meta_bytes + 8, keys_at = keys_size_at + 8;
+  std::memcpy(&keys_bytes, good.data() + keys_size_at, 8);
+  const std::size_t elements = 10 * hkv * w * d;
+  REQUIRE(keys_bytes == elements + elements / 16 * 2);
+  auto with_scale = [&](std::size_t block, bf16 scale) {
+    std::string b = good;
+    std::memcpy(b.data() + keys_at + elements + 2 * block, &scale, 2);
+    const std::uint64_t h = detail::xxh64::of(b.data() + keys_at, keys_bytes);
+    std::memcpy(b.data() + keys_at + keys_bytes, &h, 8);
+    return b;
+  };
+  auto refused = [&](const std::string& bytes, const char* says) {
+    CAPTURE(says);
+    CHECK_THROWS_WITH_AS(loaded(bytes, layer), doctest::Contains(says), file_error);
+  };
+  refused(with_scale(7, 0x7fc0), "non-finite value");                                  // NaN
+  refused(with_scale(7, 0x7f80), "non-finite value");                                  // infinity
+  refused(with_scale(7, to_bf16(1e30f)), "larger than this layer's inputs can make");  // 127 * 1e30
+  refused(with_scale(7, to_bf16(-1.0f)), "non-finite value");                          // a negative scale
+  // A scale the inputs could make loads.
+  CHECK(loaded(with_scale(7, to_bf16(0.5f)), layer).tokens() == prompt);
+  // An int8 file is not a bf16 or fp32 layer's.
+  for (kv_precision other : {kv_precision::fp32, kv_precision::bf16}) {
+    attention_config c = config;
+    c.kv_storage = other;
+    attention<paper_policies> other_layer(c, rope(d));
+    CHECK_THROWS_WITH_AS(loaded(good, other_layer), doctest::Contains("another shape"), file_error);
+  }
 }

@@ -40,7 +40,7 @@ void within_seconds(int seconds, const char* what, F f) {
 // Finding 1: finite inputs that overflow after rotation, in a dot product or in bf16.
 TEST_CASE("finite inputs whose rotation, logits or bf16 form would overflow are a value_error, cache unchanged") {
   const int w = 4, budget = 3, d = 8;
-  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
     CAPTURE(to_string(storage));
     attention_config c = test::make_config(2, 1, d, w, budget);
     c.kv_storage = storage;
@@ -69,7 +69,7 @@ TEST_CASE("inputs up to the largest accepted magnitude give finite outputs and a
   const int w = 4, budget = 3, d = 16, T = 40;
   const rope r(d, 10000.0, rope_layout::half, yarn_scaling{.factor = 64.0, .original_context = 64});
   for (attention_method method : {attention_method::longheads, attention_method::dense, attention_method::sink_window})
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
       for (float softmax_scale : {0.0f, 1000.0f}) {
         CAPTURE(to_string(method));
         CAPTURE(to_string(storage));

@@ -136,7 +136,7 @@ TEST_CASE("selection: choose_chunks keeps sinks and locals and the best-scoring 
 TEST_CASE("tile streamer: a tile of queries sharing chunks gives each query the bits of attending alone") {
   const int w = 8, d = 16, hq = 4, hkv = 1;
   attention_config c = test::make_config(hq, hkv, d, w, 4);
-  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16}) {
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
     c.kv_storage = storage;
     const rope r(d);
     kv_cache cache(cache_shape{hq, hkv, d, w, 0, storage});

@@ -82,7 +82,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   cfg.sink_tokens = in.in(0, 6);
   cfg.method = static_cast<attention_method>(in.in(0, 2));
   cfg.reject_nonfinite = in.byte() % 4 != 0;
-  cfg.kv_storage = in.byte() % 3 == 0 ? kv_precision::bf16 : kv_precision::fp32;
+  cfg.kv_storage = std::array{kv_precision::fp32, kv_precision::fp32, kv_precision::bf16, kv_precision::int8}[in.byte() % 4];
   const int rope_dim = in.byte() % 8 == 0 ? cfg.head_dim + 2 : cfg.head_dim;
   if (rope_dim <= 0 || rope_dim % 2 != 0) return 0;
   const auto rotary = make_rope(in, rope_dim);

@@ -3,9 +3,9 @@
 // a usable cache: it decodes on (finite outputs with finite input), saves again to the same
 // bytes, and loads again equal.
 //
-// The first input byte picks the layer (paper encoder with its spread encoding, Quest through
-// the beam index, bf16 K/V, the dense baseline) and how the rest is used, so the fuzzer gets past
-// the checksums into the fields behind them:
+// The first input byte picks the layer (byte % 5: paper encoder with its spread encoding, Quest
+// through the beam index, bf16 K/V, int8 K/V, the dense baseline) and how the rest is used
+// (byte / 5 % 4), so the fuzzer gets past the checksums into the fields behind them:
 //   0  the bytes are the record
 //   1  edits (offset, byte) to a valid record of that layer
 //   2  the same, then every checksum recomputed (the loader's field checks alone stand guard)
@@ -142,6 +142,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     c.kv_storage = kv_precision::bf16;
     return c;
   }());
+  static fixture<paper_policies> int8([] {
+    attention_config c = base_config();
+    c.kv_storage = kv_precision::int8;
+    return c;
+  }());
   static fixture<paper_policies> dense([] {
     attention_config c = base_config();
     c.method = attention_method::dense;
@@ -152,7 +157,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string input(reinterpret_cast<const char*>(data) + 1, size - 1);
   auto with = [&](auto& f) {
     std::string bytes;
-    switch (choice / 4 % 4) {
+    switch (choice / 5 % 4) {
       case 0: bytes = input; break;
       case 1:
       case 2:
@@ -162,7 +167,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                  bytes.size();
           bytes[at] = input[i + 2];
         }
-        if (choice / 4 % 4 == 2) repair_checksums(bytes);
+        if (choice / 5 % 4 == 2) repair_checksums(bytes);
         break;
       default: {
         std::size_t cut = 0;
@@ -172,10 +177,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     f.run(bytes);
   };
-  switch (choice % 4) {
+  switch (choice % 5) {
     case 0: with(paper); break;
     case 1: with(beam); break;
     case 2: with(bf16); break;
+    case 3: with(int8); break;
     default: with(dense); break;
   }
   return 0;
