@@ -257,7 +257,8 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   // for all heads of its kv group that chose it (dense: every chunk once per group), the last
   // query's own chunk only up to the query, plus LongHeads' scoring pass over every head's
   // chunk representations.
-  const double kv_row = 2.0 * s.head_dim * static_cast<double>(kv_element_bytes(storage));
+  const double kv_row = 2.0 * static_cast<double>(storage == kv_precision::int8 ? int8_storage_bytes(static_cast<std::size_t>(s.head_dim), s.head_dim)
+                                                                                 : static_cast<std::size_t>(s.head_dim) * kv_element_bytes(storage));
   const int group = s.n_q_heads / s.n_kv_heads;
   const std::int64_t query_chunk = (cache.tokens() - 1) / w;
   double rows_read = 0;
@@ -514,7 +515,7 @@ void register_all() {
   in_rounds([&] {
     for (unsigned t : thread_counts) benchmark::RegisterBenchmark("probe/fma_peak", probe_fma_peak)->Threads(static_cast<int>(t))->UseRealTime();
   });
-  // Method names: dense, longheads, with bf16 K/V dense-bf16, longheads-bf16, for the GQA
+  // Method names: dense, longheads, with bf16 K/V dense-bf16, longheads-bf16 (int8: -int8), for the GQA
   // shape longheads-shared (group_max_selection, which reads the longheads fp32 caches), and
   // longheads-bf16-at-completion (spread_encoding off) beside longheads-bf16 at the longest context.
   auto register_decode = [&](const std::string& method, const model_shape& s, std::int64_t ctx, unsigned t, auto run, attention_method m,
@@ -525,7 +526,7 @@ void register_all() {
         ->Unit(benchmark::kMicrosecond);
   };
   for (std::int64_t ctx : decode_contexts)
-    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
       for (attention_method m : {attention_method::dense, attention_method::longheads})
         in_rounds([&] {
           if (ctx == decode_contexts.back() && storage == kv_precision::fp32 && m == attention_method::dense)
@@ -533,7 +534,7 @@ void register_all() {
               benchmark::RegisterBenchmark("probe/read_bandwidth", probe_read_bandwidth, probe_bytes / t)->Threads(static_cast<int>(t))->UseRealTime();
               benchmark::RegisterBenchmark("probe/triad", probe_triad, probe_bytes / 4 / t)->Threads(static_cast<int>(t))->UseRealTime();
             }
-          const std::string method = std::string(to_string(m)) + (storage == kv_precision::bf16 ? "-bf16" : "");
+          const std::string method = std::string(to_string(m)) + (storage == kv_precision::fp32 ? "" : std::string("-") + to_string(storage));
           for (const model_shape& s : {llama2_7b, llama3_8b})
             for (unsigned t : thread_counts) register_decode(method, s, ctx, t, decode<threaded>, m, storage);
           if (storage == kv_precision::fp32 && m == attention_method::longheads)
@@ -552,6 +553,7 @@ void register_all() {
     in_rounds([&] {
       register_decode("longheads-quest-bf16", llama3_8b, ctx, 1, decode<threaded_quest>, attention_method::longheads, kv_precision::bf16);
       register_decode("longheads-quest-beam-bf16", llama3_8b, ctx, 1, decode<threaded_quest_beam>, attention_method::longheads, kv_precision::bf16);
+      register_decode("longheads-quest-beam-int8", llama3_8b, ctx, 1, decode<threaded_quest_beam>, attention_method::longheads, kv_precision::int8);
       register_decode("longheads-quest-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest, 64, 64>, attention_method::longheads,
                       kv_precision::bf16);
       register_decode("longheads-quest-beam-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest_beam, 64, 64>, attention_method::longheads,

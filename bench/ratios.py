@@ -88,6 +88,8 @@ def main():
             for method in ("dense", "longheads"):
                 ratio(f"decode 128k {shape} {method}: bf16 faster than fp32 ({t} thread)", f"decode/{method}-bf16/{shape}/131072/threads:{t}",
                       f"decode/{method}/{shape}/131072/threads:{t}", 1.0)
+                ratio(f"decode 128k {shape} {method}: int8 faster than bf16 ({t} thread)", f"decode/{method}-int8/{shape}/131072/threads:{t}",
+                      f"decode/{method}-bf16/{shape}/131072/threads:{t}", 1.0)
     ratio("decode 128k llama2_7b longheads: 2 threads / 1 thread", "decode/longheads/llama2_7b/131072/threads:2",
           "decode/longheads/llama2_7b/131072/threads:1", 1.6)
     ratio("decode 128k llama2_7b dense: 2 threads / 1 thread", "decode/dense/llama2_7b/131072/threads:2",
@@ -124,6 +126,19 @@ def main():
         if same and gqa:
             rows.append((f"  for reference: dense decode 128k llama3_8b K/V read rate / its cache's own probe read ({t} thread)",
                          f"{counter_ratio(step, 'GB/s', step, 'same_memory_read_GB/s'):.0%} ({gqa:.1f} of {same:.1f} GB/s)", "", ""))
+    # int8 K/V (issue 21): what the cache holds per token, against bf16 (the K/V part, and the
+    # whole cache with LongHeads' fp32 chunk summaries, which both storages keep alike).
+    for shape in ("llama2_7b", "llama3_8b"):
+        for method in ("dense", "longheads"):
+            int8, bf16 = f"decode/{method}-int8/{shape}/131072/threads:1", f"decode/{method}-bf16/{shape}/131072/threads:1"
+            kv = counter_ratio(int8, "kv_bytes/token", bf16, "kv_bytes/token")
+            if kv:
+                rows.append((f"int8 K/V bytes per token / bf16's, {shape} {method}", f"{kv:.3f}x ({counter(int8, 'kv_bytes/token'):.0f} B)",
+                             "<= 0.55x", "met" if kv <= 0.55 else "NOT met"))
+            whole = lambda b: b["kv_bytes/token"] + b["summary_bytes/token"] + b["index_bytes/token"]
+            if has(int8, "summary_bytes/token") and has(bf16, "summary_bytes/token") and method == "longheads":
+                rows.append((f"  for reference: with the chunk summaries, {shape} {method}",
+                             f"{paired(runs[int8], runs[bf16], whole):.3f}x", "", ""))
     # Batches (issue 21): 16 sequences in one call on 2 threads against 1 thread, and against
     # 16 separate calls (per-sequence cost: the step's time, the same 16 tokens either way).
     batch = "decode/batch/h8_kv8_d64/4096/sequences:16/threads:{}"
