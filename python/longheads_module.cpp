@@ -56,7 +56,8 @@ attention_method method_from(const std::string& name) {
 kv_precision storage_from(const std::string& name) {
   if (name == "fp32") return kv_precision::fp32;
   if (name == "bf16") return kv_precision::bf16;
-  throw config_error("kv_storage must be 'fp32' or 'bf16', got '" + name + "'");
+  if (name == "int8") return kv_precision::int8;
+  throw config_error("kv_storage must be 'fp32', 'bf16' or 'int8', got '" + name + "'");
 }
 
 // ------------------------------------------------------------------------- Python policies

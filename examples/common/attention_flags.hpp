@@ -49,9 +49,9 @@ inline void add_attention_flags(CLI::App& app, attention_flags& f, bool with_met
       
       ->capture_default_str();
   app.add_option("--sink-tokens", f.config.sink_tokens, "sink tokens of sink-window")->capture_default_str();
-  app.add_option("--kv-storage", f.config.kv_storage, "cached keys and values as fp32 or bf16 (half the bytes) [fp32]")
+  app.add_option("--kv-storage", f.config.kv_storage, "cached keys and values as fp32, bf16 (half the bytes) or int8 (0.53x bf16) [fp32]")
       ->transform(CLI::CheckedTransformer(
-          std::map<std::string, longheads::kv_precision>{{"fp32", longheads::kv_precision::fp32}, {"bf16", longheads::kv_precision::bf16}}));
+          std::map<std::string, longheads::kv_precision>{{"fp32", longheads::kv_precision::fp32}, {"bf16", longheads::kv_precision::bf16}, {"int8", longheads::kv_precision::int8}}));
   app.add_option("--threads", f.threads, "threads (heads run in parallel; results identical for any count)")
       ->check(CLI::Range(1u, 1024u))
       ->capture_default_str();

@@ -121,6 +121,21 @@ def test_bf16_storage_and_the_cache_report():
     assert bf16.config.kv_storage == "bf16"
 
 
+def test_int8_storage():
+    q, k, v = sequence(100, seed=11)
+    fp32, int8 = layer(), layer(kv_storage="int8")
+    c32, c8 = fp32.make_cache(), int8.make_cache()
+    out32, out8 = fp32.prefill(c32, q, k, v), int8.prefill(c8, q, k, v)
+    assert np.abs(out8 - out32).max() <= 5e-2 * np.abs(out32).max()
+    elements = c32.bytes_by_kind()["keys"] // 4
+    assert c8.bytes_by_kind()["keys"] == elements + elements // 16 * 2  # head_dim 16: a bf16 scale per 16
+    assert int8.config.kv_storage == "int8"
+    again = int8.make_cache()
+    assert np.array_equal(int8.prefill(again, q, k, v), out8)
+    with pytest.raises(lh.ConfigError):
+        layer(kv_storage="int4")
+
+
 def load_example(name):
     import importlib.util
     source = os.environ.get("LONGHEADS_SOURCE", os.path.join(os.path.dirname(__file__), "..", ".."))

@@ -20,7 +20,8 @@ constexpr int n_q_heads = 8, n_kv_heads = 2, head_dim = 64;  // GQA: 4 query hea
 constexpr int dim = n_q_heads * head_dim;                    // the model width
 constexpr int qkv_width = (n_q_heads + 2 * n_kv_heads) * head_dim;
 
-longheads::attention_config make_config(longheads::attention_method method) {
+longheads::attention_config make_config(longheads::attention_method method,
+                                        longheads::kv_precision storage = longheads::kv_precision::fp32) {
   longheads::attention_config config;
   config.n_q_heads = n_q_heads;
   config.n_kv_heads = n_kv_heads;
@@ -28,6 +29,7 @@ longheads::attention_config make_config(longheads::attention_method method) {
   config.chunk_size = 64;    // w
   config.budget_chunks = 8;  // k: every head reads k*w = 512 tokens per query, the trained context
   config.method = method;
+  config.kv_storage = storage;  // fp32, bf16 (half the bytes) or int8 (a quarter and a bit)
   return config;
 }
 // [/snippet:shape]
@@ -50,8 +52,8 @@ class layer {
  public:
   // [snippet:layer]
   layer(const longheads::rope& rope, longheads::attention_method method, const longheads::thread_pool_executor& pool,
-        std::uint32_t seed)
-      : attention_(make_config(method), rope, {.executor = pool}) {
+        std::uint32_t seed, longheads::kv_precision storage = longheads::kv_precision::fp32)
+      : attention_(make_config(method, storage), rope, {.executor = pool}) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f / std::sqrt(static_cast<float>(dim)));
     w_qkv_.resize(std::size_t{dim} * qkv_width);
@@ -254,6 +256,26 @@ int main() {
   std::printf("caches saved and loaded: decoding on %s never saving them\n", resumes ? "bitwise equal to" : "DIFFERENT from");
   // [/snippet:resume]
   if (!resumes) return 1;
+
+  // 5. 8-bit keys and values: the same weights with int8 K/V (a bf16 scale per 32 elements)
+  // keep 0.27x of fp32's cache bytes per token; the outputs stay close to fp32's.
+  // [snippet:int8]
+  layer exact(rope, longheads::attention_method::longheads, pool, 300);
+  layer compact(rope, longheads::attention_method::longheads, pool, 300, longheads::kv_precision::int8);
+  auto cache32 = exact.new_sequence(2048), cache8 = compact.new_sequence(2048);
+  auto x32 = random_tokens(2048, 13), x8 = x32;
+  exact.forward(cache32, x32.data(), 2048);
+  compact.forward(cache8, x8.data(), 2048);
+  auto kv_bytes_per_token = [](const longheads::kv_cache& c) {
+    const auto held = c.bytes_by_kind();
+    return static_cast<double>(held.keys + held.values) / static_cast<double>(c.capacity_tokens());
+  };
+  double int8_diff = 0;  // mean |difference| of the layer's outputs, over values of size ~1
+  for (std::size_t i = 0; i < x8.size(); ++i) int8_diff += std::abs(double(x8[i]) - double(x32[i])) / double(x8.size());
+  std::printf("int8 K/V: %.0f bytes per token and layer (fp32: %.0f); outputs vs fp32: mean |diff| %.1e, max %.1e\n",
+              kv_bytes_per_token(cache8), kv_bytes_per_token(cache32), int8_diff, max_abs_diff(x8, x32));
+  // [/snippet:int8]
+  if (int8_diff > 1e-2 || kv_bytes_per_token(cache8) > 0.27 * kv_bytes_per_token(cache32)) return 1;
 
   // [snippet:errors]
   // Bad input throws a longheads::error naming what is wrong; the cache is left as it was.
