@@ -123,10 +123,11 @@ def test_bf16_storage_and_the_cache_report():
 
 def test_int8_storage():
     q, k, v = sequence(100, seed=11)
-    fp32, int8 = layer(), layer(kv_storage="int8")
+    # Dense attention: no selection to flip on a near-tie, so every output is close.
+    fp32, int8 = layer(method="dense"), layer(method="dense", kv_storage="int8")
     c32, c8 = fp32.make_cache(), int8.make_cache()
     out32, out8 = fp32.prefill(c32, q, k, v), int8.prefill(c8, q, k, v)
-    assert np.abs(out8 - out32).max() <= 5e-2 * np.abs(out32).max()
+    assert np.abs(out8 - out32).max() <= 2e-2 * np.abs(out32).max()
     elements = c32.bytes_by_kind()["keys"] // 4
     assert c8.bytes_by_kind()["keys"] == elements + elements // 16 * 2  # head_dim 16: a bf16 scale per 16
     assert int8.config.kv_storage == "int8"
