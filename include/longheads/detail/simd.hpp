@@ -427,21 +427,42 @@ inline void accumulate_block(const float* const (&alpha)[R], X x, std::ptrdiff_t
   for (std::size_t r = 0; r < R; ++r)
     LONGHEADS_UNROLL
     for (std::size_t b = 0; b < B; ++b) acc[r][b] = float_batch::load_unaligned(y[r] + column + static_cast<std::ptrdiff_t>(b) * simd_width);
-  for (std::ptrdiff_t j = 0; j < rows; ++j) {
-    const X row = x + j * stride + column;
-    float_batch a[R];
-    LONGHEADS_UNROLL
-    for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r][j]);
-    LONGHEADS_UNROLL
-    for (std::size_t b = 0; b < B; ++b) {
-      constexpr std::ptrdiff_t line_elements = 64 / element_bytes<X>;
-      if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_elements == 0)
-        prefetch_line(address_of(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width));
-      float_batch xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
-      if constexpr (R > 1) loaded_once(xb);
+  // int8 rows in blocks of 32 (head_dim a multiple of 32) read in column blocks of whole scale
+  // blocks (the columns start at multiples of B * simd_width): one scale load per block of a
+  // row instead of one per vector, with the bits of load_floats.
+  constexpr auto block_vectors = static_cast<std::size_t>(32 / simd_width);
+  constexpr bool hoistable = std::same_as<X, int8_rows> && int8_vector_loads<float_batch> && 32 % simd_width == 0 &&
+                             B * static_cast<std::size_t>(simd_width) % 32 == 0;
+  auto sweep = [&](auto hoist) {
+    for (std::ptrdiff_t j = 0; j < rows; ++j) {
+      const X row = x + j * stride + column;
+      float_batch a[R];
       LONGHEADS_UNROLL
-      for (std::size_t r = 0; r < R; ++r) acc[r][b] = detail::fma(a[r], xb, acc[r][b]);
+      for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r][j]);
+      [[maybe_unused]] float_batch scale;
+      LONGHEADS_UNROLL
+      for (std::size_t b = 0; b < B; ++b) {
+        constexpr std::ptrdiff_t line_elements = 64 / element_bytes<X>;
+        if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_elements == 0)
+          prefetch_line(address_of(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width));
+        float_batch xb;
+        if constexpr (decltype(hoist)::value) {
+          if (b % block_vectors == 0) scale = int8_scale(row + static_cast<std::ptrdiff_t>(b) * simd_width);
+          xb = int8_widen(row + static_cast<std::ptrdiff_t>(b) * simd_width) * scale;
+        } else {
+          xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
+        }
+        if constexpr (R > 1) loaded_once(xb);
+        LONGHEADS_UNROLL
+        for (std::size_t r = 0; r < R; ++r) acc[r][b] = detail::fma(a[r], xb, acc[r][b]);
+      }
     }
+  };
+  if constexpr (hoistable) {
+    if (x.block_shift >= 5) sweep(std::true_type{});
+    else sweep(std::false_type{});
+  } else {
+    sweep(std::false_type{});
   }
   LONGHEADS_UNROLL
   for (std::size_t r = 0; r < R; ++r)
