@@ -445,10 +445,16 @@ inline void accumulate_block(const float* const (&alpha)[R], X x, std::ptrdiff_t
         constexpr std::ptrdiff_t line_elements = 64 / element_bytes<X>;
         if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_elements == 0)
           prefetch_line(address_of(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width));
-        float_batch xb;
-        if constexpr (decltype(hoist)::value) {
-          if (b % block_vectors == 0) scale = int8_scale(row + static_cast<std::ptrdiff_t>(b) * simd_width);
-          xb = int8_widen(row + static_cast<std::ptrdiff_t>(b) * simd_width) * scale;
+        float_batch xb = float_batch(0.0f);
+        // Discarded outright unless hoistable (X is int8_rows), which clang needs: it checks
+        // a generic lambda's statements that do not depend on its own parameter.
+        if constexpr (hoistable) {
+          if constexpr (decltype(hoist)::value) {
+            if (b % block_vectors == 0) scale = int8_scale(row + static_cast<std::ptrdiff_t>(b) * simd_width);
+            xb = int8_widen(row + static_cast<std::ptrdiff_t>(b) * simd_width) * scale;
+          } else {
+            xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
+          }
         } else {
           xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
         }
