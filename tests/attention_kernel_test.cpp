@@ -89,9 +89,34 @@ TEST_CASE("consume_shared streams one segment into several queries with the bits
       }
 }
 
+namespace {
+/// The outputs of n queries (rows of `queries`) after the default kernel's consume_shared over
+/// two segments of `length` rows of keys and values (any row type), the second from row length.
+template <class Rows>
+std::vector<float> two_segments(const std::vector<float>& queries, std::size_t n, int d, int length, Rows keys, Rows values) {
+  const online_softmax_kernel kernel{};
+  std::vector<const float*> rows(n);
+  std::vector<float> buf(n * d), scratch(kernel.scratch_floats(length, d));
+  std::vector<float*> outs(n);
+  std::vector<softmax_state> states(n);
+  std::vector<softmax_state*> state_ptrs(n);
+  for (std::size_t r = 0; r < n; ++r) {
+    rows[r] = queries.data() + r * d;
+    outs[r] = buf.data() + r * d;
+    state_ptrs[r] = &states[r];
+    kernel.begin(states[r], outs[r], d);
+  }
+  for (int segment = 0; segment < 2; ++segment) {
+    const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(segment) * length * d;
+    kernel.consume_shared(keys + at, values + at, length, rows.data(), n, d, 0.3f, state_ptrs.data(), outs.data(), scratch);
+  }
+  for (std::size_t r = 0; r < n; ++r) kernel.finish(states[r], outs[r], d);
+  return buf;
+}
+}  // namespace
+
 TEST_CASE("the kernel reads bf16 rows in place with the bits of reading them converted to fp32") {
   static_assert(bf16_reading_kernel<online_softmax_kernel>);
-  const online_softmax_kernel kernel{};
   std::uint32_t seed = 300;
   // Head dims around the vector width exercise the widening load and the scalar tail.
   for (int d : {6, 16, 18, 32, 64, 128, 130})
@@ -110,26 +135,8 @@ TEST_CASE("the kernel reads bf16 rows in place with the bits of reading them con
         from_bf16(values16.data(), values_wide.data(), static_cast<std::ptrdiff_t>(elements));
         const auto queries = test::random_floats(n * d, seed++);
 
-        auto run = [&](auto k, auto v) {
-          std::vector<const float*> rows(n);
-          std::vector<float> buf(n * d), scratch(kernel.scratch_floats(length, d));
-          std::vector<float*> outs(n);
-          std::vector<softmax_state> states(n);
-          std::vector<softmax_state*> state_ptrs(n);
-          for (std::size_t r = 0; r < n; ++r) {
-            rows[r] = queries.data() + r * d;
-            outs[r] = buf.data() + r * d;
-            state_ptrs[r] = &states[r];
-            kernel.begin(states[r], outs[r], d);
-          }
-          for (int segment = 0; segment < 2; ++segment) {
-            const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(segment) * length * d;
-            kernel.consume_shared(k + at, v + at, length, rows.data(), n, d, 0.3f, state_ptrs.data(), outs.data(), scratch);
-          }
-          for (std::size_t r = 0; r < n; ++r) kernel.finish(states[r], outs[r], d);
-          return buf;
-        };
-        CHECK(run(keys16.data(), values16.data()) == run(keys_wide.data(), values_wide.data()));
+        CHECK(two_segments(queries, n, d, length, keys16.data(), values16.data()) ==
+              two_segments(queries, n, d, length, keys_wide.data(), values_wide.data()));
       }
 }
 
@@ -178,7 +185,6 @@ TEST_CASE("int8 blocks: quantized within half a step of the block's scale, dequa
 
 TEST_CASE("the kernel reads int8 rows in place with the bits of reading them dequantized to fp32") {
   static_assert(int8_reading_kernel<online_softmax_kernel>);
-  const online_softmax_kernel kernel{};
   std::uint32_t seed = 700;
   // Head dims whose blocks hold a whole vector (16, 32, 64, 96, 128: one scale per load) and
   // ones whose blocks are smaller than a vector (6, 18, 130: blocks of 2, read lane by lane).
@@ -203,25 +209,6 @@ TEST_CASE("the kernel reads int8 rows in place with the bits of reading them deq
         const int8_rows k{keys8.data(), key_scales.data(), 0, shift}, v{values8.data(), value_scales.data(), 0, shift};
         for (std::size_t e = 0; e < elements; e += 7) CHECK(k[static_cast<std::ptrdiff_t>(e)] == keys_wide[e]);
 
-        auto run = [&](auto keys_in, auto values_in) {
-          std::vector<const float*> rows(n);
-          std::vector<float> buf(n * d), scratch(kernel.scratch_floats(length, d));
-          std::vector<float*> outs(n);
-          std::vector<softmax_state> states(n);
-          std::vector<softmax_state*> state_ptrs(n);
-          for (std::size_t r = 0; r < n; ++r) {
-            rows[r] = queries.data() + r * d;
-            outs[r] = buf.data() + r * d;
-            state_ptrs[r] = &states[r];
-            kernel.begin(states[r], outs[r], d);
-          }
-          for (int segment = 0; segment < 2; ++segment) {
-            const std::ptrdiff_t at = static_cast<std::ptrdiff_t>(segment) * length * d;
-            kernel.consume_shared(keys_in + at, values_in + at, length, rows.data(), n, d, 0.3f, state_ptrs.data(), outs.data(), scratch);
-          }
-          for (std::size_t r = 0; r < n; ++r) kernel.finish(states[r], outs[r], d);
-          return buf;
-        };
-        CHECK(run(k, v) == run(keys_wide.data(), values_wide.data()));
+        CHECK(two_segments(queries, n, d, length, k, v) == two_segments(queries, n, d, length, keys_wide.data(), values_wide.data()));
       }
 }
