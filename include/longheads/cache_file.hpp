@@ -181,11 +181,15 @@ inline void write_layer(meta_writer& m, const cache_shape& s, const attention_co
 
 /// The cache's buffers and state, for saving and loading (kv_cache's friend).
 struct cache_file_access {
+  /// Key (or value) elements of a cache of `tokens` tokens: every chunk begun, whole.
+  static std::size_t kv_elements(const kv_cache& c, std::int64_t tokens) {
+    const auto w = c.shape().chunk_size;
+    return static_cast<std::size_t>((tokens + w - 1) / w) * c.kv_floats_per_chunk();
+  }
   /// Byte counts of the five sections of a cache of `tokens` tokens.
   static std::array<std::size_t, 5> section_bytes(const kv_cache& c, std::int64_t tokens) {
     const cache_shape& s = c.shape();
-    const auto chunks = static_cast<std::size_t>((tokens + s.chunk_size - 1) / s.chunk_size);
-    const std::size_t elements = chunks * c.kv_floats_per_chunk();
+    const std::size_t elements = kv_elements(c, tokens);
     const std::size_t kv = s.precision == kv_precision::int8 ? int8_storage_bytes(elements, s.head_dim) : elements * kv_element_bytes(s.precision);
     const std::size_t reps = static_cast<std::size_t>(s.summary_heads()) * static_cast<std::size_t>(tokens / s.chunk_size) *
                              s.representation_floats * sizeof(float);
@@ -270,8 +274,7 @@ struct cache_file_access {
       keys = one(raw(c.keys16_), bytes[0]);
       values = one(raw(c.values16_), bytes[1]);
     } else if (c.shape().precision == kv_precision::int8) {
-      const auto w = c.shape().chunk_size;
-      const std::size_t elements = static_cast<std::size_t>((c.tokens_ + w - 1) / w) * c.kv_floats_per_chunk();
+      const std::size_t elements = kv_elements(c, c.tokens_);
       keys = {std::pair{raw(c.keys8_), elements}, std::pair{raw(c.key_scales_), bytes[0] - elements}};
       values = {std::pair{raw(c.values8_), elements}, std::pair{raw(c.value_scales_), bytes[1] - elements}};
     }

@@ -83,59 +83,28 @@ inline Batch load_floats(const bf16* p) noexcept {
   return Batch::load_aligned(wide);
 }
 
-/// Whether the int8 loads below take the vector paths (x86 with AVX2 or AVX-512).
-template <class Batch>
-inline constexpr bool int8_vector_loads =
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>) ||
-#endif
-#if defined(__AVX2__)
-    (Batch::size == 8 && std::is_base_of_v<xsimd::avx2, typename Batch::arch_type>) ||
-#endif
-    false;
-
-/// The scale of the int8 block holding element p.at, in every lane. It is broadcast as 16-bit
-/// lanes straight from memory and shifted into place as a float's upper half: through a general
-/// register (movd, then a broadcast) the int8 kernel ran at a third of the speed (Zen 4, four
-/// queries over keys and values in L2). Only where int8_vector_loads<Batch>.
-template <class Batch = float_batch>
-inline Batch int8_scale(const int8_rows& p) noexcept {
-  [[maybe_unused]] const auto bits = static_cast<short>(p.scales[p.at >> p.block_shift]);
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>)
-    return Batch(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(bits), 16)));
-#endif
-#if defined(__AVX2__)
-  if constexpr (Batch::size == 8 && std::is_base_of_v<xsimd::avx2, typename Batch::arch_type>)
-    return Batch(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16(bits), 16)));
-#endif
-  return Batch(from_bf16(p.scales[p.at >> p.block_shift]));
-}
-
-/// Batch::size int8 elements from p.at, widened to floats (unscaled). Only where
-/// int8_vector_loads<Batch>.
-template <class Batch = float_batch>
-inline Batch int8_widen(const int8_rows& p) noexcept {
-  [[maybe_unused]] const std::int8_t* e = p.elements + p.at;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>)
-    return Batch(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(e)))));
-#endif
-#if defined(__AVX2__)
-  if constexpr (Batch::size == 8 && std::is_base_of_v<xsimd::avx2, typename Batch::arch_type>)
-    return Batch(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e)))));
-#endif
-  return Batch(0.0f);
-}
-
 /// simd_width int8 elements times their block's scale, widened to floats (exact: a 7-bit
-/// integer times a bf16). One scale for the whole vector when a block holds at least a
-/// vector (rows of a multiple of 32, the loads starting at multiples of the width); else lane
-/// by lane.
+/// integer times a bf16). On x86 one scale for the whole vector when a block holds at least a
+/// vector (rows of a multiple of 32, the loads starting at multiples of the width), broadcast
+/// as 16-bit lanes straight from memory and shifted into place as a float's upper half: through
+/// a general register (movd, then a broadcast) the int8 kernel ran at a third of the speed (Zen
+/// 4, four queries over keys and values in L2). Else lane by lane.
 template <class Batch = float_batch>
 inline Batch load_floats(const int8_rows& p) noexcept {
-  if constexpr (int8_vector_loads<Batch>)
-    if ((std::ptrdiff_t{1} << p.block_shift) >= static_cast<std::ptrdiff_t>(Batch::size)) return int8_widen<Batch>(p) * int8_scale<Batch>(p);
+  if ((std::ptrdiff_t{1} << p.block_shift) >= static_cast<std::ptrdiff_t>(Batch::size)) {
+    [[maybe_unused]] const std::int8_t* e = p.elements + p.at;
+    [[maybe_unused]] const auto bits = static_cast<short>(p.scales[p.at >> p.block_shift]);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if constexpr (Batch::size == 16 && std::is_base_of_v<xsimd::avx512f, typename Batch::arch_type>)
+      return Batch(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(e))))) *
+             Batch(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(bits), 16)));
+#endif
+#if defined(__AVX2__)
+    if constexpr (Batch::size == 8 && std::is_base_of_v<xsimd::avx2, typename Batch::arch_type>)
+      return Batch(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e))))) *
+             Batch(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16(bits), 16)));
+#endif
+  }
   alignas(Batch::arch_type::alignment()) float wide[Batch::size];
   for (std::size_t j = 0; j < Batch::size; ++j) wide[j] = p[static_cast<std::ptrdiff_t>(j)];
   return Batch::load_aligned(wide);
@@ -278,25 +247,7 @@ inline void dot_block(const float* const (&q)[R], K k, std::ptrdiff_t count, std
       // The same loop twice: unrolled when the length is a compile-time constant (as a plain
       // constexpr bound: GCC ignores the pragma on a bound that converts an integral_constant),
       // left alone otherwise (clang warns when it cannot unroll a loop it was told to).
-      if constexpr (requires { decltype(length)::value; } && std::same_as<K, int8_rows> && int8_vector_loads<float_batch>) {
-        // int8 rows of 64 or 128: whole blocks of 32, so the vectors of one block share its
-        // scale, loaded once (the bits of load_floats per vector). Per key row 12 -> 8 ns (four
-        // queries, L2, Zen 4).
-        constexpr std::ptrdiff_t blocks_in_row = decltype(length)::value / 32, per_block = 32 / simd_width;
-        LONGHEADS_UNROLL
-        for (std::ptrdiff_t b = 0; b < blocks_in_row; ++b) {
-          const int8_rows block = k + (j * length + b * 32);
-          const float_batch scale = int8_scale(block);
-          LONGHEADS_UNROLL
-          for (std::ptrdiff_t u = 0; u < per_block; ++u) {
-            float_batch key = int8_widen(block + u * simd_width) * scale;
-            if constexpr (R > 1) loaded_once(key);
-            LONGHEADS_UNROLL
-            for (std::size_t r = 0; r < R; ++r)
-              row[r] = detail::fma(float_batch::load_unaligned(q[r] + b * 32 + u * simd_width), key, row[r]);
-          }
-        }
-      } else if constexpr (requires { decltype(length)::value; }) {
+      if constexpr (requires { decltype(length)::value; }) {
         constexpr std::ptrdiff_t vectors_in_row = decltype(length)::value / simd_width;
         LONGHEADS_UNROLL
         for (std::ptrdiff_t v = 0; v < vectors_in_row; ++v) {
@@ -427,48 +378,21 @@ inline void accumulate_block(const float* const (&alpha)[R], X x, std::ptrdiff_t
   for (std::size_t r = 0; r < R; ++r)
     LONGHEADS_UNROLL
     for (std::size_t b = 0; b < B; ++b) acc[r][b] = float_batch::load_unaligned(y[r] + column + static_cast<std::ptrdiff_t>(b) * simd_width);
-  // int8 rows in blocks of 32 (head_dim a multiple of 32) read in column blocks of whole scale
-  // blocks (the columns start at multiples of B * simd_width): one scale load per block of a
-  // row instead of one per vector, with the bits of load_floats.
-  constexpr auto block_vectors = static_cast<std::size_t>(32 / simd_width);
-  constexpr bool hoistable = std::same_as<X, int8_rows> && int8_vector_loads<float_batch> && 32 % simd_width == 0 &&
-                             B * static_cast<std::size_t>(simd_width) % 32 == 0;
-  auto sweep = [&](auto hoist) {
-    for (std::ptrdiff_t j = 0; j < rows; ++j) {
-      const X row = x + j * stride + column;
-      float_batch a[R];
+  for (std::ptrdiff_t j = 0; j < rows; ++j) {
+    const X row = x + j * stride + column;
+    float_batch a[R];
+    LONGHEADS_UNROLL
+    for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r][j]);
+    LONGHEADS_UNROLL
+    for (std::size_t b = 0; b < B; ++b) {
+      constexpr std::ptrdiff_t line_elements = 64 / element_bytes<X>;
+      if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_elements == 0)
+        prefetch_line(address_of(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width));
+      float_batch xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
+      if constexpr (R > 1) loaded_once(xb);
       LONGHEADS_UNROLL
-      for (std::size_t r = 0; r < R; ++r) a[r] = float_batch(alpha[r][j]);
-      [[maybe_unused]] float_batch scale;
-      LONGHEADS_UNROLL
-      for (std::size_t b = 0; b < B; ++b) {
-        constexpr std::ptrdiff_t line_elements = 64 / element_bytes<X>;
-        if (j < upcoming.count && static_cast<std::ptrdiff_t>(b) * simd_width % line_elements == 0)
-          prefetch_line(address_of(upcoming.rows + j * stride + column + static_cast<std::ptrdiff_t>(b) * simd_width));
-        float_batch xb = float_batch(0.0f);
-        // Discarded outright unless hoistable (X is int8_rows), which clang needs: it checks
-        // a generic lambda's statements that do not depend on its own parameter.
-        if constexpr (hoistable) {
-          if constexpr (decltype(hoist)::value) {
-            if (b % block_vectors == 0) scale = int8_scale(row + static_cast<std::ptrdiff_t>(b) * simd_width);
-            xb = int8_widen(row + static_cast<std::ptrdiff_t>(b) * simd_width) * scale;
-          } else {
-            xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
-          }
-        } else {
-          xb = load_floats(row + static_cast<std::ptrdiff_t>(b) * simd_width);
-        }
-        if constexpr (R > 1) loaded_once(xb);
-        LONGHEADS_UNROLL
-        for (std::size_t r = 0; r < R; ++r) acc[r][b] = detail::fma(a[r], xb, acc[r][b]);
-      }
+      for (std::size_t r = 0; r < R; ++r) acc[r][b] = detail::fma(a[r], xb, acc[r][b]);
     }
-  };
-  if constexpr (hoistable) {
-    if (x.block_shift >= 5) sweep(std::true_type{});
-    else sweep(std::false_type{});
-  } else {
-    sweep(std::false_type{});
   }
   LONGHEADS_UNROLL
   for (std::size_t r = 0; r < R; ++r)
