@@ -1087,3 +1087,36 @@ TEST_CASE("rollback: random truncate and redo sequences give a fresh run's bits,
   attention<> dense(test::make_config(4, 2, d, w, budget, attention_method::dense), r);
   property(dense, "dense", true);
 }
+
+TEST_CASE("compact KV storage: chunk summaries come from the stored keys; an unknown storage is a config_error") {
+  const int w = 8, budget = 4, d = 32, hq = 4, hkv = 2, T = 100;
+  rope r(d);
+  const test::sequence seq(T, hq, hkv, d, 77);
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
+    CAPTURE(to_string(storage));
+    attention_config c = test::make_config(hq, hkv, d, w, budget);
+    c.kv_storage = storage;
+    attention<test::quest_policies> a(c, r);
+    auto cache = a.make_cache();
+    seq.run(a, cache);
+    // Quest's summary is the per-channel [min | max] of the chunk's keys: exactly those of the
+    // keys as stored (rounded to bf16, or quantized), read back through fp32_rows.
+    std::vector<float> scratch(2 * static_cast<std::size_t>(w) * d);
+    for (int g = 0; g < hkv; ++g) {
+      const auto summaries = cache.representations(g * (hq / hkv));
+      REQUIRE(summaries.rows() == cache.full_chunks());
+      for (std::int64_t chunk = 0; chunk < cache.full_chunks(); ++chunk) {
+        const float* keys = cache.fp32_rows(cache.kv_offset(chunk, g), w, scratch).first;
+        for (int i = 0; i < d; ++i) {
+          float lo = keys[i], hi = keys[i];
+          for (int t = 1; t < w; ++t) lo = std::min(lo, keys[t * d + i]), hi = std::max(hi, keys[t * d + i]);
+          CHECK(summaries(chunk, i) == lo);
+          CHECK(summaries(chunk, d + i) == hi);
+        }
+      }
+    }
+  }
+  attention_config bad = test::make_config(hq, hkv, d, w, budget);
+  bad.kv_storage = static_cast<kv_precision>(7);
+  CHECK_THROWS_WITH_AS(attention<>(bad, r), doctest::Contains("kv_storage must be fp32, bf16 or int8"), config_error);
+}
