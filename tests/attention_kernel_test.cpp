@@ -183,12 +183,25 @@ TEST_CASE("int8 blocks: quantized within half a step of the block's scale, dequa
   }
 }
 
-TEST_CASE("the kernel reads int8 rows in place with the bits of reading them dequantized to fp32") {
+namespace {
+/// A query quantized as the int8 kernel's contract says, computed from the words of the spec:
+/// scale = (largest magnitude) / 127 in fp32, element = round-to-nearest-even(x / scale).
+std::pair<std::vector<int>, float> quantized_by_spec(const float* x, int d) {
+  float largest = 0.0f;
+  for (int i = 0; i < d; ++i) largest = std::max(largest, std::abs(x[i]));
+  const float scale = largest / 127.0f;
+  std::vector<int> q(static_cast<std::size_t>(d));
+  for (int i = 0; i < d; ++i) q[static_cast<std::size_t>(i)] = scale == 0.0f ? 0 : static_cast<int>(std::nearbyint(x[i] / scale));
+  return {q, scale};
+}
+}  // namespace
+
+TEST_CASE("int8 keys meet the query quantized: elements by the spec, logits against a double reference, values read exactly") {
   static_assert(int8_reading_kernel<online_softmax_kernel>);
   std::uint32_t seed = 700;
-  // Head dims whose blocks hold a whole vector (16, 32, 64, 96, 128: one scale per load) and
-  // ones whose blocks are smaller than a vector (6, 18, 130: blocks of 2, read lane by lane).
-  for (int d : {6, 16, 18, 32, 64, 96, 128, 130})
+  // Head dims with blocks of 32 (the VNNI loop where the CPU has it: whole 64s and a last half)
+  // and ones with smaller blocks (6, 18, 130: blocks of 2; 16, 48: 16).
+  for (int d : {6, 16, 18, 32, 48, 64, 96, 128, 130, 256})
     for (int length : {1, 7, 16, 33})
       for (std::size_t n : {1u, 2u, 3u, 4u, 5u}) {
         CAPTURE(d);
@@ -196,19 +209,90 @@ TEST_CASE("the kernel reads int8 rows in place with the bits of reading them deq
         CAPTURE(n);
         const int block = int8_block_elements(d);
         const auto elements = 2 * static_cast<std::size_t>(length) * d;
-        const auto keys = test::random_floats(elements, seed++, 1.5f), values = test::random_floats(elements, seed++);
+        auto keys = test::random_floats(elements, seed++, 1.5f);
+        const auto values = test::random_floats(elements, seed++);
+        keys[3] = 40.0f;  // an outlier: its block's scale is coarse, the other blocks' are not
         std::vector<std::int8_t> keys8(elements), values8(elements);
         std::vector<bf16> key_scales(elements / static_cast<std::size_t>(block)), value_scales(key_scales.size());
         quantize_int8(keys.data(), keys8.data(), key_scales.data(), static_cast<std::ptrdiff_t>(elements), block);
         quantize_int8(values.data(), values8.data(), value_scales.data(), static_cast<std::ptrdiff_t>(elements), block);
-        std::vector<float> keys_wide(elements), values_wide(elements);
-        dequantize_int8(keys8.data(), key_scales.data(), keys_wide.data(), static_cast<std::ptrdiff_t>(elements), block);
+        std::vector<float> values_wide(elements);
         dequantize_int8(values8.data(), value_scales.data(), values_wide.data(), static_cast<std::ptrdiff_t>(elements), block);
-        const auto queries = test::random_floats(n * d, seed++);
+        auto queries = test::random_floats(n * d, seed++);
+        if (n > 1) std::fill(queries.begin() + d, queries.begin() + 2 * d, 0.0f);  // an all-zero query: scale 0
         const int shift = std::countr_zero(static_cast<unsigned>(block));
         const int8_rows k{keys8.data(), key_scales.data(), 0, shift}, v{values8.data(), value_scales.data(), 0, shift};
-        for (std::size_t e = 0; e < elements; e += 7) CHECK(k[static_cast<std::ptrdiff_t>(e)] == keys_wide[e]);
 
-        CHECK(two_segments(queries, n, d, length, k, v) == two_segments(queries, n, d, length, keys_wide.data(), values_wide.data()));
+        // The quantized query: exactly the spec's elements and scale.
+        std::vector<float> room(detail::quantized_query_floats(d));
+        for (std::size_t r = 0; r < n; ++r) {
+          const auto [q, scale] = quantized_by_spec(queries.data() + r * d, d);
+          const detail::quantized_query got = detail::quantize_query(queries.data() + r * d, d, block, room.data());
+          CHECK(got.scale == scale);
+          CHECK(std::equal(q.begin(), q.end(), got.elements, [](int a, std::int8_t b) { return a == int{b}; }));
+        }
+
+        // The outputs against double-precision attention over the formula's logits (query scale
+        // times the sum over key blocks of key scale times the exact integer dot product) and the
+        // values dequantized; the kernel's own rounding is fp32's.
+        const auto out = two_segments(queries, n, d, length, k, v);
+        for (std::size_t r = 0; r < n; ++r) {
+          const auto [q, scale] = quantized_by_spec(queries.data() + r * d, d);
+          std::vector<double> logits(2 * static_cast<std::size_t>(length));
+          double largest_logit = -1e300;
+          for (std::size_t j = 0; j < logits.size(); ++j) {
+            double sum = 0;
+            for (int b0 = 0; b0 < d; b0 += block) {
+              long long dot = 0;
+              for (int i = b0; i < b0 + block; ++i) dot += static_cast<long long>(q[static_cast<std::size_t>(i)]) * keys8[j * d + static_cast<std::size_t>(i)];
+              sum += static_cast<double>(from_bf16(key_scales[(j * d + static_cast<std::size_t>(b0)) / static_cast<std::size_t>(block)])) * static_cast<double>(dot);
+            }
+            logits[j] = 0.3 * scale * sum;
+            largest_logit = std::max(largest_logit, logits[j]);
+          }
+          std::vector<double> expected(static_cast<std::size_t>(d));
+          double denominator = 0, largest = 0;
+          for (std::size_t j = 0; j < logits.size(); ++j) {
+            const double p = std::exp(logits[j] - largest_logit);
+            denominator += p;
+            for (int i = 0; i < d; ++i) expected[static_cast<std::size_t>(i)] += p * values_wide[j * d + static_cast<std::size_t>(i)];
+          }
+          for (double& e : expected) largest = std::max(largest, std::abs(e /= denominator));
+          for (int i = 0; i < d; ++i) CHECK(std::abs(out[r * d + static_cast<std::size_t>(i)] - expected[static_cast<std::size_t>(i)]) <= 1e-5 * largest + 1e-30);  // logits up to ~20: fp32 exp of them
+        }
+
+        // A query's bits do not depend on the others it shares the rows with.
+        for (std::size_t r = 0; r < n; ++r) {
+          const std::vector<float> alone(queries.begin() + static_cast<std::ptrdiff_t>(r * d), queries.begin() + static_cast<std::ptrdiff_t>((r + 1) * d));
+          CHECK(two_segments(alone, 1, d, length, k, v) == std::vector<float>(out.begin() + static_cast<std::ptrdiff_t>(r * d), out.begin() + static_cast<std::ptrdiff_t>((r + 1) * d)));
+        }
       }
+}
+
+TEST_CASE("int8 logits: within the query's and the key's rounding of the fp32 logits") {
+  // What quantizing the query costs, per logit: at most the query's half step times the key's
+  // magnitudes (|q - q'| <= s / 2 elementwise), beside the key's own rounding, which the
+  // dequantized key already carries.
+  std::uint32_t seed = 900;
+  for (int d : {32, 64, 128}) {
+    CAPTURE(d);
+    const int rows = 16, block = int8_block_elements(d);
+    const auto keys = test::random_floats(static_cast<std::size_t>(rows * d), seed++, 1.5f), query = test::random_floats(static_cast<std::size_t>(d), seed++);
+    std::vector<std::int8_t> keys8(keys.size());
+    std::vector<bf16> scales(keys.size() / static_cast<std::size_t>(block));
+    quantize_int8(keys.data(), keys8.data(), scales.data(), static_cast<std::ptrdiff_t>(keys.size()), block);
+    std::vector<float> room(detail::quantized_query_floats(d)), logits(16);
+    const detail::quantized_query quantized[1] = {detail::quantize_query(query.data(), d, block, room.data())};
+    float* out[1] = {logits.data()};
+    detail::dot_block(quantized, int8_rows{keys8.data(), scales.data(), 0, std::countr_zero(static_cast<unsigned>(block))}, rows, d, out);
+    for (int j = 0; j < rows; ++j) {
+      double exact = 0, key_norm1 = 0;
+      for (int i = 0; i < d; ++i) {
+        const double key = static_cast<double>(keys8[static_cast<std::size_t>(j * d + i)]) * from_bf16(scales[static_cast<std::size_t>((j * d + i) / block)]);
+        exact += double{query[static_cast<std::size_t>(i)]} * key;
+        key_norm1 += std::abs(key);
+      }
+      CHECK(std::abs(logits[static_cast<std::size_t>(j)] - exact) <= quantized[0].scale / 2 * key_norm1 * (1 + 1e-5) + 1e-5 * std::abs(exact));
+    }
+  }
 }

@@ -303,16 +303,26 @@ TEST_CASE("bad input throws a message naming the problem and leaves the cache un
 }
 
 TEST_CASE("non-finite input can be let through when the caller asks, confined to its own head") {
-  const int w = 4, budget = 3, d = 8;
-  attention_config c = test::make_config(2, 2, d, w, budget, attention_method::dense);
-  c.reject_nonfinite = false;
-  attention<> a(c, rope(d));
-  test::sequence seq(6, 2, 2, d, 950);
-  seq.q[(5 * 2 + 1) * d] = std::nanf("");  // last token, head 1
-  const auto out = seq.run(a);
-  for (int t = 0; t < 6; ++t)
-    for (int h = 0; h < 2; ++h)
-      for (int i = 0; i < d; ++i) CHECK(std::isfinite(out[(t * 2 + h) * d + i]) == !(t == 5 && h == 1));
+  const int w = 4, budget = 3;
+  // d 8 and (int8's vector loop) 64; every storage: an int8 query is quantized, and a
+  // non-finite one must not round to finite numbers.
+  for (int d : {8, 64})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8})
+      for (float bad : {std::nanf(""), std::numeric_limits<float>::infinity()}) {
+        CAPTURE(d);
+        CAPTURE(to_string(storage));
+        CAPTURE(bad);
+        attention_config c = test::make_config(2, 2, d, w, budget, attention_method::dense);
+        c.reject_nonfinite = false;
+        c.kv_storage = storage;
+        attention<> a(c, rope(d));
+        test::sequence seq(6, 2, 2, d, 950);
+        seq.q[static_cast<std::size_t>((5 * 2 + 1) * d)] = bad;  // last token, head 1
+        const auto out = seq.run(a);
+        for (int t = 0; t < 6; ++t)
+          for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < d; ++i) CHECK(std::isfinite(out[static_cast<std::size_t>((t * 2 + h) * d + i)]) == !(t == 5 && h == 1));
+      }
 }
 
 TEST_CASE("views with a token stride read a fused QKV buffer in place") {
@@ -732,9 +742,21 @@ TEST_CASE("compact KV storage (bf16, int8): the K/V bytes, close to fp32, and th
       CHECK(seq.run(compact, 37) == out);
       attention<threaded_policies> pooled(compact_config, r, {.executor = thread_pool_executor(3)});
       CHECK(seq.run(pooled, 1) == out);
-      // Reading in place gives the bits of converting each chunk first.
+      // Reading bf16 in place gives the bits of converting each chunk first. int8 keys meet the
+      // query quantized in place (a kernel that converts reads them dequantized, with the fp32
+      // query): the two are as close as either is to fp32.
       attention<converting_policies> converting(compact_config, r);
-      CHECK(seq.run(converting, 0) == out);
+      if (sc.storage == kv_precision::bf16) {
+        CHECK(seq.run(converting, 0) == out);
+      } else {
+        std::vector<std::int32_t> converting_sel;
+        auto converting_cache = converting.make_cache();
+        const auto converted = seq.run(converting, converting_cache, 0, selects ? &converting_sel : nullptr);
+        CHECK(converting_sel == compact_sel);  // selection reads the summaries, which are alike
+        double apart = 0;
+        for (std::size_t i = 0; i < out.size(); ++i) apart = std::max(apart, std::abs(double(out[i]) - double(converted[i])));
+        CHECK(apart <= sc.error * largest);
+      }
     }
     // Inside the budget compact LongHeads is compact dense attention.
     attention_config lh = test::make_config(hq, hkv, d, w, 64), dense = test::make_config(hq, hkv, d, w, 64, attention_method::dense);

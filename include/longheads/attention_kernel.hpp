@@ -99,8 +99,8 @@ struct online_softmax_kernel {
   /// Floats of caller-owned scratch one call needs (policies never allocate): logits of up to
   /// four queries, each rounded up to whole batches, whose padding holds -inf so every
   /// probability goes through the same vector exp whatever the segment's length.
-  std::size_t scratch_floats(std::ptrdiff_t max_segment_length, int) const noexcept {
-    return 4 * static_cast<std::size_t>(padded(max_segment_length));
+  std::size_t scratch_floats(std::ptrdiff_t max_segment_length, int head_dim) const noexcept {
+    return 4 * static_cast<std::size_t>(padded(max_segment_length)) + 4 * detail::quantized_query_floats(head_dim);
   }
 
   /// Starts a query: resets the state and zeroes the output row.
@@ -169,9 +169,23 @@ struct online_softmax_kernel {
     const float* query_rows[R];
     float* block_logits[R];
     std::copy(queries, queries + R, query_rows);
-    for (std::int32_t j0 = 0; j0 < length; j0 += key_block) {
-      for (std::size_t r = 0; r < R; ++r) block_logits[r] = logits[r] + j0;
-      detail::dot_block(query_rows, keys + j0 * d, std::min(key_block, length - j0), d, block_logits);
+    if constexpr (std::same_as<Rows, int8_rows>) {
+      // int8 keys meet the queries quantized in the keys' blocks (detail::dot_block's note);
+      // the room past every logit.
+      detail::quantized_query quantized[R];
+      float* room = scratch.data() + scratch.size() - 4 * detail::quantized_query_floats(d);
+      for (std::size_t r = 0; r < R; ++r)
+        quantized[r] = detail::quantize_query(query_rows[r], d, 1 << keys.block_shift,
+                                              room + static_cast<std::ptrdiff_t>(r * detail::quantized_query_floats(d)));
+      for (std::int32_t j0 = 0; j0 < length; j0 += key_block) {
+        for (std::size_t r = 0; r < R; ++r) block_logits[r] = logits[r] + j0;
+        detail::dot_block(quantized, keys + j0 * d, std::min(key_block, length - j0), d, block_logits);
+      }
+    } else {
+      for (std::int32_t j0 = 0; j0 < length; j0 += key_block) {
+        for (std::size_t r = 0; r < R; ++r) block_logits[r] = logits[r] + j0;
+        detail::dot_block(query_rows, keys + j0 * d, std::min(key_block, length - j0), d, block_logits);
+      }
     }
     // Max, exp and sum in whole batches: the padding holds -inf, whose exp adds 0.
     using detail::float_batch;

@@ -11,6 +11,8 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <xsimd/xsimd.hpp>
 
@@ -285,6 +287,192 @@ inline void dot_block(const float* const (&q)[R], K k, std::ptrdiff_t count, std
     if (vectors == n) continue;
     for (std::ptrdiff_t j = 0; j < count; ++j)
       for (std::ptrdiff_t i = vectors; i < n; ++i) out[r][j] = std::fma(q[r][i], to_float(k[j * n + i]), out[r][j]);
+  }
+}
+
+// ---------------------------------------------------------------- int8 keys: quantized queries
+// Widening int8 keys to floats costs more than the bytes save (an int-to-float conversion and a
+// scale per 16 elements: 5.4 ns per row of 128 for one query against bf16's 3.2, Zen 4), so
+// int8 keys meet an int8 query, as in llama.cpp's q8_0 and SageAttention: the query is quantized
+// with one scale for its whole row (q = round(x / s), s = its largest magnitude / 127), each key
+// block's dot product with it is an exact integer (64 byte products per VNNI instruction), and
+// only those sums meet the scales:
+//   logit = query scale * sum over key blocks b of (key scale_b * integer dot product_b).
+// One query scale, not one per block: the block scales of the keys already differ per row and
+// block, and a second per-block factor would cost a multiply per query and vector (the kernel's
+// bound for a kv group's four queries). What this rounds is the query, to within 1/254 of its
+// largest element, beside the cache's rounding of the key to 1/254 of its block's.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define LONGHEADS_INT8_DOT_VNNI 1
+#endif
+
+/// A query quantized for int8 keys (quantize_query): its int8 elements and one scale, and the
+/// offsets the vector loop starts each block's lanes from (per 64 elements 16 lanes, lane l
+/// summing block 2v + l / 8).
+struct quantized_query {
+  const std::int8_t* elements = nullptr;       ///< n, in [-127, 127]
+  float scale = 0.0f;                          ///< the query is elements * scale
+  const std::int32_t* lane_offsets = nullptr;  ///< -16 * the sum of the lane's block of elements
+};
+
+/// Floats of room quantize_query needs for a query of n elements.
+constexpr std::size_t quantized_query_floats(std::ptrdiff_t n) noexcept { return static_cast<std::size_t>(n) + 64; }
+
+/// Quantizes a query of n elements (blocks of `block`, as its keys') into `room`
+/// (quantized_query_floats(n) floats): scale = largest magnitude / 127, elements =
+/// round-to-nearest-even(x / scale); an all-zero query has scale 0 and elements 0, a query with
+/// a non-finite element scale NaN and elements 0.
+inline quantized_query quantize_query(const float* query, std::ptrdiff_t n, int block, float* room) noexcept {
+  const std::ptrdiff_t lanes = (n + 63) / 64 * 16;
+  auto* lane_offsets = reinterpret_cast<std::int32_t*>(room);
+  auto* elements = reinterpret_cast<std::int8_t*>(room + lanes);
+  float_batch largest(0.0f);
+  auto finite = float_batch(0.0f) == float_batch(0.0f);
+  std::ptrdiff_t i = 0;
+  for (; i + simd_width <= n; i += simd_width) {
+    const float_batch a = xsimd::abs(float_batch::load_unaligned(query + i));
+    finite = finite && (a <= float_batch(std::numeric_limits<float>::max()));  // false for NaN too
+    largest = xsimd::max(largest, a);
+  }
+  alignas(float_batch::arch_type::alignment()) float wide[simd_width];
+  largest.store_aligned(wide);
+  float amax = *std::max_element(wide, wide + simd_width);
+  bool all_finite = xsimd::all(finite);
+  for (; i < n; ++i) {
+    all_finite &= std::isfinite(query[i]);
+    amax = std::max(amax, std::abs(query[i]));
+  }
+  // A non-finite query (reject_nonfinite off) gets scale NaN: its logits are NaN, as in fp32.
+  const float scale = all_finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+  i = 0;
+  if (scale == 0.0f || !all_finite) {
+    std::fill(elements, elements + n, std::int8_t{0});
+  } else {
+    for (; i + simd_width <= n; i += simd_width) {
+      alignas(float_batch::arch_type::alignment()) std::int32_t ints[simd_width];
+      const float_batch q = xsimd::nearbyint(float_batch::load_unaligned(query + i) / float_batch(scale));
+      xsimd::batch_cast<std::int32_t>(xsimd::min(xsimd::max(q, float_batch(-127.0f)), float_batch(127.0f))).store_aligned(ints);
+      for (std::ptrdiff_t j = 0; j < simd_width; ++j) elements[i + j] = static_cast<std::int8_t>(ints[j]);
+    }
+    for (; i < n; ++i) elements[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(query[i] / scale), -127.0f, 127.0f));
+  }
+  if (block == 32) {
+    for (std::ptrdiff_t b = 0; b * 32 < n; ++b) {
+      std::int32_t sum = 0;
+      for (std::ptrdiff_t e = 0; e < 32; ++e) sum += elements[b * 32 + e];
+      const std::int32_t offset = -16 * sum;  // 8 lanes, 4 bytes each of key + 128: -128 * sum in all
+      for (std::ptrdiff_t l = 0; l < 8; ++l) std::memcpy(lane_offsets + b * 8 + l, &offset, sizeof offset);
+    }
+    for (std::ptrdiff_t l = n / 4; l < lanes; ++l) std::memset(lane_offsets + l, 0, sizeof(std::int32_t));  // a half group's rest
+  }
+  return {elements, scale, lane_offsets};
+}
+
+/// out[r][j] = the logit of quantized query q[r] and int8 key row k_j = k + j * n (the formula
+/// above), for R queries and count <= simd_width rows read once for all of them; like the float
+/// dot_block, a result depends only on its query and its row. Writes simd_width floats at each
+/// out[r] (0 past count).
+template <std::size_t R>
+inline void dot_block(const quantized_query (&q)[R], int8_rows k, std::ptrdiff_t count, std::ptrdiff_t n, float* const (&out)[R]) noexcept {
+#if defined(LONGHEADS_INT8_DOT_VNNI)
+  if constexpr (simd_width == 16) {
+    if (k.block_shift == 5 && n % 32 == 0) {
+      // Per 64 bytes of a key row: the bytes as unsigned (k + 128; the query's lane offsets take
+      // the 128 back out), one vpdpbusd per query summing each block's 32 products into 8 lanes,
+      // converted (exact: |sum| < 2^24) and times the lanes' key scale.
+      const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+      // Word 2i + 1 of lane i takes scale word i / 8 (the lane's block); even words are zeroed.
+      const __m512i spread = _mm512_set_epi16(1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+      float_batch acc[R][simd_width];
+      auto rows = [&](auto length) {
+        const std::ptrdiff_t groups = length / 64;
+        // The queries' vectors in registers across the rows where the head dim is a constant
+        // (R = 4, d = 128: 16 of the 32; loaded per row they made the load ports the bound).
+        constexpr std::ptrdiff_t held = [] {
+          if constexpr (requires { decltype(length)::value; }) return decltype(length)::value / 64;
+          else return std::ptrdiff_t{0};
+        }();
+        __m512i held_elements[R][held > 0 ? held : 1], held_offsets[R][held > 0 ? held : 1];
+        LONGHEADS_UNROLL
+        for (std::size_t r = 0; r < R; ++r)
+          LONGHEADS_UNROLL
+          for (std::ptrdiff_t v = 0; v < held; ++v) {
+            held_elements[r][v] = _mm512_loadu_si512(q[r].elements + 64 * v);
+            held_offsets[r][v] = _mm512_loadu_si512(q[r].lane_offsets + 16 * v);
+          }
+        for (std::ptrdiff_t j = 0; j < count; ++j) {
+          const std::int8_t* row = k.elements + k.at + j * length;
+          const bf16* row_scales = k.scales + ((k.at + j * length) >> 5);
+          __m512 sum[R];
+          auto group = [&](auto v) {
+            const __m512i key = _mm512_xor_si512(_mm512_loadu_si512(row + 64 * v), flip);
+            std::int32_t pair;
+            std::memcpy(&pair, row_scales + 2 * v, sizeof pair);
+            const __m512 key_scales = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, _mm512_set1_epi32(pair)));
+            LONGHEADS_UNROLL
+            for (std::size_t r = 0; r < R; ++r) {
+              __m512i elements, offsets;
+              if constexpr (held > 0) {
+                elements = held_elements[r][v];
+                offsets = held_offsets[r][v];
+              } else {
+                elements = _mm512_loadu_si512(q[r].elements + 64 * v);
+                offsets = _mm512_loadu_si512(q[r].lane_offsets + 16 * v);
+              }
+              const __m512 dots = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(offsets, key, elements));
+              sum[r] = v == 0 ? _mm512_mul_ps(dots, key_scales) : _mm512_fmadd_ps(dots, key_scales, sum[r]);
+            }
+          };
+          // Unrolled for the common head dims (a constexpr bound, as in the float dot_block).
+          if constexpr (requires { decltype(length)::value; }) {
+            constexpr std::ptrdiff_t whole_groups = decltype(length)::value / 64;
+            LONGHEADS_UNROLL
+            for (std::ptrdiff_t v = 0; v < whole_groups; ++v) group(v);
+          } else {
+            for (std::ptrdiff_t v = 0; v < groups; ++v) group(v);
+          }
+          if (length % 64 != 0) {  // a last block of 32: half a vector
+            const __m256i key = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * groups)), _mm512_castsi512_si256(flip));
+            const __m256 key_scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16(static_cast<short>(row_scales[2 * groups])), 16));
+            LONGHEADS_UNROLL
+            for (std::size_t r = 0; r < R; ++r) {
+              const __m256i dots = _mm256_dpbusd_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r].lane_offsets + 16 * groups)), key,
+                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r].elements + 64 * groups)));
+              const __m512 part = _mm512_zextps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(dots), key_scale));
+              sum[r] = groups == 0 ? part : _mm512_add_ps(sum[r], part);
+            }
+          }
+          LONGHEADS_UNROLL
+          for (std::size_t r = 0; r < R; ++r) acc[r][j] = float_batch(sum[r]);
+        }
+      };
+      if (n == 128) rows(std::integral_constant<std::ptrdiff_t, 128>{});
+      else if (n == 64) rows(std::integral_constant<std::ptrdiff_t, 64>{});
+      else rows(n);
+      LONGHEADS_UNROLL
+      for (std::size_t r = 0; r < R; ++r) {
+        for (std::ptrdiff_t j = count; j < simd_width; ++j) acc[r][j] = float_batch(0.0f);
+        (sum_rows(acc[r]) * float_batch(q[r].scale)).store_unaligned(out[r]);
+      }
+      return;
+    }
+  }
+#endif
+  // Elsewhere: per row, each block's integer dot product times its scale, in block order.
+  const int block = 1 << k.block_shift;
+  for (std::size_t r = 0; r < R; ++r) {
+    for (std::ptrdiff_t j = 0; j < count; ++j) {
+      const std::ptrdiff_t at = k.at + j * n;
+      float sum = 0.0f;
+      for (std::ptrdiff_t b = 0; b * block < n; ++b) {
+        std::int32_t dot = 0;
+        for (std::ptrdiff_t i = b * block; i < (b + 1) * block; ++i) dot += std::int32_t{k.elements[at + i]} * q[r].elements[i];
+        sum = std::fma(static_cast<float>(dot), from_bf16(k.scales[(at >> k.block_shift) + b]), sum);
+      }
+      out[r][j] = sum * q[r].scale;
+    }
+    for (std::ptrdiff_t j = count; j < simd_width; ++j) out[r][j] = 0.0f;
   }
 }
 
