@@ -127,8 +127,10 @@ struct online_softmax_kernel {
   /// neighbouring queries of a block), each with its own rotated query, state and output: every
   /// key and value is loaded once for up to four queries. Each query's arithmetic is exactly
   /// consume()'s (dot_block and accumulate_rows guarantee it), so the results are the same bits. Keys
-  /// and values may be bf16 or int8 (int8_rows), read in place: the bits are then those of
-  /// consume() over the rows converted with from_bf16 or dequantize_int8.
+  /// and values may be bf16 or int8 (int8_rows), read in place: bf16 with the bits of consume()
+  /// over the rows converted with from_bf16; int8 values with those of dequantize_int8's floats,
+  /// int8 keys against each query quantized to int8 (detail::quantize_query: one scale per query,
+  /// exact integer dot products per key block), within the query's rounding of the fp32 logits.
   template <detail::kv_rows Rows>
   void consume_shared(Rows keys, Rows values, std::int32_t length, const float* const* queries, std::size_t n,
                       int head_dim, float scale, softmax_state* const* states, float* const* outs,

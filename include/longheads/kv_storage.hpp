@@ -14,16 +14,18 @@
 //    in its block, not in the whole row; smaller blocks would cost more scale bytes.
 //  - A bf16 scale has fp32's range (no overflow or flush as with fp16) and is rounded up, so
 //    amax / s <= 127 and no element clips. And q * s is exact in fp32 (7 bits times 8), so
-//    reading a row widened in registers gives exactly the floats of dequantize_int8.
+//    a value row widened in registers gives exactly the floats of dequantize_int8.
 //  - Elements and scales live in two arrays indexed like the fp32 storage (element e's scale is
 //    scale e / 32), so a chunk stays w * d contiguous bytes the kernel streams in order.
 // A head_dim that is not a multiple of 32 takes blocks of the largest power of two dividing it
 // (a block never spans two tokens, which arrive one at a time). A block holding a non-finite
 // element is stored as NaN, all of it (the attention rejects non-finite input by default).
 //
-// All arithmetic stays fp32: the default kernel widens bf16 and int8 rows in registers as it
-// loads them (kernel_reads_in_place); encoders and other kernels get each chunk converted to fp32
-// in scratch once per read, so the chunk summaries come from what is stored.
+// The default kernel reads compact rows in place (kernel_reads_in_place): bf16 rows and int8
+// value rows widened to fp32 in registers, int8 key rows against the query quantized to int8,
+// block by block in exact integers (detail::dot_block's note: a widened int8 key costs more than
+// its bytes save); accumulation is fp32. Encoders and other kernels get each chunk converted to
+// fp32 in scratch once per read, so the chunk summaries come from what is stored.
 #pragma once
 
 #include <algorithm>
