@@ -281,10 +281,13 @@ TEST_CASE("int8 logits: within the query's and the key's rounding of the fp32 lo
     std::vector<std::int8_t> keys8(keys.size());
     std::vector<bf16> scales(keys.size() / static_cast<std::size_t>(block));
     quantize_int8(keys.data(), keys8.data(), scales.data(), static_cast<std::ptrdiff_t>(keys.size()), block);
-    std::vector<float> room(detail::quantized_query_floats(d)), logits(16);
+    std::vector<float> room(detail::quantized_query_floats(d)), logits(static_cast<std::size_t>(rows));
     const detail::quantized_query quantized[1] = {detail::quantize_query(query.data(), d, block, room.data())};
-    float* out[1] = {logits.data()};
-    detail::dot_block(quantized, int8_rows{keys8.data(), scales.data(), 0, std::countr_zero(static_cast<unsigned>(block))}, rows, d, out);
+    for (int j0 = 0; j0 < rows; j0 += static_cast<int>(detail::simd_width)) {  // a vector's worth of rows a call
+      float* out[1] = {logits.data() + j0};
+      detail::dot_block(quantized, int8_rows{keys8.data(), scales.data(), 0, std::countr_zero(static_cast<unsigned>(block))} + j0 * d,
+                        detail::simd_width, d, out);
+    }
     for (int j = 0; j < rows; ++j) {
       double exact = 0, key_norm1 = 0;
       for (int i = 0; i < d; ++i) {

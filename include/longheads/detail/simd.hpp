@@ -329,8 +329,8 @@ inline quantized_query quantize_query(const float* query, std::ptrdiff_t n, int 
   auto* elements = reinterpret_cast<std::int8_t*>(room + lanes);
   float_batch largest(0.0f);
   auto finite = float_batch(0.0f) == float_batch(0.0f);
-  std::ptrdiff_t i = 0;
-  for (; i + simd_width <= n; i += simd_width) {
+  const std::ptrdiff_t vectors = n - n % simd_width;
+  for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
     const float_batch a = xsimd::abs(float_batch::load_unaligned(query + i));
     finite = finite && (a <= float_batch(std::numeric_limits<float>::max()));  // false for NaN too
     largest = xsimd::max(largest, a);
@@ -339,23 +339,22 @@ inline quantized_query quantize_query(const float* query, std::ptrdiff_t n, int 
   largest.store_aligned(wide);
   float amax = *std::max_element(wide, wide + simd_width);
   bool all_finite = xsimd::all(finite);
-  for (; i < n; ++i) {
+  for (std::ptrdiff_t i = vectors; i < n; ++i) {
     all_finite &= std::isfinite(query[i]);
     amax = std::max(amax, std::abs(query[i]));
   }
   // A non-finite query (reject_nonfinite off) gets scale NaN: its logits are NaN, as in fp32.
   const float scale = all_finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-  i = 0;
   if (scale == 0.0f || !all_finite) {
     std::fill(elements, elements + n, std::int8_t{0});
   } else {
-    for (; i + simd_width <= n; i += simd_width) {
+    for (std::ptrdiff_t i = 0; i < vectors; i += simd_width) {
       alignas(float_batch::arch_type::alignment()) std::int32_t ints[simd_width];
       const float_batch q = xsimd::nearbyint(float_batch::load_unaligned(query + i) / float_batch(scale));
       xsimd::batch_cast<std::int32_t>(xsimd::min(xsimd::max(q, float_batch(-127.0f)), float_batch(127.0f))).store_aligned(ints);
       for (std::ptrdiff_t j = 0; j < simd_width; ++j) elements[i + j] = static_cast<std::int8_t>(ints[j]);
     }
-    for (; i < n; ++i) elements[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(query[i] / scale), -127.0f, 127.0f));
+    for (std::ptrdiff_t i = vectors; i < n; ++i) elements[i] = static_cast<std::int8_t>(std::clamp(std::nearbyint(query[i] / scale), -127.0f, 127.0f));
   }
   if (block == 32) {
     for (std::ptrdiff_t b = 0; b * 32 < n; ++b) {
@@ -450,6 +449,42 @@ inline void dot_block(const quantized_query (&q)[R], int8_rows k, std::ptrdiff_t
       if (n == 128) rows(std::integral_constant<std::ptrdiff_t, 128>{});
       else if (n == 64) rows(std::integral_constant<std::ptrdiff_t, 64>{});
       else rows(n);
+      LONGHEADS_UNROLL
+      for (std::size_t r = 0; r < R; ++r) {
+        for (std::ptrdiff_t j = count; j < simd_width; ++j) acc[r][j] = float_batch(0.0f);
+        (sum_rows(acc[r]) * float_batch(q[r].scale)).store_unaligned(out[r]);
+      }
+      return;
+    }
+  }
+#elif defined(__AVX2__)
+  if constexpr (simd_width == 8) {
+    if (k.block_shift == 5 && n % 32 == 0) {
+      // Per key block (one vector of 32 bytes): |k| times the query with k's sign, in 16-bit
+      // pairs (at most 2 * 127 * 127: no saturation, as no byte is -128), then summed into 8
+      // lanes of 32 bits, converted and times the block's scale.
+      const __m256i ones = _mm256_set1_epi16(1);
+      float_batch acc[R][simd_width];
+      for (std::ptrdiff_t j = 0; j < count; ++j) {
+        const std::int8_t* row = k.elements + k.at + j * n;
+        const bf16* row_scales = k.scales + ((k.at + j * n) >> 5);
+        __m256 sum[R];
+        LONGHEADS_UNROLL
+        for (auto& x : sum) x = _mm256_setzero_ps();
+        for (std::ptrdiff_t b = 0; b < n / 32; ++b) {
+          const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+          const __m256i magnitude = _mm256_abs_epi8(key);
+          const __m256 key_scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16(static_cast<short>(row_scales[b])), 16));
+          LONGHEADS_UNROLL
+          for (std::size_t r = 0; r < R; ++r) {
+            const __m256i signed_query = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r].elements + 32 * b)), key);
+            const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_query), ones));
+            sum[r] = _mm256_fmadd_ps(dots, key_scale, sum[r]);
+          }
+        }
+        LONGHEADS_UNROLL
+        for (std::size_t r = 0; r < R; ++r) acc[r][j] = float_batch(sum[r]);
+      }
       LONGHEADS_UNROLL
       for (std::size_t r = 0; r < R; ++r) {
         for (std::ptrdiff_t j = count; j < simd_width; ++j) acc[r][j] = float_batch(0.0f);
