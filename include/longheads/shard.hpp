@@ -34,6 +34,7 @@
 #include "config.hpp"
 #include "errors.hpp"
 #include "kv_cache.hpp"
+#include "planner.hpp"
 #include "rope.hpp"
 #include "views.hpp"
 
