@@ -137,8 +137,13 @@ TEST_CASE("shards: partial softmax states merged in log-sum-exp form give the at
       CHECK((merged_state.running_max == before_state.running_max && merged_state.denominator == before_state.denominator));
       kernel.finish(merged_state, merged.data(), d);
 
+      // Against double precision the kernel's own fp32 rounding counts too: a logit of size x
+      // carries about x * 2^-24 absolute error into its exp (up to 2.7e-6 of the largest output
+      // here at -O1, logits ~40). The merge itself adds no more than 1e-6 to one state's result.
+      double logit_size = 0;
+      for (double l : logits) logit_size = std::max(logit_size, std::abs(l));
       for (int i = 0; i < d; ++i) {
-        CHECK(std::abs(merged[static_cast<std::size_t>(i)] - expected[static_cast<std::size_t>(i)]) <= 1e-6 * largest);
+        CHECK(std::abs(merged[static_cast<std::size_t>(i)] - expected[static_cast<std::size_t>(i)]) <= 1e-7 * (10 + logit_size) * largest);
         CHECK(std::abs(merged[static_cast<std::size_t>(i)] - whole[static_cast<std::size_t>(i)]) <= 1e-6 * largest);
       }
       if (shards == 1) CHECK(merged == whole);  // one shard: merging into an empty state is a copy
