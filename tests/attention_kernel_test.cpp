@@ -299,3 +299,40 @@ TEST_CASE("int8 logits: within the query's and the key's rounding of the fp32 lo
     }
   }
 }
+
+TEST_CASE("int8 value rows widened in registers are exactly dequantize_int8's floats (the value pass's bits)") {
+  // The docs' promise (kv_storage.hpp, performance.md): values are read in place with the bits
+  // of the dequantized rows. accumulate_rows over int8_rows == over dequantize_int8's floats.
+  std::uint32_t seed = 950;
+  auto check = [&]<std::size_t R>(int d) {
+    CAPTURE(d);
+    CAPTURE(R);
+    const int rows = 16, block = int8_block_elements(d);
+    const auto n = static_cast<std::size_t>(rows * d);
+    const auto values = test::random_floats(n, seed++, 2.0f), weights = test::random_floats(R * rows, seed++);
+    std::vector<std::int8_t> values8(n);
+    std::vector<bf16> scales(n / static_cast<std::size_t>(block));
+    quantize_int8(values.data(), values8.data(), scales.data(), static_cast<std::ptrdiff_t>(n), block);
+    std::vector<float> wide(n);
+    dequantize_int8(values8.data(), scales.data(), wide.data(), static_cast<std::ptrdiff_t>(n), block);
+    const int8_rows v{values8.data(), scales.data(), 0, std::countr_zero(static_cast<unsigned>(block))};
+    for (std::ptrdiff_t e = 0; e < static_cast<std::ptrdiff_t>(n); e += 7) CHECK(v[e] == wide[static_cast<std::size_t>(e)]);
+    std::vector<float> in_place(R * static_cast<std::size_t>(d), 0.5f), widened = in_place;
+    const float* alpha[R];
+    float* y_in_place[R];
+    float* y_widened[R];
+    for (std::size_t r = 0; r < R; ++r) {
+      alpha[r] = weights.data() + r * rows;
+      y_in_place[r] = in_place.data() + r * static_cast<std::size_t>(d);
+      y_widened[r] = widened.data() + r * static_cast<std::size_t>(d);
+    }
+    detail::accumulate_rows(alpha, v, rows, y_in_place, d);
+    detail::accumulate_rows(alpha, static_cast<const float*>(wide.data()), rows, y_widened, d);
+    CHECK(in_place == widened);
+  };
+  for (int d : {6, 16, 18, 32, 64, 96, 128, 130}) {
+    check.operator()<1>(d);
+    check.operator()<2>(d);
+    check.operator()<4>(d);
+  }
+}
