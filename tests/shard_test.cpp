@@ -259,3 +259,149 @@ TEST_CASE("shards: caches of contiguous chunk ranges choose the single-process c
   CHECK_THROWS_WITH_AS(make_shard(fine, -1), doctest::Contains("first chunk must be >= 0"), config_error);
   CHECK(make_shard(fine, 3).first_chunk == 3);
 }
+
+TEST_CASE("shards: the block functions, fed as a host feeds them, choose the single-process chunks bitwise and attend within 1e-6") {
+  // A sequence fed in random blocks; each block's tokens go to the shard whose chunk range holds
+  // them (P = 1..4 contiguous ranges, random boundaries, the last open-ended), then every shard
+  // offers, the offers are merged, every shard attends and the partial states are merged. The
+  // selections must equal one attention's prefill of the whole sequence (==), the outputs be
+  // within 1e-6 of its largest, and one shard give its bits. Policies: the paper's, Quest
+  // scanned flat, Quest through the exact index, Quest with group-max selection, and the beam
+  // index (one shard only: each shard's beam is its own).
+  const int w = 8, budget = 6, d = 32, hq = 4, hkv = 2, T = 300;
+  const rope r(d);
+  std::mt19937 rng(2350);
+  struct quest_flat : paper_policies {
+    using encoder = key_bounds_encoder;
+    using scorer = bound_scorer;
+  };
+  struct quest_index : quest_flat {
+    using index = bound_tree_index;
+  };
+  struct quest_group : quest_flat {
+    using group_selection = group_max_selection;
+  };
+  struct quest_beam : quest_flat {
+    using index = bound_tree_beam;
+  };
+  auto check = [&]<class Policies>(const char* policy_name, kv_precision storage, int most_shards, typename attention<Policies>::policy_set set) {
+    CAPTURE(std::string(policy_name));
+    CAPTURE(std::string(to_string(storage)));
+    attention_config config = test::make_config(hq, hkv, d, w, budget);
+    config.spread_encoding = false;
+    config.kv_storage = storage;
+    attention<Policies> a(config, r, set);
+    const test::sequence seq(T, hq, hkv, d, 2360);
+    auto whole = a.make_cache();
+    std::vector<float> expected(static_cast<std::size_t>(T) * hq * d);
+    std::vector<std::int32_t> selections(static_cast<std::size_t>(T) * hq * budget);
+    a.prefill(whole, seq.qv(0, T), seq.kv(0, T), seq.vv(0, T), {expected.data(), T, hq, d}, selections);
+    double largest = 0;
+    for (float x : expected) largest = std::max(largest, static_cast<double>(std::abs(x)));
+    const int chunks = (T + w - 1) / w;
+    const std::size_t wanted = offered_per_head(config);
+    for (int shards = 1; shards <= most_shards; ++shards) {
+      CAPTURE(shards);
+      std::vector<int> bounds{0};
+      for (int s = 1; s < shards; ++s) bounds.push_back(static_cast<int>(rng() % static_cast<unsigned>(chunks + 1)));
+      std::sort(bounds.begin(), bounds.end());
+      bounds.push_back(std::numeric_limits<int>::max() / w);
+      std::vector<kv_cache> caches;
+      std::vector<shard_scratch> scratch(static_cast<std::size_t>(shards));
+      for (int s = 0; s < shards; ++s) {
+        caches.push_back(a.make_cache());
+        scratch[static_cast<std::size_t>(s)].reserve(a, chunks, 40);
+      }
+      std::vector<float> got(expected.size());
+      std::vector<std::int32_t> chosen(selections.size());
+      std::vector<std::vector<chunk_candidate>> offers(static_cast<std::size_t>(shards));
+      std::vector<std::vector<std::int32_t>> counts(static_cast<std::size_t>(shards));
+      std::vector<std::vector<softmax_state>> states(static_cast<std::size_t>(shards));
+      std::vector<std::vector<float>> partial(static_cast<std::size_t>(shards));
+      std::vector<chunk_candidate> pool;
+      for (int first = 0; first < T;) {
+        const int n = std::min(T - first, 1 + static_cast<int>(rng() % 40));
+        const auto q = seq.qv(first, n);
+        for (int s = 0; s < shards; ++s) {  // the block's tokens to the shards that hold them
+          const int lo = std::max(first, bounds[static_cast<std::size_t>(s)] * w), hi = std::min(first + n, bounds[static_cast<std::size_t>(s) + 1] * w);
+          if (hi > lo) a.ingest(caches[static_cast<std::size_t>(s)], seq.qv(lo, hi - lo), seq.kv(lo, hi - lo), seq.vv(lo, hi - lo));
+        }
+        std::vector<std::span<const chunk_candidate>> offer_views;
+        std::vector<std::span<const std::int32_t>> count_views;
+        for (int s = 0; s < shards; ++s) {
+          const auto u = static_cast<std::size_t>(s);
+          offers[u].assign(static_cast<std::size_t>(n * hq) * wanted, {});
+          counts[u].assign(static_cast<std::size_t>(n * hq), -7);
+          offer_candidates(a, make_shard(caches[u], bounds[u]), q, first, offers[u], counts[u], scratch[u]);
+          offer_views.emplace_back(offers[u]);
+          count_views.emplace_back(counts[u]);
+        }
+        const std::span<std::int32_t> block_chosen(chosen.data() + static_cast<std::ptrdiff_t>(first) * hq * budget, static_cast<std::size_t>(n * hq * budget));
+        choose_from_offers(a, first, n, offer_views, count_views, block_chosen, pool);
+        std::vector<std::span<const softmax_state>> state_views;
+        std::vector<tensor_view<const float>> out_views;
+        for (int s = 0; s < shards; ++s) {
+          const auto u = static_cast<std::size_t>(s);
+          states[u].assign(static_cast<std::size_t>(n * hq), {});
+          partial[u].assign(static_cast<std::size_t>(n * hq * d), 0.0f);
+          attend_chosen(a, make_shard(caches[u], bounds[u]), q, first, block_chosen, states[u], {partial[u].data(), n, hq, d}, scratch[u]);
+          state_views.emplace_back(states[u]);
+          out_views.emplace_back(partial[u].data(), n, hq, d);
+        }
+        merge_attended(a, state_views, out_views, {got.data() + static_cast<std::ptrdiff_t>(first) * hq * d, n, hq, d});
+        first += n;
+      }
+      CHECK(chosen == selections);
+      double worst = 0;
+      for (std::size_t e = 0; e < got.size(); ++e) worst = std::max(worst, std::abs(double(got[e]) - double(expected[e])));
+      MESSAGE(std::string(policy_name) << ", " << std::string(to_string(storage)) << ", " << shards << " shards: largest |difference| / largest output " << worst / largest);
+      CHECK(worst <= 1e-6 * largest);
+      if (shards == 1) CHECK(got == expected);
+    }
+  };
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
+    check.operator()<paper_policies>("paper", storage, 4, {});
+    check.operator()<quest_flat>("quest flat", storage, 4, {});
+    check.operator()<quest_index>("quest index", storage, 4, {});
+    check.operator()<quest_group>("quest group max", storage, 4, {});
+    typename attention<quest_beam>::policy_set beam;
+    beam.index = bound_tree_beam{2, 1, 4, 0};  // fan-out 2, one box a level, exact below 4 candidates: the beam misses chunks
+    check.operator()<quest_beam>("quest beam", storage, 1, beam);
+  }
+}
+
+TEST_CASE("shards: the block functions name what is wrong with their inputs") {
+  const int w = 8, budget = 6, d = 16, hq = 4, hkv = 2;
+  const rope r(d);
+  attention_config config = test::make_config(hq, hkv, d, w, budget);
+  config.spread_encoding = false;
+  attention<> a(config, r);
+  kv_cache cache = a.make_cache();
+  const test::sequence seq(64, hq, hkv, d, 2370);
+  a.ingest(cache, seq.qv(0, 64), seq.kv(0, 64), seq.vv(0, 64));
+  shard_scratch scratch;
+  const std::size_t wanted = offered_per_head(config);
+  std::vector<chunk_candidate> offers(4 * hq * wanted);
+  std::vector<std::int32_t> counts(4 * hq);
+  const cache_shard shard = make_shard(cache, 0);
+  CHECK_THROWS_WITH_AS(offer_candidates(a, shard, seq.qv(60, 4), 60, std::span(offers).first(3), counts, scratch), doctest::Contains("offers must hold"),
+                       shape_error);
+  const tensor_view<const float> wrong_heads(seq.q.data(), 4, hkv, d);
+  CHECK_THROWS_WITH_AS(offer_candidates(a, shard, wrong_heads, 60, offers, counts, scratch), doctest::Contains("q must be [T, 4, 16]"), shape_error);
+  attention_config other = config;
+  other.kv_storage = kv_precision::bf16;
+  const kv_cache foreign = attention<>(other, r).make_cache();
+  CHECK_THROWS_WITH_AS(offer_candidates(a, make_shard(foreign, 0), seq.qv(60, 4), 60, offers, counts, scratch),
+                       doctest::Contains("not made by this layer"), shape_error);
+  std::vector<std::int32_t> chosen(4 * hq * budget);
+  std::vector<chunk_candidate> pool;
+  std::vector<std::int32_t> bad_counts(4 * hq, static_cast<std::int32_t>(wanted) + 1);
+  const std::span<const chunk_candidate> offer_views[1] = {offers};
+  const std::span<const std::int32_t> count_views[1] = {bad_counts};
+  CHECK_THROWS_WITH_AS(choose_from_offers(a, 60, 4, offer_views, count_views, chosen, pool), doctest::Contains("a count must be in [0, "),
+                       shape_error);
+  std::vector<softmax_state> states(4 * hq);
+  std::vector<float> out(4 * hq * d);
+  CHECK_THROWS_WITH_AS(attend_chosen(a, shard, seq.qv(60, 4), 60, std::span<const std::int32_t>(chosen).first(5), states, {out.data(), 4, hq, d}, scratch),
+                       doctest::Contains("chosen must hold"), shape_error);
+}

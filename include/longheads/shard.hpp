@@ -11,6 +11,13 @@
 // What a shard sends per query head is `wanted` candidates and one state of head_dim + 2 floats,
 // whatever the context length.
 //
+// The block functions at the end run those halves for a block of queries and all heads, in the
+// layouts a transport sends as they are: offer_candidates (every shard), choose_from_offers
+// (one place, from every shard's offer), attend_chosen (every shard), merge_attended (one place).
+// A shard's own index search (bound_tree_index) gives the flat scan's candidates exactly, so
+// the choice is the single-process one; bound_tree_beam searches each shard's tree with its
+// own beam, which is the single-process choice with one shard and nearly it with several.
+//
 // A shard is an ordinary cache fed a chunk-aligned, contiguous range of the sequence's tokens
 // (cache_shard): keys are stored rotated at their offsets in their chunk and summaries are
 // computed from their chunk alone, so a chunk's bits do not depend on where it lives. Contiguous
@@ -27,10 +34,15 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <vector>
 
+#include "attention.hpp"
 #include "attention_config.hpp"
 #include "attention_kernel.hpp"
+#include "chunk_index.hpp"
 #include "chunk_scorer.hpp"
+#include "detail/grow.hpp"
 #include "config.hpp"
 #include "errors.hpp"
 #include "kv_cache.hpp"
@@ -201,6 +213,285 @@ void attend_shard(const Kernel& kernel, const attention_config& config, const ro
       }
     consume(static_cast<const float*>(nullptr));
   }
+}
+
+/// Candidates a shard offers per query head: the selector's scored picks, budget - sinks - locals.
+inline std::size_t offered_per_head(const attention_config& config) noexcept {
+  return static_cast<std::size_t>(std::max(0, config.budget_chunks - config.sink_chunks - config.local_chunks));
+}
+
+/// One shard's working memory for the block functions; sized by reserve (or on first use).
+struct shard_scratch {
+  std::vector<float> scores;        ///< [T, chunks]: one head's (or group's) scores of the block
+  std::vector<float> group_scores;  ///< [group_size, T, chunks] (shared group selection)
+  std::vector<float> scorer;        ///< the scorer's own
+  std::vector<float> rotated;       ///< [d]: a query rotated for the index
+  std::vector<std::int32_t> found;  ///< [offered_per_head]: an index search's chunks
+  std::vector<float> attend;        ///< attend_shard_floats
+  std::vector<std::int64_t> slot_starts;  ///< [budget]: a choice's slots
+  bound_search_scratch search;      ///< the index's frontier
+
+  /// Room for blocks of `block` queries over shards of up to `chunks` chunks, so the block
+  /// functions never allocate.
+  template <class Policies>
+  void reserve(const attention<Policies>& layer, std::int64_t chunks, std::int64_t block) {
+    const attention_config& config = layer.config();
+    const auto& policies = layer.policies();
+    const auto n = static_cast<std::size_t>(std::max<std::int64_t>(chunks, 1)), t = static_cast<std::size_t>(std::max<std::int64_t>(block, 1));
+    detail::grow(scores, t * n);
+    if constexpr (std::remove_cvref_t<decltype(policies.group_selection)>::shared)
+      detail::grow(group_scores, static_cast<std::size_t>(config.group_size()) * t * n);
+    detail::grow(scorer, policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(t)));
+    detail::grow(rotated, static_cast<std::size_t>(config.head_dim));
+    detail::grow(found, offered_per_head(config));
+    detail::grow(attend, attend_shard_floats(policies.kernel, config));
+    detail::grow(slot_starts, static_cast<std::size_t>(config.budget_chunks));
+    using index_type = std::remove_cvref_t<decltype(policies.index)>;
+    if constexpr (index_type::indexed) {
+      if constexpr (requires { policies.index.widest_beam(); }) search.reserve_beam(policies.index.widest_beam(), policies.index.fanout());
+      else search.reserve(chunks, policies.index.fanout());
+    }
+  }
+};
+
+namespace detail {
+template <class Policies>
+void check_shard_block(const char* call, const attention<Policies>& layer, const cache_shard& shard, tensor_view<const float> q) {
+  const attention_config& config = layer.config();
+  if (shard.cache == nullptr) fail<shape_error>(std::string(call) + ": the shard has no cache");
+  if (layer.config().method != attention_method::longheads)
+    fail<config_error>(std::string(call) + ": shards select chunks: the layer's method must be longheads");
+  if (q.heads() != config.n_q_heads || q.head_dim() != config.head_dim)
+    fail<shape_error>(std::string(call) + ": q must be [T, " + std::to_string(config.n_q_heads) + ", " + std::to_string(config.head_dim) +
+                      "], got [" + std::to_string(q.tokens()) + ", " + std::to_string(q.heads()) + ", " + std::to_string(q.head_dim()) + "]");
+  const cache_shape expected = layer.shape();
+  const cache_shape& has = shard.cache->shape();
+  if (has != expected)
+    fail<shape_error>(std::string(call) + ": the shard's cache was not made by this layer (" + to_string(has) + " vs " + to_string(expected) + ")");
+}
+template <class Span>
+void check_size(const char* call, const char* what, const Span& s, std::size_t n) {
+  if (s.size() != n)
+    fail<shape_error>(std::string(call) + ": " + what + " must hold " + std::to_string(n) + " entries, got " + std::to_string(s.size()));
+}
+}  // namespace detail
+
+/// Step 1 for a block of T queries at positions first_position.. (q: pre-RoPE [T, H_q, d]) on
+/// one shard: for each query t and head h, the shard's best candidates (score_shard's, or its
+/// index's) into offers[(t H_q + h) offered_per_head ..], best first, their number in
+/// counts[t H_q + h] (0 for a query whose context fits the budget: it reads every chunk).
+/// With shared group selection every head of a group offers the group's combined candidates.
+/// The shard's cache must already hold the block's own tokens that fall in its range.
+/// @throws shape_error or config_error if the layer, shard, q or the spans do not agree.
+template <class Policies>
+void offer_candidates(const attention<Policies>& layer, const cache_shard& shard, tensor_view<const float> q, std::int64_t first_position,
+                      std::span<chunk_candidate> offers, std::span<std::int32_t> counts, shard_scratch& scratch) {
+  static constexpr const char* call = "offer_candidates";
+  const attention_config& config = layer.config();
+  const auto& policies = layer.policies();
+  static_assert(std::same_as<std::remove_cvref_t<decltype(policies.selector)>, sink_local_topk_selector>,
+                "shards merge the candidates of sink_local_topk_selector's order (ranks_before)");
+  detail::check_shard_block(call, layer, shard, q);
+  const std::int64_t T = q.tokens();
+  const int hq = config.n_q_heads, w = config.chunk_size;
+  const std::size_t wanted = offered_per_head(config);
+  detail::check_size(call, "offers", offers, static_cast<std::size_t>(T * hq) * wanted);
+  detail::check_size(call, "counts", counts, static_cast<std::size_t>(T * hq));
+  std::fill(counts.begin(), counts.end(), 0);
+  if (T == 0 || wanted == 0) return;
+  const std::int64_t last = first_position + T - 1;
+  if (last / w + 1 <= config.budget_chunks) return;  // every query of the block reads every chunk
+  const std::int64_t n = shard.cache->summarised_chunks();
+  const std::int64_t candidate_end = last / w - config.local_chunks + 1;  // the last query's candidates end here
+  const std::int64_t mine = std::min(candidate_end, shard.first_chunk + n) - std::max<std::int64_t>(config.sink_chunks, shard.first_chunk);
+  if (mine <= 0) return;  // the shard holds none of the block's candidates
+
+  using index_type = std::remove_cvref_t<decltype(policies.index)>;
+  bool flat = true;
+  if constexpr (index_type::indexed) {
+    if constexpr (requires { policies.index.flat_below(); }) flat = mine <= policies.index.flat_below();
+    else flat = false;
+  }
+  auto offer = [&](std::int64_t t, int h) { return offers.subspan(static_cast<std::size_t>(t * hq + h) * wanted, wanted); };
+  auto candidates_of = [&](std::int64_t p) {  // the selector's candidate range of query p
+    return std::pair<std::int32_t, std::int32_t>(config.sink_chunks, static_cast<std::int32_t>(p / w - config.local_chunks + 1));
+  };
+
+  if (!flat) {
+    if constexpr (index_type::indexed) {
+      const std::ptrdiff_t d = config.head_dim;
+      for (std::int64_t t = 0; t < T; ++t) {
+        const std::int64_t p = first_position + t;
+        if (p / w + 1 <= config.budget_chunks) continue;
+        const auto [begin, end] = candidates_of(p);
+        for (int h = 0; h < hq; ++h) {
+          // As choose_for_query rotates it for the search, in the shard's own chunk ids.
+          layer.rotary().rotate(q.at(t, h), scratch.rotated.data(), p % w + std::int64_t{policies.scorer.offset_chunks} * w);
+          const std::span<std::int32_t> found(scratch.found.data(), wanted);
+          const auto summaries = shard.cache->representations(h);
+          const std::size_t got =
+              policies.index.search(shard.cache->index(h), summaries, scratch.rotated.data(), std::max<std::int64_t>(begin - shard.first_chunk, 0),
+                                    end - shard.first_chunk, wanted, found, scratch.search);
+          const std::span<chunk_candidate> out = offer(t, h);
+          for (std::size_t j = 0; j < got; ++j) {
+            const float* lo = summaries.row(found[j]);
+            out[j] = {detail::bound_dot(scratch.rotated.data(), lo, lo + d, d), found[j] + shard.first_chunk};
+          }
+          counts[static_cast<std::size_t>(t * hq + h)] = static_cast<std::int32_t>(got);
+        }
+      }
+    }
+    return;
+  }
+
+  // The flat scan: the block's scores of the shard's summarised chunks, head by head (or group
+  // by group), then each query's best among its candidates.
+  if (scratch.scores.size() < static_cast<std::size_t>(T * n)) detail::grow(scratch.scores, static_cast<std::size_t>(T * n));
+  if (scratch.scorer.size() < policies.scorer.scratch_floats(config, T)) detail::grow(scratch.scorer, policies.scorer.scratch_floats(config, T));
+  auto offer_from_scores = [&](int h) {
+    for (std::int64_t t = 0; t < T; ++t) {
+      const std::int64_t p = first_position + t;
+      if (p / w + 1 <= config.budget_chunks) continue;
+      const auto [begin, end] = candidates_of(p);
+      const std::span<const float> row(scratch.scores.data() + t * n, static_cast<std::size_t>(n));
+      counts[static_cast<std::size_t>(t * hq + h)] = static_cast<std::int32_t>(shard_candidates(row, shard.first_chunk, begin, end, wanted, offer(t, h)));
+    }
+  };
+  auto score_head = [&](int h, float* target) {
+    const scoring_inputs in{q.head(h), first_position, shard.cache->representations(h).first_rows(n), &layer.rotary(), w};
+    policies.scorer.score(in, matrix_view<float>(target, T, n), scratch.scorer);
+  };
+  using group_type = std::remove_cvref_t<decltype(policies.group_selection)>;
+  if constexpr (group_type::shared) {
+    const int gs = config.group_size();
+    const std::ptrdiff_t stride = T * n;
+    if (scratch.group_scores.size() < static_cast<std::size_t>(gs * stride)) detail::grow(scratch.group_scores, static_cast<std::size_t>(gs * stride));
+    for (int g = 0; g < config.n_kv_heads; ++g) {
+      for (int i = 0; i < gs; ++i) score_head(g * gs + i, scratch.group_scores.data() + i * stride);
+      for (std::ptrdiff_t e = 0; e < stride; ++e) scratch.scores[static_cast<std::size_t>(e)] = policies.group_selection.combine(scratch.group_scores.data() + e, stride, gs);
+      offer_from_scores(g * gs);
+      for (int i = 1; i < gs; ++i)
+        for (std::int64_t t = 0; t < T; ++t) {
+          const auto from = static_cast<std::size_t>(t * hq + g * gs), to = static_cast<std::size_t>(t * hq + g * gs + i);
+          counts[to] = counts[from];
+          std::copy_n(offers.begin() + static_cast<std::ptrdiff_t>(from * wanted), wanted, offers.begin() + static_cast<std::ptrdiff_t>(to * wanted));
+        }
+    }
+  } else {
+    for (int h = 0; h < hq; ++h) {
+      score_head(h, scratch.scores.data());
+      offer_from_scores(h);
+    }
+  }
+}
+
+/// The global choice of a block of T queries at positions first_position.. from the offers of
+/// every shard (offers[s] and counts[s] as offer_candidates wrote them, shards in any order):
+/// each query head's chunk ids ascending into chosen[(t H_q + h) budget ..], padded with -1 (the
+/// layout of attention::prefill's selections). Exactly the single-process selection (with an
+/// exact index or the flat scan): sinks, the best offers (merge_candidates), the local chunks;
+/// every chunk 0..i while query p's context fits the budget.
+/// @throws shape_error if the spans do not agree with the layer and T.
+template <class Policies>
+void choose_from_offers(const attention<Policies>& layer, std::int64_t first_position, std::int64_t T,
+                        std::span<const std::span<const chunk_candidate>> offers, std::span<const std::span<const std::int32_t>> counts,
+                        std::span<std::int32_t> chosen, std::vector<chunk_candidate>& pool) {
+  static constexpr const char* call = "choose_from_offers";
+  const attention_config& config = layer.config();
+  const int hq = config.n_q_heads, w = config.chunk_size, k = config.budget_chunks;
+  const std::size_t wanted = offered_per_head(config);
+  if (offers.size() != counts.size()) detail::fail<shape_error>(std::string(call) + ": one counts span per offers span");
+  for (std::size_t s = 0; s < offers.size(); ++s) {
+    detail::check_size(call, "each shard's offers", offers[s], static_cast<std::size_t>(T * hq) * wanted);
+    detail::check_size(call, "each shard's counts", counts[s], static_cast<std::size_t>(T * hq));
+    for (std::int32_t c : counts[s])
+      if (c < 0 || static_cast<std::size_t>(c) > wanted)
+        detail::fail<shape_error>(std::string(call) + ": a count must be in [0, " + std::to_string(wanted) + "], got " + std::to_string(c));
+  }
+  detail::check_size(call, "chosen", chosen, static_cast<std::size_t>(T * hq * k));
+  pool.reserve(offers.size() * wanted);
+  for (std::int64_t t = 0; t < T; ++t) {
+    const std::int64_t p = first_position + t;
+    const selection_request request{p / w, k, config.sink_chunks, config.local_chunks};
+    for (int h = 0; h < hq; ++h) {
+      const std::size_t at = static_cast<std::size_t>(t * hq + h);
+      const std::span<std::int32_t> row = chosen.subspan(at * static_cast<std::size_t>(k), static_cast<std::size_t>(k));
+      std::size_t count = detail::select_all_if_fits(request, row);
+      if (count == 0) {
+        for (int c = 0; c < config.sink_chunks; ++c) row[count++] = c;
+        pool.clear();
+        for (std::size_t s = 0; s < offers.size(); ++s) {
+          const auto first = offers[s].begin() + static_cast<std::ptrdiff_t>(at * wanted);
+          pool.insert(pool.end(), first, first + counts[s][at]);
+        }
+        count += merge_candidates(pool, wanted, row.subspan(count));
+        count = detail::append_locals(request, row, count);
+      }
+      std::fill(row.begin() + static_cast<std::ptrdiff_t>(count), row.end(), -1);
+    }
+  }
+}
+
+/// Step 2 for a block on one shard: for each query t and head h, the chunks of its global
+/// choice (chosen, as choose_from_offers wrote it) that the shard holds, streamed through the
+/// kernel with the query rotated to the slots the remapper gives them (attend_shard); the
+/// partial state into states[t H_q + h] and the unnormalised row into out (a [T, H_q, d] view),
+/// for merge_attended. The shard's cache must hold the block's own tokens in its range.
+/// @throws shape_error if the layer, shard, q, chosen, states or out do not agree.
+template <class Policies>
+void attend_chosen(const attention<Policies>& layer, const cache_shard& shard, tensor_view<const float> q, std::int64_t first_position,
+                   std::span<const std::int32_t> chosen, std::span<softmax_state> states, tensor_view<float> out, shard_scratch& scratch) {
+  static constexpr const char* call = "attend_chosen";
+  const attention_config& config = layer.config();
+  const auto& policies = layer.policies();
+  detail::check_shard_block(call, layer, shard, q);
+  const std::int64_t T = q.tokens();
+  const int hq = config.n_q_heads, k = config.budget_chunks;
+  detail::check_size(call, "chosen", chosen, static_cast<std::size_t>(T * hq * k));
+  detail::check_size(call, "states", states, static_cast<std::size_t>(T * hq));
+  if (out.tokens() != T || out.heads() != hq || out.head_dim() != config.head_dim) detail::fail<shape_error>(std::string(call) + ": out must be shaped as q");
+  if (scratch.attend.size() < attend_shard_floats(policies.kernel, config)) detail::grow(scratch.attend, attend_shard_floats(policies.kernel, config));
+  if (scratch.slot_starts.size() < static_cast<std::size_t>(k)) detail::grow(scratch.slot_starts, static_cast<std::size_t>(k));
+  const std::span<std::int64_t> slots(scratch.slot_starts.data(), static_cast<std::size_t>(k));
+  for (std::int64_t t = 0; t < T; ++t) {
+    const std::int64_t p = first_position + t;
+    for (int h = 0; h < hq; ++h) {
+      const std::span<const std::int32_t> row = chosen.subspan(static_cast<std::size_t>((t * hq + h) * k), static_cast<std::size_t>(k));
+      const auto count = static_cast<std::size_t>(std::find(row.begin(), row.end(), -1) - row.begin());
+      const std::span<const std::int32_t> ids = row.first(count);
+      const std::int64_t query_position = policies.remapper.remap(ids, p, config.chunk_size, slots);
+      const chunk_choice choice{ids, std::span<const std::int64_t>(slots.data(), count), query_position};
+      attend_shard(policies.kernel, config, layer.rotary(), shard, q.at(t, h), h, p, choice, states[static_cast<std::size_t>(t * hq + h)],
+                   out.at(t, h), scratch.attend);
+    }
+  }
+}
+
+/// The layer's output of a block from every shard's partial result (states[s] and outs[s] as
+/// attend_chosen wrote them), merged in the order given (keep it fixed, e.g. by shard, for the
+/// same bits every run) and normalised by the kernel's finish into out [T, H_q, d].
+/// @throws shape_error if the spans or views do not agree.
+template <class Policies>
+void merge_attended(const attention<Policies>& layer, std::span<const std::span<const softmax_state>> states,
+                    std::span<const tensor_view<const float>> outs, tensor_view<float> out) {
+  static constexpr const char* call = "merge_attended";
+  const attention_config& config = layer.config();
+  const int hq = config.n_q_heads, d = config.head_dim;
+  const std::int64_t T = out.tokens();
+  if (out.heads() != hq || out.head_dim() != d) detail::fail<shape_error>(std::string(call) + ": out must be [T, H_q, d] of the layer");
+  if (states.size() != outs.size()) detail::fail<shape_error>(std::string(call) + ": one outs view per states span");
+  for (std::size_t s = 0; s < states.size(); ++s) {
+    detail::check_size(call, "each shard's states", states[s], static_cast<std::size_t>(T * hq));
+    if (outs[s].tokens() != T || outs[s].heads() != hq || outs[s].head_dim() != d) detail::fail<shape_error>(std::string(call) + ": each shard's outs must be shaped as out");
+  }
+  for (std::int64_t t = 0; t < T; ++t)
+    for (int h = 0; h < hq; ++h) {
+      float* row = out.at(t, h);
+      softmax_state merged;
+      layer.policies().kernel.begin(merged, row, d);
+      for (std::size_t s = 0; s < states.size(); ++s) merge_partial(merged, row, states[s][static_cast<std::size_t>(t * hq + h)], outs[s].at(t, h), d);
+      layer.policies().kernel.finish(merged, row, d);
+    }
 }
 
 }  // namespace longheads
