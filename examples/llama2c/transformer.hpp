@@ -107,6 +107,21 @@ class transformer {
   /// Runs `tokens` at the next positions. Writes the logits of every token ([T, vocab]) when
   /// `logits.size() == T * vocab`, of the last token only when it is `vocab`, none when empty.
   void forward(std::span<const std::int32_t> tokens, std::span<float> logits) {
+    forward_with(tokens, logits, [this](int layer, auto q, auto k, auto v, auto out) { attend_locally(layer, q, k, v, out); });
+  }
+
+  /// The attention of `layer` over this model's own cache (what forward() runs), with the
+  /// block's selections ([T, H_q, k], -1 padded) if `selections` is not empty.
+  void attend_locally(int layer, longheads::tensor_view<const float> q, longheads::tensor_view<const float> k,
+                      longheads::tensor_view<const float> v, longheads::tensor_view<float> out, std::span<std::int32_t> selections = {}) {
+    attention_.prefill(caches_.at(static_cast<std::size_t>(layer)), q, k, v, out, selections);
+  }
+
+  /// forward() with every layer's attention done by `attend(layer, q, k, v, out)` (pre-RoPE
+  /// [T, heads, d] views of the block) instead of over this model's caches: for a host whose
+  /// caches live elsewhere (the MPI host, examples/llama2c/sharded.cpp).
+  template <class Attend>
+  void forward_with(std::span<const std::int32_t> tokens, std::span<float> logits, Attend&& attend) {
     const auto T = static_cast<std::ptrdiff_t>(tokens.size());
     const std::ptrdiff_t vocab = config_.vocab_size;
     if (T == 0) throw std::invalid_argument("transformer::forward: no tokens");
@@ -129,8 +144,8 @@ class transformer {
       std::copy_n(q.row(T - 1).data(), dim, last_queries_.data() + l * dim);
       project(xn, w.wk, kv_dim, k);
       project(xn, w.wv, kv_dim, v);
-      attention_.prefill(caches_[static_cast<std::size_t>(l)], {q.data(), T, config_.n_heads, hd}, {k.data(), T, config_.n_kv_heads, hd},
-                         {v.data(), T, config_.n_kv_heads, hd}, {att.data(), T, config_.n_heads, hd});
+      attend(l, longheads::tensor_view<const float>(q.data(), T, config_.n_heads, hd), longheads::tensor_view<const float>(k.data(), T, config_.n_kv_heads, hd),
+             longheads::tensor_view<const float>(v.data(), T, config_.n_kv_heads, hd), longheads::tensor_view<float>(att.data(), T, config_.n_heads, hd));
       auto delta = delta_.topRows(T);
       project(att, w.wo, dim, delta);
       x += delta;
