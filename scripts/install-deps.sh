@@ -3,7 +3,8 @@
 # ones with apt-get when run as root, otherwise names them and the command to run.
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev libxsimd-dev doctest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev gnuplot-nox python3-numpy doxygen
-          pybind11-dev python3-pybind11 python3-pytest python3-venv python3-pip)
+          pybind11-dev python3-pybind11 python3-pytest python3-venv python3-pip
+          libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
