@@ -71,6 +71,7 @@ struct options {
   std::uint64_t seed = 42;
   std::string prompt_set;
   bool compare = false;
+  int latency = 0;  // decode steps timed after the answer
 };
 
 // ------------------------------------------------------------------------------------ traffic
@@ -390,17 +391,32 @@ class sharded_model {
 
 std::int32_t argmax(std::span<const float> v) { return static_cast<std::int32_t>(std::max_element(v.begin(), v.end()) - v.begin()); }
 
-/// Feeds `prompt` in blocks of `split`, then `n` greedy tokens; returns them.
+/// Feeds `prompt` in blocks of `split`, then `n` greedy tokens; returns them. The seconds of
+/// each decode step (a token's forward) go to `step_seconds` if given.
 template <class Model>
-std::vector<std::int32_t> run_sequence(Model& model, std::span<const std::int32_t> prompt, int n, std::int64_t split) {
+std::vector<std::int32_t> run_sequence(Model& model, std::span<const std::int32_t> prompt, int n, std::int64_t split,
+                                       std::vector<double>* step_seconds = nullptr) {
   std::vector<float> logits(static_cast<std::size_t>(model.config().vocab_size));
   llama2c::feed(model, prompt, split, logits);
   std::vector<std::int32_t> out;
   for (int i = 0; i < n; ++i) {
     out.push_back(argmax(logits));
-    if (i + 1 < n) model.forward(std::span<const std::int32_t>(&out.back(), 1), logits);
+    if (i + 1 == n) break;
+    const auto start = clock_type::now();
+    model.forward(std::span<const std::int32_t>(&out.back(), 1), logits);
+    if (step_seconds) step_seconds->push_back(std::chrono::duration<double>(clock_type::now() - start).count());
   }
   return out;
+}
+
+/// "p50 / p99 / max" of decode steps, in milliseconds.
+std::string latency(std::vector<double> seconds) {
+  if (seconds.empty()) return "no steps";
+  std::sort(seconds.begin(), seconds.end());
+  auto at = [&](double q) { return 1e3 * seconds[std::min(seconds.size() - 1, static_cast<std::size_t>(q * static_cast<double>(seconds.size())))]; };
+  char text[96];
+  std::snprintf(text, sizeof text, "%.2f / %.2f / %.2f ms (p50 / p99 / max of %zu steps)", at(0.5), at(0.99), 1e3 * seconds.back(), seconds.size());
+  return text;
 }
 
 void print_traffic(const traffic& s, int layers) {
@@ -477,21 +493,26 @@ int drive(const llama2c::checkpoint& ckpt, const options& o, const longheads::at
   for (const auto& p : prompts) {
     shards.clear_stats();
     const auto start = clock_type::now();
-    model.start(p.length);
-    const std::vector<std::int32_t> answer = run_sequence(model, p.tokens, llama2c::passkey_task::answer_tokens, o.split);
+    const int decoded = llama2c::passkey_task::answer_tokens + o.latency;  // the answer, then --latency more steps
+    model.start(p.length + o.latency);
+    std::vector<double> steps, alone_steps;
+    std::vector<std::int32_t> answer = run_sequence(model, p.tokens, decoded, o.split, &steps);
     const double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+    const std::vector<std::int32_t> continuation = answer;
+    answer.resize(llama2c::passkey_task::answer_tokens);
     right += answer == p.answer;
     std::string alone_note;
     if (o.compare) {
       auto& local = model.local();
       local.reset();
-      local.reserve(p.length, o.split);
+      local.reserve(p.length + o.latency, o.split);
       const auto alone_start = clock_type::now();
-      const std::vector<std::int32_t> alone = run_sequence(local, p.tokens, llama2c::passkey_task::answer_tokens, o.split);
+      const std::vector<std::int32_t> alone = run_sequence(local, p.tokens, decoded, o.split, &alone_steps);
       const double alone_seconds = std::chrono::duration<double>(clock_type::now() - alone_start).count();
-      same += alone == answer;
-      failures += alone != answer;
-      alone_note = std::string(", one process: ") + (alone == p.answer ? "right" : "wrong") + (alone == answer ? " (the same answer" : " (a DIFFERENT answer") +
+      same += alone == continuation;
+      failures += alone != continuation;
+      alone_note = std::string(", one process: ") + (std::equal(p.answer.begin(), p.answer.end(), alone.begin()) ? "right" : "wrong") +
+                   (alone == continuation ? " (the same tokens" : " (DIFFERENT tokens") +
                    ", " + std::to_string(alone_seconds).substr(0, 5) + " s)";
       local.reset();
     }
@@ -499,6 +520,11 @@ int drive(const llama2c::checkpoint& ckpt, const options& o, const longheads::at
                 static_cast<long long>(p.length), 100.0 * p.depth, answer == p.answer ? "right" : "wrong", seconds,
                 static_cast<double>(p.length) / seconds, alone_note.c_str());
     print_traffic(shards.stats(), layers);
+    if (o.latency > 0) {
+      std::printf("  decode step: %s", latency(steps).c_str());
+      if (o.compare) std::printf("; one process: %s", latency(alone_steps).c_str());
+      std::printf("\n");
+    }
     std::fflush(stdout);
   }
   std::printf("%s, %d ranks: %d/%zu answered", label.c_str(), shards.ranks(), right, prompts.size());
@@ -562,6 +588,9 @@ int main(int argc, char** argv) {
   app.add_option("--depths", o.depths, "--passkey: needle depths per length, spread evenly")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--seed", o.seed, "generated prompts' seed")->capture_default_str();
   app.add_option("--prompt-set", o.prompt_set, "--passkey: a fixed prompt set (manifest.jsonl + .bin) instead of generated prompts");
+  app.add_option("--latency", o.latency, "--passkey: greedy tokens decoded after the answer, each step timed (p50 / p99 / max)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_flag("--compare", o.compare, "--passkey: answer every prompt in one process too; exit 1 if an answer differs");
   check->excludes(passkey);
   try {

@@ -232,7 +232,9 @@ struct shard_scratch {
   bound_search_scratch search;      ///< the index's frontier
 
   /// Room for blocks of `block` queries over shards of up to `chunks` chunks, so the block
-  /// functions never allocate.
+  /// functions never allocate. They call it themselves with their own sizes (it only grows,
+  /// and allocates only when something is too small): reserving ahead only moves the
+  /// allocations out of the steps.
   template <class Policies>
   void reserve(const attention<Policies>& layer, std::int64_t chunks, std::int64_t block) {
     const attention_config& config = layer.config();
@@ -302,6 +304,7 @@ void offer_candidates(const attention<Policies>& layer, const cache_shard& shard
   const std::int64_t last = first_position + T - 1;
   if (last / w + 1 <= config.budget_chunks) return;  // every query of the block reads every chunk
   const std::int64_t n = shard.cache->summarised_chunks();
+  scratch.reserve(layer, n, T);
   const std::int64_t candidate_end = last / w - config.local_chunks + 1;  // the last query's candidates end here
   const std::int64_t mine = std::min(candidate_end, shard.first_chunk + n) - std::max<std::int64_t>(config.sink_chunks, shard.first_chunk);
   if (mine <= 0) return;  // the shard holds none of the block's candidates
@@ -346,8 +349,6 @@ void offer_candidates(const attention<Policies>& layer, const cache_shard& shard
 
   // The flat scan: the block's scores of the shard's summarised chunks, head by head (or group
   // by group), then each query's best among its candidates.
-  if (scratch.scores.size() < static_cast<std::size_t>(T * n)) detail::grow(scratch.scores, static_cast<std::size_t>(T * n));
-  if (scratch.scorer.size() < policies.scorer.scratch_floats(config, T)) detail::grow(scratch.scorer, policies.scorer.scratch_floats(config, T));
   auto offer_from_scores = [&](int h) {
     for (std::int64_t t = 0; t < T; ++t) {
       const std::int64_t p = first_position + t;
@@ -365,7 +366,6 @@ void offer_candidates(const attention<Policies>& layer, const cache_shard& shard
   if constexpr (group_type::shared) {
     const int gs = config.group_size();
     const std::ptrdiff_t stride = T * n;
-    if (scratch.group_scores.size() < static_cast<std::size_t>(gs * stride)) detail::grow(scratch.group_scores, static_cast<std::size_t>(gs * stride));
     for (int g = 0; g < config.n_kv_heads; ++g) {
       for (int i = 0; i < gs; ++i) score_head(g * gs + i, scratch.group_scores.data() + i * stride);
       for (std::ptrdiff_t e = 0; e < stride; ++e) scratch.scores[static_cast<std::size_t>(e)] = policies.group_selection.combine(scratch.group_scores.data() + e, stride, gs);
@@ -450,8 +450,7 @@ void attend_chosen(const attention<Policies>& layer, const cache_shard& shard, t
   detail::check_size(call, "chosen", chosen, static_cast<std::size_t>(T * hq * k));
   detail::check_size(call, "states", states, static_cast<std::size_t>(T * hq));
   if (out.tokens() != T || out.heads() != hq || out.head_dim() != config.head_dim) detail::fail<shape_error>(std::string(call) + ": out must be shaped as q");
-  if (scratch.attend.size() < attend_shard_floats(policies.kernel, config)) detail::grow(scratch.attend, attend_shard_floats(policies.kernel, config));
-  if (scratch.slot_starts.size() < static_cast<std::size_t>(k)) detail::grow(scratch.slot_starts, static_cast<std::size_t>(k));
+  scratch.reserve(layer, 0, 0);  // the slots and the kernel's room
   const std::span<std::int64_t> slots(scratch.slot_starts.data(), static_cast<std::size_t>(k));
   for (std::int64_t t = 0; t < T; ++t) {
     const std::int64_t p = first_position + t;
