@@ -330,8 +330,12 @@ struct layer_check {
 template <class Policies>
 class sharded_model {
  public:
-  sharded_model(const llama2c::checkpoint& ckpt, const longheads::attention_config& knobs, shard_group<Policies>& shards, bool check)
-      : model_(ckpt, knobs, llama2c::policies::make_set<Policies>({1, 2, 1, llama2c::policies::knobs{}.beam, 0})), shards_(shards), check_(check) {}
+  // `threads`: lanes of rank 0's projections (and of its one-process attention for --check and --compare).
+  sharded_model(const llama2c::checkpoint& ckpt, const longheads::attention_config& knobs, unsigned threads, shard_group<Policies>& shards,
+                bool check)
+      : model_(ckpt, knobs, llama2c::policies::make_set<Policies>({1, 2, threads, llama2c::policies::knobs{}.beam, 0})),
+        shards_(shards),
+        check_(check) {}
 
   llama2c::transformer<Policies>& local() noexcept { return model_; }
   const llama2c::model_config& config() const noexcept { return model_.config(); }
@@ -440,7 +444,7 @@ template <class Policies>
 int drive(const llama2c::checkpoint& ckpt, const options& o, const longheads::attention_config& knobs, shard_group<Policies>& shards,
           const std::string& label) {
   int failures = 0;
-  sharded_model<Policies> model(ckpt, knobs, shards, o.check);
+  sharded_model<Policies> model(ckpt, knobs, o.attention.threads, shards, o.check);
   const int layers = ckpt.config().n_layers;
   if (o.check) {
     const fs::path vocab_path = o.vocab;
@@ -572,7 +576,7 @@ int main(int argc, char** argv) {
   CLI::App app{"A llama2.c model with LongHeads attention over a KV cache spread across MPI ranks (docs/sharding.md)"};
   app.add_option("--model", o.model, "llama2.c checkpoint (found as the single-process host finds it)")->capture_default_str();
   app.add_option("--vocab", o.vocab, "vocabulary id<TAB>word (default: <model>.vocab.txt beside the model)");
-  tools::add_attention_flags(app, o.attention, false);
+  tools::add_attention_flags(app, o.attention, false);  // --threads: rank 0's projections; a rank's shard work runs on one thread
   app.add_option("--split", o.split, "prefill block size (tokens per step)")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--policies", o.policies, "selection policies to run, comma separated (" + std::to_string(llama2c::policies::names().size()) +
                                                " names as longheads_llama2c --policy)")
