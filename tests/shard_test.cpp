@@ -352,6 +352,15 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
         first += n;
       }
       CHECK(chosen == selections);
+      // A chunk's summary has the same bits in whichever shard holds it (docs/sharding.md).
+      for (int s = 0; s < shards; ++s) {
+        const kv_cache& part = caches[static_cast<std::size_t>(s)];
+        for (int h = 0; h < hq; ++h) {
+          const auto mine = part.representations(h), all = whole.representations(h);
+          for (std::int64_t c = 0; c < part.summarised_chunks(); ++c)
+            CHECK(std::equal(mine.row(c), mine.row(c) + mine.cols(), all.row(bounds[static_cast<std::size_t>(s)] + c)));
+        }
+      }
       double worst = 0;
       for (std::size_t e = 0; e < got.size(); ++e) worst = std::max(worst, std::abs(double(got[e]) - double(expected[e])));
       MESSAGE(std::string(policy_name) << ", " << std::string(to_string(storage)) << ", " << shards << " shards: largest |difference| / largest output " << worst / largest);
