@@ -97,14 +97,13 @@ template <class Policies>
 class shard_group {
  public:
   shard_group(const llama2c::model_config& model, const longheads::attention_config& knobs, MPI_Comm comm)
-      : model_(model),
-        comm_(comm),
+      : comm_(comm),
         layer_(llama2c::attention_config_for(model, knobs),
                longheads::rope(model.head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c::llama2c_float_frequencies{}),
                llama2c::policies::make_set<Policies>({1, 2, 1, llama2c::policies::knobs{}.beam, 0})) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &ranks_);
-    for (int l = 0; l < model_.n_layers; ++l) caches_.push_back(layer_.make_cache(0, &tools::huge_pages()));
+    for (int l = 0; l < model.n_layers; ++l) caches_.push_back(layer_.make_cache(0, &tools::huge_pages()));
     stats_.clear(ranks_);
   }
 
@@ -112,12 +111,6 @@ class shard_group {
   int ranks() const noexcept { return ranks_; }
   const traffic& stats() const noexcept { return stats_; }
   void clear_stats() { stats_.clear(ranks_); }
-  /// Bytes this rank's shards hold (K/V, summaries, index).
-  std::size_t cache_bytes() const noexcept {
-    std::size_t n = 0;
-    for (const auto& c : caches_) n += c.bytes_by_kind().total();
-    return n;
-  }
 
   /// Rank 0: a new sequence of up to `tokens` tokens (more go to the last rank): every rank
   /// clears its caches and takes chunks [r S, (r + 1) S) with S = ceil(chunks / ranks).
@@ -296,7 +289,6 @@ class shard_group {
     }
   }
 
-  llama2c::model_config model_;
   MPI_Comm comm_;
   int rank_ = 0, ranks_ = 1;
   longheads::attention<Policies> layer_;
