@@ -65,6 +65,13 @@ class tile_scratch {
   /// comment) and finishes each query's output.
   template <attention_kernel Kernel>
   void stream(const Kernel& kernel, const attention_config& config, const rope& rotary, const kv_cache& cache) noexcept {
+    stream_unfinished(kernel, config, rotary, cache);
+    for (std::size_t i = 0; i < size_; ++i) kernel.finish(states_[i], outputs_[i], config.head_dim);
+  }
+  /// stream() short of the kernel's finish: each query's output row is left unnormalised and
+  /// its softmax state in state(i) (i in the order added), the partial result a shard sends.
+  template <attention_kernel Kernel>
+  void stream_unfinished(const Kernel& kernel, const attention_config& config, const rope& rotary, const kv_cache& cache) noexcept {
     const int d = config.head_dim;
     const float scale = config.scale();
     for (std::size_t i = 0; i < size_; ++i) {
@@ -124,8 +131,9 @@ class tile_scratch {
       const auto [keys, values] = cache.fp32_rows(next, longest, converted_);
       consume_round(keys, values);
     }
-    for (std::size_t i = 0; i < size_; ++i) kernel.finish(states_[i], outputs_[i], d);
   }
+  /// The softmax state of the i-th query added, after stream_unfinished().
+  const softmax_state& state(std::size_t i) const noexcept { return states_[i]; }
 
  private:
 
