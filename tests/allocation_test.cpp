@@ -184,6 +184,69 @@ TEST_CASE("batched decode after reserve(context, block, sequences) allocates not
   CHECK(allocations_while_decoding_batches<quest_beam>(attention_method::longheads, {}, 3) == 0);
 }
 
+/// A sequence over two shards (chunks 0-9, and the rest, to which the decoded tokens go),
+/// decoded step by step through shard.hpp's block functions as a host drives them, after
+/// attention::reserve, kv_cache reserves, shard_scratch::reserve and one warm-up step; returns
+/// the allocations made while decoding.
+template <class Policies>
+long allocations_while_decoding_shards(typename attention<Policies>::policy_set policies, kv_precision storage) {
+  const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 100, split = 10 * w;
+  attention_config config = test::make_config(hq, hkv, d, w, budget, attention_method::longheads);
+  config.spread_encoding = false;  // shards encode at completion (make_shard)
+  config.kv_storage = storage;
+  attention<Policies> a(config, rope(d), std::move(policies));
+  a.reserve(prompt + steps, prompt);
+  const test::sequence seq(prompt + steps, hq, hkv, d, 79);
+  kv_cache head = a.make_cache(split), tail = a.make_cache(prompt + steps - split);
+  a.ingest(head, seq.qv(0, split), seq.kv(0, split), seq.vv(0, split));
+  a.ingest(tail, seq.qv(split, prompt - split), seq.kv(split, prompt - split), seq.vv(split, prompt - split));
+  const cache_shard shards[2] = {make_shard(head, 0), make_shard(tail, split / w)};
+  const std::size_t wanted = offered_per_head(config);
+  shard_scratch scratch[2];
+  std::vector<chunk_candidate> offers[2], pool;
+  std::vector<std::int32_t> counts[2];
+  std::vector<softmax_state> states[2];
+  std::vector<float> partial[2];
+  for (int s = 0; s < 2; ++s) {
+    scratch[s].reserve(a, (prompt + steps) / w + 1, 1);
+    offers[s].resize(static_cast<std::size_t>(hq) * wanted);
+    counts[s].resize(static_cast<std::size_t>(hq));
+    states[s].resize(static_cast<std::size_t>(hq));
+    partial[s].resize(static_cast<std::size_t>(hq * d));
+  }
+  pool.reserve(2 * wanted);
+  std::vector<std::int32_t> chosen(static_cast<std::size_t>(hq * budget));
+  std::vector<float> out(static_cast<std::size_t>(hq * d));
+  const std::span<const chunk_candidate> offer_views[2] = {offers[0], offers[1]};
+  const std::span<const std::int32_t> count_views[2] = {counts[0], counts[1]};
+  const std::span<const softmax_state> state_views[2] = {states[0], states[1]};
+  const tensor_view<const float> partial_views[2] = {{partial[0].data(), 1, hq, d}, {partial[1].data(), 1, hq, d}};
+  auto step = [&](int t) {
+    a.ingest(tail, seq.qv(t, 1), seq.kv(t, 1), seq.vv(t, 1));
+    for (int s = 0; s < 2; ++s) offer_candidates(a, shards[s], seq.qv(t, 1), t, offers[s], counts[s], scratch[s]);
+    choose_from_offers(a, t, 1, offer_views, count_views, chosen, pool);
+    for (int s = 0; s < 2; ++s) attend_chosen(a, shards[s], seq.qv(t, 1), t, chosen, states[s], {partial[s].data(), 1, hq, d}, scratch[s]);
+    merge_attended(a, state_views, partial_views, {out.data(), 1, hq, d});
+  };
+  step(prompt);  // warm-up
+  allocations = 0;
+  counting = true;
+  for (int t = prompt + 1; t < prompt + steps; ++t) step(t);  // crosses 6 chunk boundaries (encoding)
+  counting = false;
+  return allocations.load();
+}
+
+TEST_CASE("a shard's decode steps through the block functions allocate nothing after shard_scratch::reserve") {
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
+    CAPTURE(to_string(storage));
+    CHECK(allocations_while_decoding_shards<paper_policies>({}, storage) == 0);
+    CHECK(allocations_while_decoding_shards<pooled>({.executor = thread_pool_executor(2)}, storage) == 0);
+  }
+  CHECK(allocations_while_decoding_shards<pooled_quest_group>({.executor = thread_pool_executor(2)}, kv_precision::fp32) == 0);
+  CHECK(allocations_while_decoding_shards<quest_index>({}, kv_precision::fp32) == 0);
+  CHECK(allocations_while_decoding_shards<quest_beam>({}, kv_precision::fp32) == 0);
+}
+
 TEST_CASE("the counter sees allocations (the test above can fail)") {
   allocations = 0;
   counting = true;

@@ -11,11 +11,25 @@
 #include <longheads/longheads.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
 
 using namespace longheads;
+
+namespace {
+/// The same policies on a thread pool.
+template <class P>
+struct pooled_policies : P {
+  using executor = thread_pool_executor;
+};
+/// Whether two arrays of plain structs hold the same bytes.
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+}  // namespace
 
 TEST_CASE("shards: the merged candidates of P shards are the single-process selection, chunk for chunk") {
   // Random contexts, budgets and contiguous splits into P = 1..4 shards (some empty, some
@@ -265,9 +279,10 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
   // them (P = 1..4 contiguous ranges, random boundaries, the last open-ended), then every shard
   // offers, the offers are merged, every shard attends and the partial states are merged. The
   // selections must equal one attention's prefill of the whole sequence (==), the outputs be
-  // within 1e-6 of its largest, and one shard give its bits. Policies: the paper's, Quest
-  // scanned flat, Quest through the exact index, Quest with group-max selection, and the beam
-  // index (one shard only: each shard's beam is its own).
+  // within 1e-6 of its largest, and one shard give its bits; the same layer on a pool of three
+  // threads must give the shards' offers and partial states bit for bit. Policies: the paper's, Quest
+  // scanned flat, Quest through the exact index, Quest with group-max selection, Quest with a
+  // kernel that reads fp32 only, and the beam index (one shard only: each shard's beam is its own).
   const int w = 8, budget = 6, d = 32, hq = 4, hkv = 2, T = 300;
   const rope r(d);
   std::mt19937 rng(2350);
@@ -284,6 +299,9 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
   struct quest_beam : quest_flat {
     using index = bound_tree_beam;
   };
+  struct quest_scalar_kernel : quest_flat {  // reads fp32 only: compact chunks are converted for it
+    using kernel = scalar_online_softmax_kernel;
+  };
   auto check = [&]<class Policies>(const char* policy_name, kv_precision storage, int most_shards, typename attention<Policies>::policy_set set) {
     CAPTURE(std::string(policy_name));
     CAPTURE(std::string(to_string(storage)));
@@ -291,6 +309,8 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
     config.spread_encoding = false;
     config.kv_storage = storage;
     attention<Policies> a(config, r, set);
+    attention<pooled_policies<Policies>> pooled(
+        config, r, {set.encoder, set.scorer, set.selector, set.remapper, set.kernel, thread_pool_executor(3), set.group_selection, set.index});
     const test::sequence seq(T, hq, hkv, d, 2360);
     auto whole = a.make_cache();
     std::vector<float> expected(static_cast<std::size_t>(T) * hq * d);
@@ -307,7 +327,7 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
       std::sort(bounds.begin(), bounds.end());
       bounds.push_back(std::numeric_limits<int>::max() / w);
       std::vector<kv_cache> caches;
-      std::vector<shard_scratch> scratch(static_cast<std::size_t>(shards));
+      std::vector<shard_scratch> scratch(static_cast<std::size_t>(shards)), pooled_scratch(static_cast<std::size_t>(shards));
       for (int s = 0; s < shards; ++s) {
         caches.push_back(a.make_cache());
         if (s % 2 == 0) scratch[static_cast<std::size_t>(s)].reserve(a, chunks, 40);  // odd shards: the calls size it themselves
@@ -318,7 +338,11 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
       std::vector<std::vector<std::int32_t>> counts(static_cast<std::size_t>(shards));
       std::vector<std::vector<softmax_state>> states(static_cast<std::size_t>(shards));
       std::vector<std::vector<float>> partial(static_cast<std::size_t>(shards));
-      std::vector<chunk_candidate> pool;
+      std::vector<chunk_candidate> pool, pooled_offers;
+      std::vector<std::int32_t> pooled_counts;
+      std::vector<softmax_state> pooled_states;
+      std::vector<float> pooled_partial;
+      bool pooled_same = true;
       for (int first = 0; first < T;) {
         const int n = std::min(T - first, 1 + static_cast<int>(rng() % 40));
         const auto q = seq.qv(first, n);
@@ -333,6 +357,10 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
           offers[u].assign(static_cast<std::size_t>(n * hq) * wanted, {});
           counts[u].assign(static_cast<std::size_t>(n * hq), -7);
           offer_candidates(a, make_shard(caches[u], bounds[u]), q, first, offers[u], counts[u], scratch[u]);
+          pooled_offers.assign(offers[u].size(), {});
+          pooled_counts.assign(counts[u].size(), -7);
+          offer_candidates(pooled, make_shard(caches[u], bounds[u]), q, first, pooled_offers, pooled_counts, pooled_scratch[u]);
+          pooled_same = pooled_same && same_bits(pooled_offers, offers[u]) && pooled_counts == counts[u];
           offer_views.emplace_back(offers[u]);
           count_views.emplace_back(counts[u]);
         }
@@ -345,6 +373,11 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
           states[u].assign(static_cast<std::size_t>(n * hq), {});
           partial[u].assign(static_cast<std::size_t>(n * hq * d), 0.0f);
           attend_chosen(a, make_shard(caches[u], bounds[u]), q, first, block_chosen, states[u], {partial[u].data(), n, hq, d}, scratch[u]);
+          pooled_states.assign(states[u].size(), {});
+          pooled_partial.assign(partial[u].size(), 0.0f);
+          attend_chosen(pooled, make_shard(caches[u], bounds[u]), q, first, block_chosen, pooled_states, {pooled_partial.data(), n, hq, d},
+                        pooled_scratch[u]);
+          pooled_same = pooled_same && same_bits(pooled_states, states[u]) && same_bits(pooled_partial, partial[u]);
           state_views.emplace_back(states[u]);
           out_views.emplace_back(partial[u].data(), n, hq, d);
         }
@@ -352,6 +385,7 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
         first += n;
       }
       CHECK(chosen == selections);
+      CHECK(pooled_same);
       // A chunk's summary has the same bits in whichever shard holds it (docs/sharding.md).
       for (int s = 0; s < shards; ++s) {
         const kv_cache& part = caches[static_cast<std::size_t>(s)];
@@ -373,6 +407,7 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
     check.operator()<quest_flat>("quest flat", storage, 4, {});
     check.operator()<quest_index>("quest index", storage, 4, {});
     check.operator()<quest_group>("quest group max", storage, 4, {});
+    check.operator()<quest_scalar_kernel>("quest, scalar kernel", storage, 4, {});
     typename attention<quest_beam>::policy_set beam;
     beam.index = bound_tree_beam{2, 1, 4, 0};  // fan-out 2, one box a level, exact below 4 candidates: the beam misses chunks
     check.operator()<quest_beam>("quest beam", storage, 1, beam);

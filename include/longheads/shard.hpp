@@ -14,6 +14,8 @@
 // The block functions at the end run those halves for a block of queries and all heads, in the
 // layouts a transport sends as they are: offer_candidates (every shard), choose_from_offers
 // (one place, from every shard's offer), attend_chosen (every shard), merge_attended (one place).
+// The two per-shard ones run their heads on the layer's executor, one lane per head at a time,
+// so a multi-core shard uses its cores and its results have the same bits on any thread count.
 // A shard's own index search (bound_tree_index) gives the flat scan's candidates exactly, so
 // the choice is the single-process one; bound_tree_beam searches each shard's tree with its
 // own beam, which is the single-process choice with one shard and nearly it with several.
@@ -45,10 +47,13 @@
 #include "detail/grow.hpp"
 #include "config.hpp"
 #include "errors.hpp"
+#include "executor.hpp"
 #include "kv_cache.hpp"
 #include "planner.hpp"
 #include "rope.hpp"
+#include "tile_streamer.hpp"
 #include "views.hpp"
+#include "work_items.hpp"
 
 namespace longheads {
 
@@ -220,16 +225,23 @@ inline std::size_t offered_per_head(const attention_config& config) noexcept {
   return static_cast<std::size_t>(std::max(0, config.budget_chunks - config.sink_chunks - config.local_chunks));
 }
 
-/// One shard's working memory for the block functions; sized by reserve (or on first use).
-struct shard_scratch {
+/// One lane's working memory for the block functions (a lane runs one head, or one group of
+/// heads, at a time).
+struct shard_lane_scratch {
   std::vector<float> scores;        ///< [T, chunks]: one head's (or group's) scores of the block
   std::vector<float> group_scores;  ///< [group_size, T, chunks] (shared group selection)
   std::vector<float> scorer;        ///< the scorer's own
   std::vector<float> rotated;       ///< [d]: a query rotated for the index
   std::vector<std::int32_t> found;  ///< [offered_per_head]: an index search's chunks
-  std::vector<float> attend;        ///< attend_shard_floats
   std::vector<std::int64_t> slot_starts;  ///< [budget]: a choice's slots
+  tile_scratch tile;                ///< attend_chosen's queries, plans and kernel room
   bound_search_scratch search;      ///< the index's frontier
+};
+
+/// One shard's working memory for the block functions: a lane's for each of the layer's
+/// executor lanes. Sized by reserve (or on first use).
+struct shard_scratch {
+  std::vector<shard_lane_scratch> lanes;
 
   /// Room for blocks of `block` queries over shards of up to `chunks` chunks, so the block
   /// functions never allocate. They call it themselves with their own sizes (it only grows,
@@ -240,18 +252,23 @@ struct shard_scratch {
     const attention_config& config = layer.config();
     const auto& policies = layer.policies();
     const auto n = static_cast<std::size_t>(std::max<std::int64_t>(chunks, 1)), t = static_cast<std::size_t>(std::max<std::int64_t>(block, 1));
-    detail::grow(scores, t * n);
-    if constexpr (std::remove_cvref_t<decltype(policies.group_selection)>::shared)
-      detail::grow(group_scores, static_cast<std::size_t>(config.group_size()) * t * n);
-    detail::grow(scorer, policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(t)));
-    detail::grow(rotated, static_cast<std::size_t>(config.head_dim));
-    detail::grow(found, offered_per_head(config));
-    detail::grow(attend, attend_shard_floats(policies.kernel, config));
-    detail::grow(slot_starts, static_cast<std::size_t>(config.budget_chunks));
-    using index_type = std::remove_cvref_t<decltype(policies.index)>;
-    if constexpr (index_type::indexed) {
-      if constexpr (requires { policies.index.widest_beam(); }) search.reserve_beam(policies.index.widest_beam(), policies.index.fanout());
-      else search.reserve(chunks, policies.index.fanout());
+    const std::size_t lane_count = std::max<std::size_t>(1, policies.executor.lanes());
+    if (lanes.size() < lane_count) lanes.resize(lane_count);
+    for (shard_lane_scratch& lane : lanes) {
+      detail::grow(lane.scores, t * n);
+      if constexpr (std::remove_cvref_t<decltype(policies.group_selection)>::shared)
+        detail::grow(lane.group_scores, static_cast<std::size_t>(config.group_size()) * t * n);
+      detail::grow(lane.scorer, policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(t)));
+      detail::grow(lane.rotated, static_cast<std::size_t>(config.head_dim));
+      detail::grow(lane.found, offered_per_head(config));
+      lane.tile.reserve(config, work_partition::tile_queries(config), static_cast<std::size_t>(config.budget_chunks),
+                        policies.kernel.scratch_floats(config.chunk_size, config.head_dim));
+      detail::grow(lane.slot_starts, static_cast<std::size_t>(config.budget_chunks));
+      using index_type = std::remove_cvref_t<decltype(policies.index)>;
+      if constexpr (index_type::indexed) {
+        if constexpr (requires { policies.index.widest_beam(); }) lane.search.reserve_beam(policies.index.widest_beam(), policies.index.fanout());
+        else lane.search.reserve(chunks, policies.index.fanout());
+      }
     }
   }
 };
@@ -320,68 +337,79 @@ void offer_candidates(const attention<Policies>& layer, const cache_shard& shard
     return std::pair<std::int32_t, std::int32_t>(config.sink_chunks, static_cast<std::int32_t>(p / w - config.local_chunks + 1));
   };
 
+  // Work items are heads (groups of heads with shared selection), each run whole by one lane
+  // with its own scratch: the offers have the same bits on any number of threads.
   if (!flat) {
     if constexpr (index_type::indexed) {
       const std::ptrdiff_t d = config.head_dim;
-      for (std::int64_t t = 0; t < T; ++t) {
-        const std::int64_t p = first_position + t;
-        if (p / w + 1 <= config.budget_chunks) continue;
-        const auto [begin, end] = candidates_of(p);
-        for (int h = 0; h < hq; ++h) {
+      auto search_head = [&](std::size_t item, std::size_t lane_number) {
+        shard_lane_scratch& lane = scratch.lanes[lane_number];
+        const int h = static_cast<int>(item);
+        const auto summaries = shard.cache->representations(h);
+        for (std::int64_t t = 0; t < T; ++t) {
+          const std::int64_t p = first_position + t;
+          if (p / w + 1 <= config.budget_chunks) continue;
+          const auto [begin, end] = candidates_of(p);
           // As choose_for_query rotates it for the search, in the shard's own chunk ids.
-          layer.rotary().rotate(q.at(t, h), scratch.rotated.data(), p % w + std::int64_t{policies.scorer.offset_chunks} * w);
-          const std::span<std::int32_t> found(scratch.found.data(), wanted);
-          const auto summaries = shard.cache->representations(h);
+          layer.rotary().rotate(q.at(t, h), lane.rotated.data(), p % w + std::int64_t{policies.scorer.offset_chunks} * w);
+          const std::span<std::int32_t> found(lane.found.data(), wanted);
           const std::size_t got =
-              policies.index.search(shard.cache->index(h), summaries, scratch.rotated.data(), std::max<std::int64_t>(begin - shard.first_chunk, 0),
-                                    end - shard.first_chunk, wanted, found, scratch.search);
+              policies.index.search(shard.cache->index(h), summaries, lane.rotated.data(), std::max<std::int64_t>(begin - shard.first_chunk, 0),
+                                    end - shard.first_chunk, wanted, found, lane.search);
           const std::span<chunk_candidate> out = offer(t, h);
           for (std::size_t j = 0; j < got; ++j) {
             const float* lo = summaries.row(found[j]);
-            out[j] = {detail::bound_dot(scratch.rotated.data(), lo, lo + d, d), found[j] + shard.first_chunk};
+            out[j] = {detail::bound_dot(lane.rotated.data(), lo, lo + d, d), found[j] + shard.first_chunk};
           }
           counts[static_cast<std::size_t>(t * hq + h)] = static_cast<std::int32_t>(got);
         }
-      }
+      };
+      policies.executor.parallel_for(static_cast<std::size_t>(hq), index_task(search_head));
     }
     return;
   }
 
   // The flat scan: the block's scores of the shard's summarised chunks, head by head (or group
   // by group), then each query's best among its candidates.
-  auto offer_from_scores = [&](int h) {
+  auto offer_from_scores = [&](int h, const float* scores) {
     for (std::int64_t t = 0; t < T; ++t) {
       const std::int64_t p = first_position + t;
       if (p / w + 1 <= config.budget_chunks) continue;
       const auto [begin, end] = candidates_of(p);
-      const std::span<const float> row(scratch.scores.data() + t * n, static_cast<std::size_t>(n));
+      const std::span<const float> row(scores + t * n, static_cast<std::size_t>(n));
       counts[static_cast<std::size_t>(t * hq + h)] = static_cast<std::int32_t>(shard_candidates(row, shard.first_chunk, begin, end, wanted, offer(t, h)));
     }
   };
-  auto score_head = [&](int h, float* target) {
+  auto score_head = [&](int h, float* target, shard_lane_scratch& lane) {
     const scoring_inputs in{q.head(h), first_position, shard.cache->representations(h).first_rows(n), &layer.rotary(), w};
-    policies.scorer.score(in, matrix_view<float>(target, T, n), scratch.scorer);
+    policies.scorer.score(in, matrix_view<float>(target, T, n), lane.scorer);
   };
   using group_type = std::remove_cvref_t<decltype(policies.group_selection)>;
   if constexpr (group_type::shared) {
     const int gs = config.group_size();
     const std::ptrdiff_t stride = T * n;
-    for (int g = 0; g < config.n_kv_heads; ++g) {
-      for (int i = 0; i < gs; ++i) score_head(g * gs + i, scratch.group_scores.data() + i * stride);
-      for (std::ptrdiff_t e = 0; e < stride; ++e) scratch.scores[static_cast<std::size_t>(e)] = policies.group_selection.combine(scratch.group_scores.data() + e, stride, gs);
-      offer_from_scores(g * gs);
+    auto offer_group = [&](std::size_t item, std::size_t lane_number) {
+      shard_lane_scratch& lane = scratch.lanes[lane_number];
+      const int g = static_cast<int>(item);
+      for (int i = 0; i < gs; ++i) score_head(g * gs + i, lane.group_scores.data() + i * stride, lane);
+      for (std::ptrdiff_t e = 0; e < stride; ++e) lane.scores[static_cast<std::size_t>(e)] = policies.group_selection.combine(lane.group_scores.data() + e, stride, gs);
+      offer_from_scores(g * gs, lane.scores.data());
       for (int i = 1; i < gs; ++i)
         for (std::int64_t t = 0; t < T; ++t) {
           const auto from = static_cast<std::size_t>(t * hq + g * gs), to = static_cast<std::size_t>(t * hq + g * gs + i);
           counts[to] = counts[from];
           std::copy_n(offers.begin() + static_cast<std::ptrdiff_t>(from * wanted), wanted, offers.begin() + static_cast<std::ptrdiff_t>(to * wanted));
         }
-    }
+    };
+    policies.executor.parallel_for(static_cast<std::size_t>(config.n_kv_heads), index_task(offer_group));
   } else {
-    for (int h = 0; h < hq; ++h) {
-      score_head(h, scratch.scores.data());
-      offer_from_scores(h);
-    }
+    auto offer_head = [&](std::size_t item, std::size_t lane_number) {
+      shard_lane_scratch& lane = scratch.lanes[lane_number];
+      const int h = static_cast<int>(item);
+      score_head(h, lane.scores.data(), lane);
+      offer_from_scores(h, lane.scores.data());
+    };
+    policies.executor.parallel_for(static_cast<std::size_t>(hq), index_task(offer_head));
   }
 }
 
@@ -434,9 +462,11 @@ void choose_from_offers(const attention<Policies>& layer, std::int64_t first_pos
 
 /// Step 2 for a block on one shard: for each query t and head h, the chunks of its global
 /// choice (chosen, as choose_from_offers wrote it) that the shard holds, streamed through the
-/// kernel with the query rotated to the slots the remapper gives them (attend_shard); the
-/// partial state into states[t H_q + h] and the unnormalised row into out (a [T, H_q, d] view),
-/// for merge_attended. The shard's cache must hold the block's own tokens in its range.
+/// kernel with the query rotated to the slots the remapper gives them (as attend_shard, but
+/// each chunk read once for the heads of its kv group and the neighbouring queries that chose
+/// it, and compact caches converted for kernels that cannot read them); the partial state into
+/// states[t H_q + h] and the unnormalised row into out (a [T, H_q, d] view), for
+/// merge_attended. The shard's cache must hold the block's own tokens in its range.
 /// @throws shape_error if the layer, shard, q, chosen, states or out do not agree.
 template <class Policies>
 void attend_chosen(const attention<Policies>& layer, const cache_shard& shard, tensor_view<const float> q, std::int64_t first_position,
@@ -450,20 +480,45 @@ void attend_chosen(const attention<Policies>& layer, const cache_shard& shard, t
   detail::check_size(call, "chosen", chosen, static_cast<std::size_t>(T * hq * k));
   detail::check_size(call, "states", states, static_cast<std::size_t>(T * hq));
   if (out.tokens() != T || out.heads() != hq || out.head_dim() != config.head_dim) detail::fail<shape_error>(std::string(call) + ": out must be shaped as q");
-  scratch.reserve(layer, 0, 0);  // the slots and the kernel's room
-  const std::span<std::int64_t> slots(scratch.slot_starts.data(), static_cast<std::size_t>(k));
-  for (std::int64_t t = 0; t < T; ++t) {
-    const std::int64_t p = first_position + t;
-    for (int h = 0; h < hq; ++h) {
-      const std::span<const std::int32_t> row = chosen.subspan(static_cast<std::size_t>((t * hq + h) * k), static_cast<std::size_t>(k));
-      const auto count = static_cast<std::size_t>(std::find(row.begin(), row.end(), -1) - row.begin());
-      const std::span<const std::int32_t> ids = row.first(count);
-      const std::int64_t query_position = policies.remapper.remap(ids, p, config.chunk_size, slots);
-      const chunk_choice choice{ids, std::span<const std::int64_t>(slots.data(), count), query_position};
-      attend_shard(policies.kernel, config, layer.rotary(), shard, q.at(t, h), h, p, choice, states[static_cast<std::size_t>(t * hq + h)],
-                   out.at(t, h), scratch.attend);
+  scratch.reserve(layer, 0, 0);  // the slots and the tiles
+  // Work items are (kv group, tile of queries), each run whole by one lane: the same bits on any
+  // number of threads. A tile streams a chunk once for all its queries that chose it (the tile
+  // streamer, as the attention's own steps), each query's chunks in its own order.
+  const int gs = config.group_size(), w = config.chunk_size;
+  const std::int64_t tile_rows = std::max<std::int64_t>(1, static_cast<std::int64_t>(work_partition::tile_queries(config)) / gs);
+  const std::int64_t tiles = (T + tile_rows - 1) / tile_rows;
+  auto attend_tile = [&](std::size_t item, std::size_t lane_number) {
+    shard_lane_scratch& lane = scratch.lanes[lane_number];
+    const int g = static_cast<int>(item % static_cast<std::size_t>(config.n_kv_heads));
+    const std::int64_t t0 = static_cast<std::int64_t>(item / static_cast<std::size_t>(config.n_kv_heads)) * tile_rows;
+    const std::int64_t t1 = std::min(T, t0 + tile_rows);
+    const std::span<std::int64_t> slots(lane.slot_starts.data(), static_cast<std::size_t>(k));
+    lane.tile.clear();
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t p = first_position + t;
+      for (int h = g * gs; h < (g + 1) * gs; ++h) {
+        const std::span<const std::int32_t> row = chosen.subspan(static_cast<std::size_t>((t * hq + h) * k), static_cast<std::size_t>(k));
+        const auto count = static_cast<std::size_t>(std::find(row.begin(), row.end(), -1) - row.begin());
+        const std::span<const std::int32_t> ids = row.first(count);
+        const std::int64_t query_position = policies.remapper.remap(ids, p, w, slots);
+        // longheads_planner's segments, for the chosen chunks this shard holds.
+        planned_segment* plan = lane.tile.next_plan();
+        std::size_t n = 0;
+        for (std::size_t slot = 0; slot < count; ++slot) {
+          const std::int32_t chunk = ids[slot];
+          if (!shard.holds(chunk)) continue;
+          const auto length = static_cast<std::int32_t>(chunk == p / w ? p % w + 1 : w);
+          plan[n++] = {shard.cache->kv_offset(chunk - shard.first_chunk, g), length, chunk, query_position - slots[slot]};
+        }
+        lane.tile.add(q.at(t, h), out.at(t, h), n);
+      }
     }
-  }
+    lane.tile.stream_unfinished(policies.kernel, config, layer.rotary(), *shard.cache);
+    std::size_t added = 0;
+    for (std::int64_t t = t0; t < t1; ++t)
+      for (int h = g * gs; h < (g + 1) * gs; ++h) states[static_cast<std::size_t>(t * hq + h)] = lane.tile.state(added++);
+  };
+  policies.executor.parallel_for(static_cast<std::size_t>(tiles) * static_cast<std::size_t>(config.n_kv_heads), index_task(attend_tile));
 }
 
 /// The layer's output of a block from every shard's partial result (states[s] and outs[s] as
