@@ -96,11 +96,12 @@ enum class op : std::int64_t { attend = 1, start = 2, stop = 3 };
 template <class Policies>
 class shard_group {
  public:
-  shard_group(const llama2c::model_config& model, const longheads::attention_config& knobs, MPI_Comm comm)
+  // `threads`: lanes of this rank's shard work (its heads run in parallel; the same bits on any count).
+  shard_group(const llama2c::model_config& model, const longheads::attention_config& knobs, unsigned threads, MPI_Comm comm)
       : comm_(comm),
         layer_(llama2c::attention_config_for(model, knobs),
                longheads::rope(model.head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c::llama2c_float_frequencies{}),
-               llama2c::policies::make_set<Policies>({1, 2, 1, llama2c::policies::knobs{}.beam, 0})) {
+               llama2c::policies::make_set<Policies>({1, 2, threads, llama2c::policies::knobs{}.beam, 0})) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &ranks_);
     for (int l = 0; l < model.n_layers; ++l) caches_.push_back(layer_.make_cache(0, &tools::huge_pages()));
@@ -537,7 +538,7 @@ int run(const llama2c::checkpoint& ckpt, const options& o, longheads::kv_precisi
   knobs.method = longheads::attention_method::longheads;
   knobs.kv_storage = storage;
   knobs.spread_encoding = false;  // a shard's chunk is encoded when it completes (longheads::make_shard)
-  shard_group<Policies> shards(ckpt.config(), knobs, comm);
+  shard_group<Policies> shards(ckpt.config(), knobs, o.attention.threads, comm);
   if (rank != 0) {
     shards.serve();
     return 0;
@@ -568,7 +569,7 @@ int main(int argc, char** argv) {
   CLI::App app{"A llama2.c model with LongHeads attention over a KV cache spread across MPI ranks (docs/sharding.md)"};
   app.add_option("--model", o.model, "llama2.c checkpoint (found as the single-process host finds it)")->capture_default_str();
   app.add_option("--vocab", o.vocab, "vocabulary id<TAB>word (default: <model>.vocab.txt beside the model)");
-  tools::add_attention_flags(app, o.attention, false);  // --threads: rank 0's projections; a rank's shard work runs on one thread
+  tools::add_attention_flags(app, o.attention, false);  // --threads: every rank's lanes (rank 0's projections too)
   app.add_option("--split", o.split, "prefill block size (tokens per step)")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--policies", o.policies, "selection policies to run, comma separated (" + std::to_string(llama2c::policies::names().size()) +
                                                " names as longheads_llama2c --policy)")
