@@ -4,7 +4,7 @@
 # was already gone), and the LongHeads decode rows must time chunk-completion steps.
 set -eu
 bench="$1"
-for filter in 'decode/batch/' 'decode/separate/' 'decode/longheads/' 'decode/longheads-bf16-at-completion/' 'decode/dense-bf16/llama3_8b' 'prefill/' 'component/' 'probe/' 'no-such-benchmark'; do
+for filter in 'decode/batch/' 'decode/separate/' 'shard/' 'decode/longheads/' 'decode/longheads-bf16-at-completion/' 'decode/dense-bf16/llama3_8b' 'prefill/' 'component/' 'probe/' 'no-such-benchmark'; do
   echo "== --benchmark_filter=$filter"
   "$bench" --smoke --benchmark_filter="$filter" --benchmark_format=json > filtered.json
 done

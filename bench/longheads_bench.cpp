@@ -366,6 +366,65 @@ void decode_batch(benchmark::State& state, std::int64_t context, int sequences, 
   state.counters["sequence_token_us"] = sorted.empty() ? 0.0 : std::accumulate(sorted.begin(), sorted.end(), 0.0) / static_cast<double>(sorted.size()) / sequences;
 }
 
+// ------------------------------------------------------------------------------ shard decode
+/// shard/decode: a decode step through shard.hpp's block functions (ingest, offer_candidates,
+/// choose_from_offers, attend_chosen, merge_attended) on one shard holding the whole context:
+/// a rank's own work in a one-rank job, without the transport. Beside attention::decode over
+/// the same cache (decode/longheads-quest-bf16-at-completion: shards encode chunks at
+/// completion), it shows what the split path costs and how a rank's work scales with threads.
+/// Quest bounds by the flat scan (exact at any number of shards), bf16 K/V, w 256, k 16.
+void shard_decode(benchmark::State& state, model_shape s, std::int64_t context, unsigned threads) {
+  constexpr int w = 256, chunks = 16;
+  constexpr kv_precision storage = kv_precision::bf16;
+  kv_cache& cache = filled_cache<threaded_quest>(s, attention_method::longheads, context, storage, w, chunks, false);
+  cache.truncate(context);
+  attention<threaded_quest> a(config_for(s, attention_method::longheads, w, chunks, storage, false), rope(s.head_dim, 500000.0),
+                              {.executor = thread_pool_executor(threads)});
+  const cache_shard shard = make_shard(cache, 0);
+  const int hq = s.n_q_heads, d = s.head_dim;
+  const std::size_t wanted = offered_per_head(a.config());
+  shard_scratch scratch;
+  scratch.reserve(a, (context + w) / w, 1);
+  std::vector<chunk_candidate> offers(static_cast<std::size_t>(hq) * wanted), pool;
+  pool.reserve(wanted);
+  std::vector<std::int32_t> counts(static_cast<std::size_t>(hq)), chosen(static_cast<std::size_t>(hq * chunks));
+  std::vector<softmax_state> states(static_cast<std::size_t>(hq));
+  std::vector<float> partial(static_cast<std::size_t>(hq * d)), out(static_cast<std::size_t>(hq * d));
+  const auto q_floats = static_cast<std::size_t>(hq * d), kv_floats = static_cast<std::size_t>(s.n_kv_heads * d);
+  const std::span<const chunk_candidate> offer_views[1] = {offers};
+  const std::span<const std::int32_t> count_views[1] = {counts};
+  const std::span<const softmax_state> state_views[1] = {states};
+  const tensor_view<const float> partial_views[1] = {{partial.data(), 1, hq, d}};
+  std::vector<double> step_us(1 << 16);
+  std::int64_t step = 0;
+  auto one_step = [&] {
+    if (cache.tokens() == context + w) cache.truncate(context);  // a chunk a cycle, as the decode rows
+    const std::int64_t position = cache.tokens();
+    const tensor_view<const float> q(noise_at(static_cast<std::size_t>(step), q_floats), 1, hq, d);
+    const auto start = std::chrono::steady_clock::now();
+    a.ingest(cache, q, {noise_at(static_cast<std::size_t>(step) + 1, kv_floats), 1, s.n_kv_heads, d},
+             {noise_at(static_cast<std::size_t>(step) + 2, kv_floats), 1, s.n_kv_heads, d});
+    offer_candidates(a, shard, q, position, offers, counts, scratch);
+    choose_from_offers(a, position, 1, offer_views, count_views, chosen, pool);
+    attend_chosen(a, shard, q, position, chosen, states, {partial.data(), 1, hq, d}, scratch);
+    merge_attended(a, state_views, partial_views, {out.data(), 1, hq, d});
+    benchmark::DoNotOptimize(out.data());
+    step_us[static_cast<std::size_t>(step) % step_us.size()] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    ++step;
+  };
+  one_step();  // untimed: the scratch's first touch
+  step = 0;
+  while (state.KeepRunningBatch(w))
+    for (int i = 0; i < w; ++i) one_step();
+  step_us.resize(std::min<std::size_t>(step_us.size(), static_cast<std::size_t>(step)));
+  std::sort(step_us.begin(), step_us.end());
+  auto at_quantile = [&](double q) { return step_us.empty() ? 0.0 : step_us[static_cast<std::size_t>(q * static_cast<double>(step_us.size() - 1) + 0.5)]; };
+  state.counters["step_p50_us"] = at_quantile(0.5);
+  state.counters["step_p99_us"] = at_quantile(0.99);
+  state.counters["step_max_us"] = step_us.empty() ? 0.0 : step_us.back();
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step), benchmark::Counter::kIsRate);
+}
+
 // ----------------------------------------------------------------------------------- prefill
 void prefill(benchmark::State& state, model_shape s, attention_method method, std::int64_t tokens, unsigned threads) {
   const int w = 64, chunks = 8;
@@ -559,6 +618,19 @@ void register_all() {
       register_decode("longheads-quest-beam-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest_beam, 64, 64>, attention_method::longheads,
                       kv_precision::bf16);
     });
+  // A rank's step through the shard block functions beside attention::decode on the same cache.
+  const std::int64_t shard_context = smoke ? 2048 : 131072;
+  in_rounds([&] {
+    for (unsigned t : thread_counts) {
+      register_decode("longheads-quest-bf16-at-completion", llama3_8b, shard_context, t, decode<threaded_quest, 256, 16, false>,
+                      attention_method::longheads, kv_precision::bf16);
+      benchmark::RegisterBenchmark(("shard/decode/quest-bf16/" + std::string(llama3_8b.name) + "/" + std::to_string(shard_context) +
+                                    "/threads:" + std::to_string(t)).c_str(),
+                                   shard_decode, llama3_8b, shard_context, t)
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
+  });
   // Batches: B sequences of a small model's layer decoded in one call, and 16 in separate calls.
   const std::int64_t batch_context = smoke ? 1024 : 4096;
   in_rounds([&] {
