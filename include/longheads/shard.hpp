@@ -14,8 +14,9 @@
 // The block functions at the end run those halves for a block of queries and all heads, in the
 // layouts a transport sends as they are: offer_candidates (every shard), choose_from_offers
 // (one place, from every shard's offer), attend_chosen (every shard), merge_attended (one place).
-// The two per-shard ones run their heads on the layer's executor, one lane per head at a time,
-// so a multi-core shard uses its cores and its results have the same bits on any thread count.
+// The two per-shard ones run on the layer's executor in work items of heads (or kv groups),
+// each computed whole by one lane, so a multi-core shard uses its cores and its results have
+// the same bits on any thread count.
 // A shard's own index search (bound_tree_index) gives the flat scan's candidates exactly, so
 // the choice is the single-process one; bound_tree_beam searches each shard's tree with its
 // own beam, which is the single-process choice with one shard and nearly it with several.
