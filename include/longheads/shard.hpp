@@ -242,7 +242,7 @@ struct shard_lane_scratch {
 /// One shard's working memory for the block functions: a lane's for each of the layer's
 /// executor lanes. Sized by reserve (or on first use).
 struct shard_scratch {
-  std::vector<shard_lane_scratch> lanes;
+  std::vector<shard_lane_scratch> lanes;  ///< one per executor lane
 
   /// Room for blocks of `block` queries over shards of up to `chunks` chunks, so the block
   /// functions never allocate. They call it themselves with their own sizes (it only grows,
