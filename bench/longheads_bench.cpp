@@ -284,6 +284,15 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   if (method == attention_method::dense && storage == kv_precision::fp32) state.counters["same_memory_read_GB/s"] = same_memory_read_rate(cache, threads);
 }
 
+/// Sorts `step_us` (each step's µs) and reports its p50, p99 and max as counters.
+void report_step_latency(benchmark::State& state, std::vector<double>& step_us) {
+  std::sort(step_us.begin(), step_us.end());
+  auto at_quantile = [&](double q) { return step_us.empty() ? 0.0 : step_us[static_cast<std::size_t>(q * static_cast<double>(step_us.size() - 1) + 0.5)]; };
+  state.counters["step_p50_us"] = at_quantile(0.5);
+  state.counters["step_p99_us"] = at_quantile(0.99);
+  state.counters["step_max_us"] = step_us.empty() ? 0.0 : step_us.back();
+}
+
 // ------------------------------------------------------------------------------ batch decode
 /// The engine shape of the batch rows: a small model's layer, many sequences at once.
 constexpr model_shape batch_shape{"h8_kv8_d64", 8, 8, 64};
@@ -355,15 +364,10 @@ void decode_batch(benchmark::State& state, std::int64_t context, int sequences, 
   step = 0;
   for (auto _ : state) one_step();
   step_us.resize(std::min<std::size_t>(step_us.size(), static_cast<std::size_t>(step)));
-  std::vector<double> sorted = step_us;
-  std::sort(sorted.begin(), sorted.end());
-  auto at_quantile = [&](double q) { return sorted.empty() ? 0.0 : sorted[static_cast<std::size_t>(q * static_cast<double>(sorted.size() - 1) + 0.5)]; };
-  state.counters["step_p50_us"] = at_quantile(0.5);
-  state.counters["step_p99_us"] = at_quantile(0.99);
-  state.counters["step_max_us"] = sorted.empty() ? 0.0 : sorted.back();
+  report_step_latency(state, step_us);
   state.counters["sequences"] = sequences;
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step) * sequences, benchmark::Counter::kIsRate);
-  state.counters["sequence_token_us"] = sorted.empty() ? 0.0 : std::accumulate(sorted.begin(), sorted.end(), 0.0) / static_cast<double>(sorted.size()) / sequences;
+  state.counters["sequence_token_us"] = step_us.empty() ? 0.0 : std::accumulate(step_us.begin(), step_us.end(), 0.0) / static_cast<double>(step_us.size()) / sequences;
 }
 
 // ------------------------------------------------------------------------------ shard decode
@@ -417,11 +421,7 @@ void shard_decode(benchmark::State& state, model_shape s, std::int64_t context, 
   while (state.KeepRunningBatch(w))
     for (int i = 0; i < w; ++i) one_step();
   step_us.resize(std::min<std::size_t>(step_us.size(), static_cast<std::size_t>(step)));
-  std::sort(step_us.begin(), step_us.end());
-  auto at_quantile = [&](double q) { return step_us.empty() ? 0.0 : step_us[static_cast<std::size_t>(q * static_cast<double>(step_us.size() - 1) + 0.5)]; };
-  state.counters["step_p50_us"] = at_quantile(0.5);
-  state.counters["step_p99_us"] = at_quantile(0.99);
-  state.counters["step_max_us"] = step_us.empty() ? 0.0 : step_us.back();
+  report_step_latency(state, step_us);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(step), benchmark::Counter::kIsRate);
 }
 
