@@ -9,15 +9,30 @@
 #include <atomic>
 #include <cstdlib>
 #include <new>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "test_support.hpp"
 
 namespace {
 std::atomic<bool> counting{false};
 std::atomic<long> allocations{0};
+std::atomic<std::size_t> allocated_bytes{0}, largest_allocation{0};  // while counting
+
+void count(std::size_t n) {
+  if (!counting.load(std::memory_order_relaxed)) return;
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  allocated_bytes.fetch_add(n, std::memory_order_relaxed);
+  for (std::size_t largest = largest_allocation.load(); n > largest && !largest_allocation.compare_exchange_weak(largest, n);) {
+  }
+}
 
 void* counted(std::size_t n) {
-  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  count(n);
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
@@ -31,7 +46,7 @@ void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 // Over-aligned allocations (std::pmr, aligned storage) are counted too.
 void* operator new(std::size_t n, std::align_val_t a) {
-  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  count(n);
   const auto alignment = static_cast<std::size_t>(a);
   if (void* p = std::aligned_alloc(alignment, (std::max<std::size_t>(n, 1) + alignment - 1) / alignment * alignment)) return p;
   throw std::bad_alloc();
@@ -254,4 +269,76 @@ TEST_CASE("the counter sees allocations (the test above can fail)") {
   counting = false;
   delete p;
   CHECK(allocations.load() == 2);
+}
+
+TEST_CASE("a forged cache record is refused before anything larger than the bytes that came is allocated") {
+  // A record's claims (tokens, section sizes, the meta block's size) with every checksum right:
+  // from a stream and from a file, each a file_error, and the load never allocates more at once
+  // than the record's own bytes plus a block of 1 MiB (a stream is staged as it arrives).
+  const int hq = 4, hkv = 2, d = 16, prompt = 150;
+  attention<quest_index> layer(test::make_config(hq, hkv, d, 16, 4), rope(d));
+  const test::sequence seq(prompt, hq, hkv, d, 21);
+  kv_cache cache = layer.make_cache();
+  std::vector<float> out(static_cast<std::size_t>(prompt) * hq * d);
+  layer.prefill(cache, seq.qv(0, prompt), seq.kv(0, prompt), seq.vv(0, prompt), {out.data(), prompt, hq, d});
+  std::ostringstream saved(std::ios::binary);
+  save_cache(saved, layer, cache);
+  const std::string good = saved.str();
+  std::uint64_t meta_bytes;
+  std::memcpy(&meta_bytes, good.data() + 24, 8);
+  detail::meta_writer layer_part;
+  detail::write_layer(layer_part, layer.shape(), layer.config(), layer.rotary(), policy_identity<quest_index>());
+  const std::size_t tokens_at = 32 + layer_part.data().size(), keys_size_at = 32 + meta_bytes + 8;
+  auto forged = [&](std::int64_t tokens, std::uint64_t keys_claim) {
+    std::string b = good;
+    std::memcpy(b.data() + tokens_at, &tokens, 8);
+    const std::uint64_t h = detail::xxh64::of(b.data() + 32, meta_bytes);
+    std::memcpy(b.data() + 32 + meta_bytes, &h, 8);
+    if (keys_claim != 0) std::memcpy(b.data() + keys_size_at, &keys_claim, 8);
+    return b;
+  };
+  const std::uint64_t huge_meta = std::uint64_t{1} << 32;
+  std::string meta_claim = good;
+  std::memcpy(meta_claim.data() + 24, &huge_meta, 8);
+  const std::vector<std::pair<std::string, std::string>> records = {
+      {"2^31 - 1 tokens, a keys section of 512 GiB", forged(max_sequence_tokens, std::uint64_t{549755813888})},
+      {"2^31 - 1 tokens", forged(max_sequence_tokens, 0)},
+      {"2^20 tokens, the keys section's size as they need", forged(std::int64_t{1} << 20, (std::uint64_t{1} << 20) * hkv * d * 4)},
+      {"a meta block of 4 GiB", meta_claim},
+      {"2^31 - 1 tokens, cut in the keys", forged(max_sequence_tokens, 0).substr(0, keys_size_at + 4000)},
+  };
+  const auto path = std::filesystem::temp_directory_path() / "longheads_forged.lhkv";
+  for (const auto& [what, bytes] : records) {
+    CAPTURE(what);
+    std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    for (bool from_stream : {true, false}) {
+      CAPTURE(from_stream);
+      std::istringstream in(bytes, std::ios::binary);
+      allocated_bytes = 0;
+      largest_allocation = 0;
+      bool refused = false;
+      counting = true;
+      try {
+        if (from_stream) (void)load_cache(in, layer);
+        else (void)load_cache(path, layer);
+      } catch (const file_error&) {
+        refused = true;
+      }
+      counting = false;
+      CHECK(refused);
+      CHECK(largest_allocation.load() <= bytes.size() + (std::size_t{1} << 20));
+      CHECK(allocated_bytes.load() <= 3 * bytes.size() + (std::size_t{4} << 20));
+      MESSAGE(what << std::string(from_stream ? " (stream)" : " (file)") << ": " << allocated_bytes.load() << " bytes allocated, largest "
+                   << largest_allocation.load() << ", for a record of " << bytes.size());
+    }
+  }
+  std::filesystem::remove(path);
+  // The counter sees a load that is allowed to allocate: the good record's cache.
+  std::istringstream in(good, std::ios::binary);
+  allocated_bytes = 0;
+  counting = true;
+  const kv_cache loaded = load_cache(in, layer);
+  counting = false;
+  CHECK(loaded == cache);
+  CHECK(allocated_bytes.load() >= good.size());
 }

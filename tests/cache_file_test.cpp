@@ -5,11 +5,14 @@
 
 #include <longheads/longheads.hpp>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -217,8 +220,9 @@ TEST_CASE("bad cache files are named file_errors, and the caller's cache stays a
   expect("GIF89a, certainly not a cache of anything at all", "not a longheads cache");
   for (std::size_t cut : {std::size_t{10}, std::size_t{30}, meta_at + 5, keys_at + 1000, good.size() - 3})
     expect(good.substr(0, cut), "truncated");
-  const std::uint32_t version2 = 2;
-  expect(patched(8, &version2, 4), "format version 2");
+  const std::uint32_t version3 = 3, version1 = 1;
+  expect(patched(8, &version3, 4), "format version 3");
+  expect(patched(8, &version1, 4), "version 1 files may hold rolled-back tokens' rows");
   const std::uint64_t swapped = 0x0807060504030201ull;
   expect(patched(16, &swapped, 8), "other byte order");
   expect(flipped(meta_at + 40), "corrupted meta block (checksum mismatch)");
@@ -244,7 +248,7 @@ TEST_CASE("bad cache files are named file_errors, and the caller's cache stays a
     REQUIRE(tokens == prompt);
     const std::int64_t more = std::int64_t{1} << 30;
     std::memcpy(b.data() + tokens_at, &more, 8);
-    expect(rehashed_meta(b), "the keys section has");
+    expect(rehashed_meta(b), "truncated in the keys section");  // the state's tokens need more bytes than come: nothing allocated for them
   }
   {
     std::string b = good;  // a NaN key, with the keys' checksum made to match
@@ -258,6 +262,47 @@ TEST_CASE("bad cache files are named file_errors, and the caller's cache stays a
     const std::uint64_t h2 = detail::xxh64::of(b.data() + keys_at, keys_bytes);
     std::memcpy(b.data() + keys_at + keys_bytes, &h2, 8);
     expect(b, "larger than this layer's inputs can make");
+  }
+  // Sections every checksum of which is right, holding what no live cache holds.
+  auto section_at = [&](const std::string& b, int section) {  // where section i's bytes start, and their count
+    std::uint64_t n;
+    std::memcpy(&n, b.data() + 24, 8);
+    std::size_t at = 32 + n + 8;
+    for (int i = 0;; ++i) {
+      std::memcpy(&n, b.data() + at, 8);
+      if (i == section) return std::pair{at + 8, static_cast<std::size_t>(n)};
+      at += 16 + n;
+    }
+  };
+  auto with_float = [&](const std::string& from, int section, std::size_t element, float x) {
+    std::string b = from;
+    const auto [at, n] = section_at(b, section);
+    std::memcpy(b.data() + at + 4 * element, &x, 4);
+    const std::uint64_t h = detail::xxh64::of(b.data() + at, n);
+    std::memcpy(b.data() + at + n, &h, 8);
+    return b;
+  };
+  // A key row past the 150th token (the last chunk holds 6 of its 16 rows): a rolled-back token's.
+  expect(with_float(good, 0, (9 * hkv * 16 + 10) * d + 3, 0.5f), "the keys section holds data past the sequence's end");
+  expect(with_float(good, 1, (9 * hkv * 16 + 15) * d, -0.25f), "the values section holds data past the sequence's end");
+  // A query row the buffers do not hold: the open chunk 9 has 6 rows, in buffer 9 mod 2 (the
+  // spread encoding keeps two chunks' queries, [w][H_q][d] each).
+  expect(with_float(good, 3, (16 + 12) * hq * d + 1, 0.5f), "the query buffers section holds data past the sequence's end");
+  // Summaries: the paper's encoder averages keys, so a summary larger than any key is forged.
+  expect(with_float(good, 2, 5, 1e30f), "a summary or encoder state its encoder cannot make");
+  // Its spread encoding's state: column sums of softmax rows, in [0, w].
+  expect(with_float(good, 4, 2, -1.0f), "a summary or encoder state its encoder cannot make");
+  expect(with_float(good, 4, 2, 17.0f), "a summary or encoder state its encoder cannot make");
+  {
+    // Key bounds whose lo is above their hi (the index's boxes and the scorer's bound assume lo <= hi).
+    attention<quest_policies> quest(config, rope(d));
+    kv_cache qc = quest.make_cache();
+    quest.prefill(qc, seq.qv(0, prompt), seq.kv(0, prompt), seq.vv(0, prompt), {out.data(), prompt, hq, d});
+    const std::string q_good = saved(quest, qc);
+    const float hi0 = qc.representations(0).row(3)[d];
+    CHECK_THROWS_WITH_AS(loaded(with_float(q_good, 2, 3 * 2 * d, hi0 + 0.5f), quest), doctest::Contains("a summary or encoder state its encoder cannot make"),
+                         file_error);
+    CHECK(loaded(with_float(q_good, 2, 3 * 2 * d, hi0 - 0.5f), quest).tokens() == prompt);  // a lower lo is a box some keys make
   }
   auto from_other = [&](auto&& other_layer) {
     kv_cache c = other_layer.make_cache();
@@ -322,4 +367,157 @@ TEST_CASE("int8 cache files: a scale that makes a value non-finite or larger tha
     attention<paper_policies> other_layer(c, rope(d));
     CHECK_THROWS_WITH_AS(loaded(good, other_layer), doctest::Contains("another shape"), file_error);
   }
+}
+
+namespace {
+
+/// Whether `bytes` hold a row of d values `marker` as `precision` stores it (fp32 or bf16
+/// copies, or int8 elements of 127: a row of one value quantizes to its block's maximum).
+bool holds_marker_row(const std::string& bytes, kv_precision precision, float marker, int d) {
+  std::string row;
+  for (int i = 0; i < d; ++i) {
+    if (precision == kv_precision::fp32) row.append(reinterpret_cast<const char*>(&marker), 4);
+    else if (precision == kv_precision::bf16) {
+      const bf16 half = to_bf16(marker);
+      row.append(reinterpret_cast<const char*>(&half), 2);
+    } else row.push_back(static_cast<char>(127));
+  }
+  return bytes.find(row) != std::string::npos;
+}
+
+/// A record's parts: its meta block without the query buffers' rows (the held list), and its five sections.
+struct record {
+  std::string meta_without_held;
+  std::array<std::string, 5> sections;
+};
+template <class Policies>
+record record_parts(const std::string& b, const attention<Policies>& layer) {
+  record r;
+  std::uint64_t n;
+  std::memcpy(&n, b.data() + 24, 8);
+  const std::string meta = b.substr(32, n);
+  detail::meta_writer layer_part;
+  detail::write_layer(layer_part, layer.shape(), layer.config(), layer.rotary(), policy_identity<Policies>());
+  const std::size_t held_at = layer_part.data().size() + 16, held_bytes = 16 * static_cast<std::size_t>(layer.shape().query_chunks());
+  r.meta_without_held = meta.substr(0, held_at) + meta.substr(held_at + held_bytes);
+  std::size_t at = 32 + n + 8;
+  for (auto& section : r.sections) {
+    std::memcpy(&n, b.data() + at, 8);
+    section = b.substr(at + 8, n);
+    at += 16 + n;
+  }
+  return r;
+}
+
+/// Random append / truncate / append sequences on one layer: tokens appended and then rolled
+/// back carry a marker (every value row the constant 7); after each sequence the cache must be
+/// == a fresh cache fed only the kept tokens (in other call sizes), its file must be byte for
+/// byte the fresh cache's, and the marker must appear nowhere in it.
+template <class Policies>
+void check_rollback_leaves_no_trace(const std::string& name, const attention_config& config, typename attention<Policies>::policy_set policies,
+                                    int trials, int& cases) {
+  CAPTURE(name);
+  const int hq = config.n_q_heads, hkv = config.n_kv_heads, d = config.head_dim, w = config.chunk_size, T = 112;
+  const float marker = 7.0f;
+  attention<Policies> layer(config, rope(d), policies);
+  const test::sequence kept(T, hq, hkv, d, 5100), removed(T, hq, hkv, d, 5200);
+  std::vector<float> marked_values(removed.v.size(), marker), marked_queries(removed.q.size(), marker + 1), marked_keys(removed.k.size(), marker + 2);
+  std::mt19937 rng(static_cast<std::uint32_t>(std::hash<std::string>{}(name)));
+  std::vector<float> out(static_cast<std::size_t>(T) * hq * d);
+  auto feed = [&](kv_cache& cache, bool marked, int from, int to) {  // positions [from, to), random call sizes
+    for (int t = from; t < to;) {
+      const int n = std::min<int>(to - t, 1 + static_cast<int>(rng() % 11));
+      const test::sequence& s = marked ? removed : kept;
+      auto marked_rows = [&](const std::vector<float>& rows, int heads) {
+        return tensor_view<const float>{rows.data() + static_cast<std::ptrdiff_t>(t) * heads * d, n, heads, d};
+      };
+      if (marked) layer.prefill(cache, marked_rows(marked_queries, hq), marked_rows(marked_keys, hkv), marked_rows(marked_values, hkv), {out.data(), n, hq, d});
+      else layer.prefill(cache, s.qv(t, n), s.kv(t, n), s.vv(t, n), {out.data(), n, hq, d});
+      t += n;
+    }
+  };
+  int kept_finished = 0, same_ring = 0;
+  for (int trial = 0; trial < trials; ++trial) {
+    kv_cache cache = layer.make_cache();
+    int tokens = 0;
+    const int steps = 1 + static_cast<int>(rng() % 4);
+    for (int step = 0; step < steps && tokens < T - 40; ++step) {
+      const int more = static_cast<int>(rng() % 24);  // kept tokens, then marked ones that are rolled back
+      feed(cache, false, tokens, tokens + more);
+      tokens += more;
+      const int marked = 1 + static_cast<int>(rng() % 30);
+      feed(cache, true, tokens, tokens + marked);
+      if (step == 0 && trial == 0) REQUIRE(holds_marker_row(saved(layer, cache), config.kv_storage, marker, d));  // the check can see it
+      // Back to the last kept token where the cache allows it, else to the chunk boundary before.
+      const int target = tokens >= cache.rewindable_from() ? tokens : tokens / w * w;
+      cache.truncate(target);
+      tokens = target;
+      ++cases;
+    }
+    feed(cache, false, tokens, tokens + 1 + static_cast<int>(rng() % 24));
+    tokens = static_cast<int>(cache.tokens());
+    kv_cache fresh = layer.make_cache();
+    feed(fresh, false, 0, tokens);
+    const std::string file = saved(layer, cache), fresh_file = saved(layer, fresh);
+    CHECK_FALSE(holds_marker_row(file, config.kv_storage, marker, d));
+    for (int offset = 0; offset < w && config.kv_storage == kv_precision::fp32; ++offset)
+      for (const auto& [rows, heads] : {std::pair{&marked_queries, hq}, std::pair{&marked_keys, hkv}}) {
+        std::vector<float> rotated(static_cast<std::size_t>(d));
+        layer.rotary().rotate(rows->data(), rotated.data(), offset);  // a marked query or key as the cache stores it
+        CHECK(file.find(std::string(reinterpret_cast<const char*>(rotated.data()), rotated.size() * 4)) == std::string::npos);
+      }
+    // A spread encoding kept finished by a truncation (its queries were no longer held) where
+    // the fresh cache is still encoding that chunk: the one difference == sees (kv_cache::truncate).
+    const auto finished = [](const kv_cache& c) { return c.full_chunks() > c.summarised_chunks() && c.pending_pieces_done() >= c.spread_total(); };
+    if (finished(cache) && !finished(fresh)) {  // then the keys and values are still the fresh cache's, byte for byte
+      ++kept_finished;
+      const record a = record_parts(file, layer), b = record_parts(fresh_file, layer);
+      CHECK(a.sections[0] == b.sections[0]);
+      CHECK(a.sections[1] == b.sections[1]);
+      continue;
+    }
+    CHECK(cache == fresh);
+    // The file: byte for byte the fresh cache's, but for the ring of kept query chunks (a
+    // truncated cache holds fewer of the older ones: the removed tokens took their places).
+    const record a = record_parts(file, layer), b = record_parts(fresh_file, layer);
+    CHECK(a.meta_without_held == b.meta_without_held);
+    for (int i : {0, 1, 2, 4}) CHECK(a.sections[static_cast<std::size_t>(i)] == b.sections[static_cast<std::size_t>(i)]);
+    if (a.sections[3] == b.sections[3]) ++same_ring;
+    CHECK(cache.rewindable_from() >= fresh.rewindable_from());  // holds no query chunk the fresh cache does not
+    for (std::int64_t chunk = cache.rewindable_from() / w; chunk * w < tokens && config.method == attention_method::longheads; ++chunk)
+      for (int h = 0; h < hq && cache.shape().keeps_open_queries; ++h)
+        for (std::int64_t row = 0; row < std::min<std::int64_t>(w, tokens - chunk * w); ++row)
+          CHECK(std::equal(cache.chunk_queries(chunk, h).row(row), cache.chunk_queries(chunk, h).row(row) + d, fresh.chunk_queries(chunk, h).row(row)));
+  }
+  MESSAGE(name << ": " << trials << " sequences, " << kept_finished << " ending with a spread encoding kept finished, " << same_ring
+               << " with the fresh cache's query ring");
+  CHECK(trials - kept_finished >= trials / 2);  // most sequences compared whole
+}
+
+}  // namespace
+
+TEST_CASE("rolled-back tokens leave no trace: == a fresh run and the fresh run's file bytes, every policy set and storage") {
+  const int hq = 4, hkv = 2, d = 16, w = 16, trials = 16;
+  int cases = 0;
+  for (kv_precision storage : {kv_precision::fp32, kv_precision::bf16, kv_precision::int8}) {
+    attention_config c = test::make_config(hq, hkv, d, w, 4);
+    c.kv_storage = storage;
+    const std::string kv = std::string(" ") + to_string(storage);
+    check_rollback_leaves_no_trace<paper_policies>("paper, spread" + kv, c, {}, trials, cases);
+    attention_config eager = c;
+    eager.spread_encoding = false;
+    check_rollback_leaves_no_trace<paper_policies>("paper, at completion" + kv, eager, {}, trials, cases);
+    attention_config keeping = c;
+    keeping.rollback_chunks = 2;
+    check_rollback_leaves_no_trace<paper_policies>("paper, rollback_chunks 2" + kv, keeping, {}, trials, cases);
+    check_rollback_leaves_no_trace<quest_policies>("quest" + kv, c, {}, trials, cases);
+    check_rollback_leaves_no_trace<quest_beam_policies>("quest, beam index" + kv, c, {.index = {.branching = 2, .scan_below = 0}}, trials, cases);
+    check_rollback_leaves_no_trace<group_policies>("quest, group max" + kv, c, {}, trials, cases);
+    check_rollback_leaves_no_trace<representative_policies>("representative keys" + kv, c, {}, trials, cases);
+    attention_config dense = c;
+    dense.method = attention_method::dense;
+    check_rollback_leaves_no_trace<paper_policies>("dense" + kv, dense, {}, trials, cases);
+  }
+  MESSAGE(cases << " rollbacks");
+  CHECK(cases >= 500);
 }

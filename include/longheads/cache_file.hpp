@@ -7,7 +7,7 @@
 // A record, every integer little-endian as the host writes it (the byte order is recorded and
 // a file of the other order refused):
 //
-//   "LHKVCACH"  u32 format version (1)  u32 0  u64 byte-order mark
+//   "LHKVCACH"  u32 format version (2)  u32 0  u64 byte-order mark
 //   u64 n  meta[n]  u64 XXH64(meta)      shape, the layer's attention_config, its RoPE (head_dim,
 //                                        base, layout, magnitude, inverse frequencies), the
 //                                        policies' identities, and the cache's state (tokens,
@@ -44,12 +44,14 @@
 #include <fstream>
 #include <istream>
 #include <limits>
+#include <memory>
 #include <memory_resource>
 #include <ostream>
 #include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <typeinfo>
 #include <utility>
 #include <vector>
@@ -72,7 +74,7 @@
 namespace longheads {
 
 /// The format version this library writes and reads.
-inline constexpr std::uint32_t cache_file_version = 1;
+inline constexpr std::uint32_t cache_file_version = 2;
 
 /// The identity of a layer's policies as a cache file records it: the type of each policy that
 /// shapes what a cache holds or how it is read (encoder, scorer, selector, remapper, kernel,
@@ -103,6 +105,10 @@ namespace detail {
 inline constexpr char cache_file_magic[8] = {'L', 'H', 'K', 'V', 'C', 'A', 'C', 'H'};
 inline constexpr std::uint64_t byte_order_mark = 0x0102030405060708ull;
 inline constexpr std::size_t cache_file_block = std::size_t{1} << 20;  // bytes copied and hashed at a time
+
+inline constexpr const char* section_names[5] = {"keys", "values", "representations", "query buffers", "encoder state"};
+inline constexpr const char* section_titles[5] = {"the keys section", "the values section", "the representations section",
+                                                  "the query buffers section", "the encoder state section"};
 
 /// The fields of a record's meta block, written and read in one order by one function each.
 class meta_writer {
@@ -289,6 +295,60 @@ struct cache_file_access {
     return reinterpret_cast<char*>(c.representations_.data() + c.representation_offset(0, head));
   }
   static void finish_load(kv_cache& c) { c.index_full_chunks(c.summarised_chunks()); }
+  /// Whether every final summary is one the encoder can make from keys within `key_bound`.
+  template <class Encoder>
+  static bool summaries_within(const kv_cache& c, const attention_config& config, const Encoder& encoder, float key_bound) {
+    if constexpr (checked_chunk_encoder<Encoder>) {
+      for (int h = 0; h < c.shape().summary_heads(); ++h)  // a spread encoding's head has its summary once its last piece ran
+        for (std::int64_t chunk = 0, final = c.summarised_chunks() + (c.full_chunks() > c.summarised_chunks() &&
+                                                                       c.pending_done_ >= std::int64_t{c.shape().spread_pieces} * (h + 1));
+             chunk < final; ++chunk)
+          if (!encoder.representation_within(config, {c.representations_.data() + c.representation_offset(chunk, h), c.shape().representation_floats},
+                                             key_bound))
+            return false;
+    }
+    return true;
+  }
+  /// Whether a spread encoding's state is one the encoder makes.
+  template <class Encoder>
+  static bool spread_state_within(kv_cache& c, const attention_config& config, const Encoder& encoder) {
+    if constexpr (checked_piecewise_encoder<Encoder>)
+      for (int h = 0; h < c.shape().summary_heads() && c.shape().spreads_encoding(); ++h)
+        if (!encoder.state_within(config, c.spread_state(h))) return false;
+    return true;
+  }
+  /// The first section that holds something past the sequence's end (key or value rows past the
+  /// last token, query rows past those a buffer holds, the summary of a chunk whose spread
+  /// encoding has not finished), or null: a live cache holds zeros there (kv_cache::truncate).
+  static const char* first_with_data_past_end(const kv_cache& c) {
+    auto zeros = [](const auto* p, std::size_t n) { return std::all_of(p, p + n, [](auto x) { return x == decltype(x){0}; }); };
+    const std::int64_t w = c.shape().chunk_size, d = c.shape().head_dim, used = c.tokens_ % w;
+    if (used != 0)
+      for (int g = 0; g < c.shape().n_kv_heads; ++g) {
+        const std::size_t at = c.kv_offset(c.tokens_ / w, g) + static_cast<std::size_t>(used * d), n = static_cast<std::size_t>((w - used) * d);
+        const auto block = static_cast<std::size_t>(c.int8_block());
+        const bool keys = c.shape().precision == kv_precision::bf16   ? zeros(c.keys16_.data() + at, n)
+                          : c.shape().precision == kv_precision::int8 ? zeros(c.keys8_.data() + at, n) && zeros(c.key_scales_.data() + at / block, n / block)
+                                                                      : zeros(c.keys_.data() + at, n);
+        if (!keys) return section_names[0];
+        const bool values = c.shape().precision == kv_precision::bf16 ? zeros(c.values16_.data() + at, n)
+                            : c.shape().precision == kv_precision::int8
+                                ? zeros(c.values8_.data() + at, n) && zeros(c.value_scales_.data() + at / block, n / block)
+                                : zeros(c.values_.data() + at, n);
+        if (!values) return section_names[1];
+      }
+    if (c.full_chunks() > c.summarised_chunks())  // the pieces run head after head: a head's summary is there once its last one ran
+      for (int h = 0; h < c.shape().summary_heads(); ++h)
+        if (c.pending_done_ < std::int64_t{c.shape().spread_pieces} * (h + 1) &&
+            !zeros(c.representations_.data() + c.representation_offset(c.full_chunks() - 1, h), c.shape().representation_floats))
+          return section_names[2];
+    const std::size_t row = static_cast<std::size_t>(c.shape().n_q_heads) * static_cast<std::size_t>(d);
+    for (std::size_t i = 0; i < c.held_.size(); ++i) {
+      const auto rows = static_cast<std::size_t>(c.held_[i].rows);
+      if (!zeros(c.open_queries_.data() + i * c.query_buffer_floats() + rows * row, c.query_buffer_floats() - rows * row)) return section_names[3];
+    }
+    return nullptr;
+  }
 };
 
 /// Whether every float (or bf16) of a block is finite and at most `bound` in magnitude.
@@ -362,6 +422,39 @@ class span_source {
   std::size_t at_ = 0;
 };
 
+/// A stream's record held in memory once it has arrived: read a block at a time, so what is
+/// allocated follows the bytes that came, never a length a record states.
+class staged_source {
+ public:
+  /// Reads `bytes` bytes of `in` (the rest of a record, its length worked out from its state);
+  /// `where(at)` names the section byte `at` falls in, for the error if the stream ends first.
+  template <class Where>
+  staged_source(stream_source& in, std::uint64_t bytes, Where&& where) {
+    for (std::uint64_t at = 0; at < bytes; at += cache_file_block) {
+      const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(cache_file_block, bytes - at));
+      blocks_.push_back(std::make_unique_for_overwrite<char[]>(n));
+      in.read(blocks_.back().get(), n, where(at));
+    }
+    size_ = static_cast<std::size_t>(bytes);
+  }
+  void read(void* p, std::size_t n, const char* what) {
+    if (n > size_ - at_) fail<file_error>(std::string("cache file: truncated in ") + what);
+    for (char* to = static_cast<char*>(p); n > 0;) {
+      const std::size_t offset = at_ % cache_file_block, take = std::min(n, cache_file_block - offset);
+      std::memcpy(to, blocks_[at_ / cache_file_block].get() + offset, take);
+      to += take;
+      at_ += take;
+      n -= take;
+    }
+  }
+  bool knows_size() const noexcept { return true; }
+  std::size_t left() const noexcept { return size_ - at_; }
+
+ private:
+  std::vector<std::unique_ptr<char[]>> blocks_;
+  std::size_t size_ = 0, at_ = 0;
+};
+
 inline void write_bytes(std::ostream& out, const void* p, std::size_t n) {
   if (n == 0) return;
   out.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
@@ -378,7 +471,6 @@ T read_value(Source& in, const char* what) {
   return x;
 }
 
-inline constexpr const char* section_names[5] = {"keys", "values", "representations", "query buffers", "encoder state"};
 
 /// Writes one record. The representations are written head by head (their stride is the capacity).
 inline void save_record(std::ostream& out, const cache_shape& shape, const attention_config& config, const rope& rotary,
@@ -410,16 +502,83 @@ inline void save_record(std::ostream& out, const cache_shape& shape, const atten
   }
 }
 
-/// Reads one record into a new cache for the layer described by the arguments.
-template <class Source>
+/// An encoder with no checks of its own (checked_chunk_encoder): a file's summaries need only be finite.
+struct unchecked_encoder {};
+
+/// The five sections of a record into `cache` (empty, of the record's shape), every one checked:
+/// its stated size, its checksum, its values (with reject_nonfinite: what this layer's inputs
+/// and encoder can make), and that nothing is stored past the sequence's end.
+template <class Source, class Encoder>
+void read_sections(Source& in, kv_cache& cache, const cache_file_access::state& st, const std::array<std::size_t, 5>& sizes,
+                   const attention_config& config, const rope& rotary, std::int64_t reserve_tokens, const Encoder& encoder) {
+  const cache_shape& shape = cache.shape();
+  auto check_size = [&](std::size_t i, std::uint64_t bytes) {
+    if (bytes != sizes[i])
+      fail<file_error>(std::string("cache file: corrupted: the ") + section_names[i] + " section has " + std::to_string(bytes) + " bytes, " +
+                       std::to_string(sizes[i]) + " expected for " + std::to_string(st.tokens) + " tokens");
+  };
+  check_size(0, read_value<std::uint64_t>(in, section_titles[0]));
+  cache.reserve(std::max(reserve_tokens, st.tokens));
+  cache_file_access::apply_state(cache, st);
+
+  // With reject_nonfinite a live cache holds only what validated input gives: keys, values and
+  // queries at most sqrt(2) m max_input_magnitude (a rotation's gain; 1% over it for bf16's or int8's
+  // rounding), summaries and encoder state as the encoder makes them from such keys (finite,
+  // for an encoder that does not say more). A file must hold no more, so a loaded cache keeps
+  // the layer's promise of finite outputs and the scorer's of its summaries' form.
+  const bool check_values = config.reject_nonfinite;
+  const float row_bound = static_cast<float>(std::sqrt(2.0) * std::max(1.0, rotary.magnitude()) * max_input_magnitude(config, rotary) * 1.01);
+  const auto sections = cache_file_access::sections(cache);
+  for (std::size_t i = 0; i < sections.size(); ++i) {
+    if (i > 0) check_size(i, read_value<std::uint64_t>(in, section_titles[i]));
+    xxh64 hash;
+    const bool halves = i < 2 && shape.precision == kv_precision::bf16, int8 = i < 2 && shape.precision == kv_precision::int8;
+    auto refuse = [&] {
+      fail<file_error>(std::string("cache file: the ") + section_names[i] +
+                       " section holds a non-finite value, or one larger than this layer's inputs can make, or a summary or encoder state its "
+                       "encoder cannot make from them (reject_nonfinite)");
+    };
+    auto get = [&](char* p, std::size_t n) {
+      for (std::size_t at = 0; at < n; at += cache_file_block) {
+        const std::size_t block = std::min(cache_file_block, n - at);
+        in.read(p + at, block, section_titles[i]);
+        hash.update(p + at, block);
+        if (check_values && !int8 && !all_within(p + at, block, halves, i == 2 || i == 4 ? std::numeric_limits<float>::max() : row_bound))
+          refuse();
+      }
+    };
+    if (i == 2)
+      for (int h = 0; h < shape.summary_heads(); ++h) get(cache_file_access::representation_run(cache, h), cache_file_access::representation_run_bytes(cache));
+    else
+      for (const auto& [p, n] : sections[i]) get(p, n);
+    if (read_value<std::uint64_t>(in, section_titles[i]) != hash.digest())
+      fail<file_error>(std::string("cache file: corrupted ") + section_names[i] + " section (checksum mismatch)");
+    // An int8 block's values are its bytes times its scale: checked once both are in.
+    if (check_values && int8 &&
+        !int8_within(reinterpret_cast<const std::int8_t*>(sections[i][0].first), reinterpret_cast<const bf16*>(sections[i][1].first),
+                     sections[i][0].second, cache.int8_block(), row_bound))
+      refuse();
+    if (check_values && i == 2 && !cache_file_access::summaries_within(cache, config, encoder, row_bound)) refuse();
+    if (check_values && i == 4 && !cache_file_access::spread_state_within(cache, config, encoder)) refuse();
+  }
+  if (const char* section = cache_file_access::first_with_data_past_end(cache))
+    fail<file_error>(std::string("cache file: the ") + section + " section holds data past the sequence's end (" + std::to_string(st.tokens) +
+                     " tokens), where a cache holds zeros: a cache forgets what it no longer holds");
+  cache_file_access::finish_load(cache);
+}
+
+/// Reads one record into a new cache for the layer described by the arguments; `encoder`, the
+/// layer's, checks the summaries (checked_chunk_encoder) when the layer rejects non-finite input.
+template <class Source, class Encoder>
 kv_cache load_record(Source& in, const cache_shape& shape, const attention_config& config, const rope& rotary, const std::string& policies,
-                     std::int64_t reserve_tokens, std::pmr::memory_resource* memory) {
+                     std::int64_t reserve_tokens, std::pmr::memory_resource* memory, const Encoder& encoder) {
   char magic[sizeof cache_file_magic];
   in.read(magic, sizeof magic, "the header");
   if (std::memcmp(magic, cache_file_magic, sizeof magic) != 0) fail<file_error>("cache file: not a longheads cache (no LHKVCACH magic)");
   const auto version = read_value<std::uint32_t>(in, "the header");
   if (version != cache_file_version)
-    fail<file_error>("cache file: format version " + std::to_string(version) + ", this library reads version " + std::to_string(cache_file_version));
+    fail<file_error>("cache file: format version " + std::to_string(version) + ", this library reads version " + std::to_string(cache_file_version) +
+                     (version == 1 ? " (version 1 files may hold rolled-back tokens' rows: save the cache again)" : ""));
   if (read_value<std::uint32_t>(in, "the header") != 0) fail<file_error>("cache file: corrupted header (a reserved field is not 0)");
   const auto mark = read_value<std::uint64_t>(in, "the header");
   if (mark != byte_order_mark)
@@ -428,11 +587,15 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   const auto meta_bytes = read_value<std::uint64_t>(in, "the header");
   if (meta_bytes > (std::uint64_t{1} << 32) || (in.knows_size() && meta_bytes > in.left()))
     fail<file_error>("cache file: truncated or corrupted: a meta block of " + std::to_string(meta_bytes) + " bytes");
-  std::string meta;  // grown as it is read: a stream's stated size is not trusted with memory
-  for (std::size_t at = 0; at < meta_bytes; at += cache_file_block) {
-    const std::size_t block = std::min<std::size_t>(cache_file_block, static_cast<std::size_t>(meta_bytes) - at);
-    meta.resize(at + block);
-    in.read(meta.data() + at, block, "the meta block");
+  // A stream's stated size is not trusted with memory: its meta block is staged as it arrives.
+  std::string meta;
+  if constexpr (std::is_same_v<Source, stream_source>) {
+    staged_source staged(in, meta_bytes, [](std::uint64_t) { return "the meta block"; });
+    meta.resize(static_cast<std::size_t>(meta_bytes));
+    staged.read(meta.data(), meta.size(), "the meta block");
+  } else {
+    meta.resize(static_cast<std::size_t>(meta_bytes));
+    in.read(meta.data(), meta.size(), "the meta block");
   }
   if (read_value<std::uint64_t>(in, "the meta block") != xxh64::of(meta.data(), meta.size()))
     fail<file_error>("cache file: corrupted meta block (checksum mismatch)");
@@ -451,60 +614,35 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   kv_cache cache(shape, memory);
   const cache_file_access::state st = cache_file_access::read_state(state_block, cache);
   if (!state_block.done()) fail<file_error>("cache file: corrupted meta block (bytes after the cache's state)");
-  // The sections' sizes follow from the state: checked (the first one's stated size, and what
-  // a file has left) before the cache is allocated for its tokens.
+  // The sections' sizes follow from the state, and so does the rest of the record: it must all
+  // be there before the cache is allocated for its tokens. A file's length is known; a stream's
+  // record is read into memory first, a block at a time, so nothing is allocated for bytes that
+  // never come.
   const auto sizes = cache_file_access::section_bytes(cache, st.tokens);
-  auto check_size = [&](std::size_t i, std::uint64_t bytes) {
-    if (bytes != sizes[i])
-      fail<file_error>(std::string("cache file: corrupted: the ") + section_names[i] + " section has " + std::to_string(bytes) + " bytes, " +
-                       std::to_string(sizes[i]) + " expected for " + std::to_string(st.tokens) + " tokens");
-    if (in.knows_size() && bytes > in.left())
-      fail<file_error>(std::string("cache file: truncated in the ") + section_names[i] + " section (" + std::to_string(in.left()) + " of " +
-                       std::to_string(bytes) + " bytes)");
+  std::uint64_t rest = 0;
+  for (std::size_t n : sizes) rest += 16 + std::uint64_t{n};
+  auto where = [&](std::uint64_t at) {
+    std::size_t i = 0;
+    while (i + 1 < sizes.size() && at >= 16 + std::uint64_t{sizes[i]}) at -= 16 + std::uint64_t{sizes[i++]};
+    return section_titles[i];
   };
-  const auto first_section_bytes = read_value<std::uint64_t>(in, section_names[0]);
-  check_size(0, first_section_bytes);
-  cache.reserve(std::max(reserve_tokens, st.tokens));
-  cache_file_access::apply_state(cache, st);
-
-  // With reject_nonfinite a live cache holds only what validated input gives: keys, values and
-  // queries at most sqrt(2) m max_input_magnitude (a rotation's gain; 1% over it for bf16's or int8's
-  // rounding), every summary and encoder state finite. A file must hold no more, so a loaded
-  // cache keeps the layer's promise of finite outputs.
-  const bool check_values = config.reject_nonfinite;
-  const float row_bound = static_cast<float>(std::sqrt(2.0) * std::max(1.0, rotary.magnitude()) * max_input_magnitude(config, rotary) * 1.01);
-  const auto sections = cache_file_access::sections(cache);
-  for (std::size_t i = 0; i < sections.size(); ++i) {
-    if (i > 0) check_size(i, read_value<std::uint64_t>(in, section_names[i]));
-    xxh64 hash;
-    const bool halves = i < 2 && shape.precision == kv_precision::bf16, int8 = i < 2 && shape.precision == kv_precision::int8;
-    auto refuse = [&] {
-      fail<file_error>(std::string("cache file: the ") + section_names[i] +
-                       " section holds a non-finite value, or one larger than this layer's inputs can make (reject_nonfinite)");
-    };
-    auto get = [&](char* p, std::size_t n) {
-      for (std::size_t at = 0; at < n; at += cache_file_block) {
-        const std::size_t block = std::min(cache_file_block, n - at);
-        in.read(p + at, block, section_names[i]);
-        hash.update(p + at, block);
-        if (check_values && !int8 && !all_within(p + at, block, halves, i == 2 || i == 4 ? std::numeric_limits<float>::max() : row_bound))
-          refuse();
-      }
-    };
-    if (i == 2)
-      for (int h = 0; h < shape.summary_heads(); ++h) get(cache_file_access::representation_run(cache, h), cache_file_access::representation_run_bytes(cache));
-    else
-      for (const auto& [p, n] : sections[i]) get(p, n);
-    if (read_value<std::uint64_t>(in, section_names[i]) != hash.digest())
-      fail<file_error>(std::string("cache file: corrupted ") + section_names[i] + " section (checksum mismatch)");
-    // An int8 block's values are its bytes times its scale: checked once both are in.
-    if (check_values && int8 &&
-        !int8_within(reinterpret_cast<const std::int8_t*>(sections[i][0].first), reinterpret_cast<const bf16*>(sections[i][1].first),
-                     sections[i][0].second, cache.int8_block(), row_bound))
-      refuse();
+  if constexpr (std::is_same_v<Source, stream_source>) {
+    staged_source staged(in, rest, where);
+    read_sections(staged, cache, st, sizes, config, rotary, reserve_tokens, encoder);
+  } else {
+    if (rest > in.left())
+      fail<file_error>(std::string("cache file: truncated in ") + where(in.left()) + " (" + std::to_string(st.tokens) + " tokens need " +
+                       std::to_string(rest) + " bytes of sections, " + std::to_string(in.left()) + " are left)");
+    read_sections(in, cache, st, sizes, config, rotary, reserve_tokens, encoder);
   }
-  cache_file_access::finish_load(cache);
   return cache;
+}
+
+/// The load without a layer's encoder at hand: summaries and encoder state need only be finite.
+template <class Source>
+kv_cache load_record(Source& in, const cache_shape& shape, const attention_config& config, const rope& rotary, const std::string& policies,
+                     std::int64_t reserve_tokens, std::pmr::memory_resource* memory) {
+  return load_record(in, shape, config, rotary, policies, reserve_tokens, memory, unchecked_encoder{});
 }
 
 }  // namespace detail
@@ -527,7 +665,8 @@ template <class Policies>
 kv_cache load_cache(std::istream& in, const attention<Policies>& layer, std::int64_t reserve_tokens = 0,
                     std::pmr::memory_resource* memory = std::pmr::get_default_resource()) {
   detail::stream_source source(in);
-  return detail::load_record(source, layer.shape(), layer.config(), layer.rotary(), policy_identity<Policies>(), reserve_tokens, memory);
+  return detail::load_record(source, layer.shape(), layer.config(), layer.rotary(), policy_identity<Policies>(), reserve_tokens, memory,
+                             layer.policies().encoder);
 }
 
 /// A cache file being written: records go to `<path>.partial`, which commit() renames to
@@ -624,7 +763,8 @@ class cache_file_reader {
                 std::pmr::memory_resource* memory = std::pmr::get_default_resource()) {
     detail::span_source source(std::span<const char>(mapping_, size_).subspan(position_));
     try {
-      kv_cache cache = detail::load_record(source, layer.shape(), layer.config(), layer.rotary(), policy_identity<Policies>(), reserve_tokens, memory);
+      kv_cache cache = detail::load_record(source, layer.shape(), layer.config(), layer.rotary(), policy_identity<Policies>(), reserve_tokens,
+                                           memory, layer.policies().encoder);
       position_ += source.position();
       return cache;
     } catch (const file_error& e) {

@@ -64,6 +64,19 @@ concept piecewise_chunk_encoder =
       { e.encode_piece(in, piece, state, representation, scratch) } noexcept -> std::same_as<void>;
     };
 
+/// An encoder that says which representations (and, piecewise, which states) it can make from
+/// keys, queries and values no larger than `input_bound` in magnitude: a cache file's summaries
+/// are checked with it, so a forged file cannot hand the scorer summaries that no input makes
+/// (optional; without it a file's summaries need only be finite).
+template <class E>
+concept checked_chunk_encoder = chunk_encoder<E> && requires(const E& e, const attention_config& cfg, std::span<const float> x, float bound) {
+  { e.representation_within(cfg, x, bound) } noexcept -> std::same_as<bool>;
+};
+template <class E>
+concept checked_piecewise_encoder = piecewise_chunk_encoder<E> && requires(const E& e, const attention_config& cfg, std::span<const float> x) {
+  { e.state_within(cfg, x) } noexcept -> std::same_as<bool>;
+};
+
 /// Whether encoder E ignores chunk_inputs::queries and values (declares keys_only = true).
 template <class E>
 inline constexpr bool encodes_keys_only = requires {
@@ -71,6 +84,21 @@ inline constexpr bool encodes_keys_only = requires {
 };
 
 namespace detail {
+/// Whether every element is at most `bound` in magnitude (false for NaN).
+inline bool all_within(std::span<const float> x, float bound) noexcept {
+  bool ok = true;
+  for (float e : x) ok &= std::abs(e) <= bound;
+  return ok;
+}
+/// Whether a column-mass state (sums of softmax rows over a chunk's w columns) is one: every
+/// sum in [0, w], 1% over for fp32 rounding (false for NaN).
+inline bool column_mass_within(std::span<const float> mass) noexcept {
+  bool ok = true;
+  const float most = 1.01f * static_cast<float>(mass.size());
+  for (float m : mass) ok &= m >= 0.0f && m <= most;
+  return ok;
+}
+
 /// Softmax of x in place, in a fixed order: a representation must not depend on where its
 /// scratch happens to be aligned (vectorised reductions that peel by address would).
 inline void softmax_in_place(float* x, std::ptrdiff_t n) noexcept {
@@ -155,6 +183,12 @@ struct attention_pooled_encoder {
   std::size_t pieces(const attention_config& cfg) const noexcept { return detail::attention_row_blocks(cfg.chunk_size) + 1; }
   /// The column sums of the chunk's attention so far.
   std::size_t state_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.chunk_size); }
+  /// A softmax-weighted mean of keys is no larger than the largest key element (checked_chunk_encoder).
+  bool representation_within(const attention_config&, std::span<const float> r, float key_bound) const noexcept {
+    return detail::all_within(r, key_bound);
+  }
+  /// Column sums of softmax rows (checked_piecewise_encoder).
+  bool state_within(const attention_config&, std::span<const float> state) const noexcept { return detail::column_mass_within(state); }
   /// Runs piece `piece` of the chunk's encoding (piecewise_chunk_encoder).
   void encode_piece(const chunk_inputs& in, std::size_t piece, std::span<float> column_sum, std::span<float> representation,
                     std::span<float> scratch) const noexcept {
@@ -185,6 +219,10 @@ struct mean_key_encoder {
   std::size_t scratch_floats(const attention_config&) const noexcept { return 0; }
   /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
+  /// A mean of keys is no larger than the largest key element (checked_chunk_encoder).
+  bool representation_within(const attention_config&, std::span<const float> r, float key_bound) const noexcept {
+    return detail::all_within(r, key_bound);
+  }
   /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
@@ -208,6 +246,14 @@ struct key_bounds_encoder {
   std::size_t scratch_floats(const attention_config&) const noexcept { return 0; }
   /// Checks the policy against the layer's configuration. @throws config_error naming the impossible setting.
   void validate(const attention_config&) const {}
+  /// Per channel lo <= hi, both within the keys' range (checked_chunk_encoder): the index's
+  /// boxes and the scorer's bound rely on lo <= hi.
+  bool representation_within(const attention_config&, std::span<const float> r, float key_bound) const noexcept {
+    const std::size_t d = r.size() / 2;
+    bool ok = detail::all_within(r, key_bound);
+    for (std::size_t i = 0; i < d; ++i) ok &= r[i] <= r[d + i];
+    return ok;
+  }
   /// Writes the representation of one full chunk for one query head.
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
     const std::ptrdiff_t w = in.keys.rows(), d = in.keys.cols();
@@ -253,6 +299,12 @@ struct representative_keys_encoder {
   std::size_t pieces(const attention_config& cfg) const noexcept { return detail::attention_row_blocks(cfg.chunk_size) + 1; }
   /// The column mass of the chunk's attention so far.
   std::size_t state_floats(const attention_config& cfg) const noexcept { return static_cast<std::size_t>(cfg.chunk_size); }
+  /// Copies of keys (checked_chunk_encoder).
+  bool representation_within(const attention_config&, std::span<const float> r, float key_bound) const noexcept {
+    return detail::all_within(r, key_bound);
+  }
+  /// Column sums of softmax rows (checked_piecewise_encoder).
+  bool state_within(const attention_config&, std::span<const float> state) const noexcept { return detail::column_mass_within(state); }
   /// Runs piece `piece` of the chunk's encoding (piecewise_chunk_encoder).
   void encode_piece(const chunk_inputs& in, std::size_t piece, std::span<float> mass_state, std::span<float> representation,
                     std::span<float> scratch) const noexcept {
@@ -276,6 +328,9 @@ static_assert(chunk_encoder<attention_pooled_encoder> && chunk_encoder<mean_key_
               chunk_encoder<representative_keys_encoder>);
 static_assert(piecewise_chunk_encoder<attention_pooled_encoder> && piecewise_chunk_encoder<representative_keys_encoder> &&
               !piecewise_chunk_encoder<key_bounds_encoder>);
+static_assert(checked_chunk_encoder<attention_pooled_encoder> && checked_chunk_encoder<mean_key_encoder> &&
+              checked_chunk_encoder<key_bounds_encoder> && checked_chunk_encoder<representative_keys_encoder> &&
+              checked_piecewise_encoder<attention_pooled_encoder> && checked_piecewise_encoder<representative_keys_encoder>);
 static_assert(encodes_keys_only<key_bounds_encoder> && encodes_keys_only<mean_key_encoder> && !encodes_keys_only<attention_pooled_encoder> &&
               !encodes_keys_only<representative_keys_encoder>);
 

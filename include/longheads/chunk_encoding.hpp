@@ -104,6 +104,9 @@ void encode_pieces(const Encoder& encoder, const attention_config& config, kv_ca
     for (std::int64_t piece = begin; piece < end; ++piece)
       encoder.encode_piece(in, static_cast<std::size_t>(piece - head * per_head), cache.spread_state(head), cache.representation_slot(chunk, head),
                            s.encoder);
+    // A finished head's state is spent: zeroed, so a cache's state depends only on the pieces
+    // still under way (not on a chunk encoded before), whatever the calls and rollbacks were.
+    if (end == (head + 1) * per_head) std::ranges::fill(cache.spread_state(head), 0.0f);
   }
 }
 

@@ -188,9 +188,14 @@ class kv_cache {
   /// length at all when the cache keeps no queries (keys-only encoders, the baselines), else
   /// within a chunk whose queries it still holds, which its encoding needs: the open chunk's,
   /// the last full chunk's while its encoding is spread (speculative decoding's rejected tokens
-  /// across one chunk boundary), and rollback_chunks more (attention_config::rollback_chunks). A spread encoding (cache_shape::spread_pieces) of the new
-  /// last full chunk starts again when the cache holds that chunk's queries, and is otherwise
-  /// kept finished (it was, further on).
+  /// across one chunk boundary), and rollback_chunks more (attention_config::rollback_chunks).
+  /// A spread encoding (cache_shape::spread_pieces) of the new last full chunk starts again when
+  /// the cache holds that chunk's queries, and is otherwise kept finished (it was, further on).
+  /// What is forgotten leaves no trace: the removed tokens' keys, values and queries, and the
+  /// summaries and encoder state made from them, are zeroed, so neither ==, a view nor a saved
+  /// file shows them; the same tokens appended again give a cache == one that never held the
+  /// removed ones (except a spread encoding kept finished: == then sees its summary where that
+  /// cache still holds the chunk's queries; the outputs are the same).
   /// @throws limit_error if `tokens` is negative, past tokens(), or before rewindable_from()
   /// without being a chunk boundary; strong guarantee.
   void truncate(std::int64_t tokens) {
@@ -200,8 +205,20 @@ class kv_cache {
                                 " or to any length from " + std::to_string(rewindable_from()));
     const std::int64_t full_before = full_chunks();
     rewind(tokens);
-    if (shape_.spreads_encoding() && full_chunks() != full_before)
-      pending_done_ = full_chunks() > 0 && holds_queries_of(full_chunks() - 1) ? 0 : spread_total();
+    if (!shape_.spreads_encoding()) return;
+    if (full_chunks() == 0) {  // nothing to encode: no progress, as in a cache that never had a full chunk
+      pending_done_ = 0;
+      return;
+    }
+    const bool held = holds_queries_of(full_chunks() - 1);
+    if (full_chunks() != full_before) pending_done_ = held ? 0 : spread_total();
+    // A spread encoding further on than the kept tokens schedule starts again (when its queries
+    // are here), so the same tokens after it leave it where a cache that never got further has it.
+    if (held && pending_done_ > scheduled_pieces(tokens)) pending_done_ = 0;
+    if (pending_done_ == 0) {  // until it is encoded again the chunk's slot and the state are empty, as in such a cache
+      for (int h = 0; h < shape_.summary_heads(); ++h) std::ranges::fill(representation_slot(full_chunks() - 1, h), 0.0f);
+      std::ranges::fill(spread_state_, 0.0f);
+    }
   }
   /// The earliest length truncate() goes back to that is not a chunk boundary: 0 when the cache
   /// keeps no queries, else the start of the earliest chunk whose queries it holds.
@@ -375,6 +392,9 @@ class kv_cache {
     if (!shape_.keeps_open_queries) return;
     const std::int64_t chunk = position / shape_.chunk_size, offset = position % shape_.chunk_size;
     float* row = query_buffer(chunk) + offset * shape_.n_q_heads * shape_.head_dim;
+    // A buffer taken for a new chunk drops the rows of the chunk it held before: rows past the
+    // ones held are zero (a cache that was truncated holds what one that never was holds).
+    if (offset == 0) std::fill(row, query_buffer(chunk) + query_buffer_floats(), 0.0f);
     for (int h = 0; h < shape_.n_q_heads; ++h) rotary.rotate(q.at(t, h), row + h * shape_.head_dim, offset);
     held_rows& held = held_[buffer_of(chunk)];
     held = offset == 0 ? held_rows{chunk, 1} : held.chunk == chunk && held.rows == offset ? held_rows{chunk, offset + 1} : held_rows{};
@@ -439,6 +459,7 @@ class kv_cache {
  private:
   friend struct detail::cache_file_access;
   void rewind(std::int64_t tokens) noexcept {
+    if (tokens < tokens_) erase_from(tokens);
     tokens_ = tokens;
     for (held_rows& held : held_)  // rows past the end are forgotten
       held.rows = std::clamp<std::int64_t>(tokens - held.chunk * shape_.chunk_size, 0, held.rows);
@@ -447,6 +468,45 @@ class kv_cache {
     for (std::size_t h = 0; h < trees_.size(); ++h)
       if (trees_[h].chunks() > full_chunks())
         trees_[h].truncate(full_chunks(), {representations_.data() + representation_offset(0, static_cast<int>(h)), full_chunks(), r, r});
+  }
+  // What a cache forgets leaves no trace: everything stored for positions from `tokens` on (key
+  // and value rows, queries, summaries of chunks no longer full, a spread encoding's state) is
+  // zeroed, as in a cache that never held them, so neither ==, a file nor a view can show it.
+  void erase_from(std::int64_t tokens) noexcept {
+    const std::int64_t w = shape_.chunk_size, d = shape_.head_dim;
+    for (std::int64_t chunk = tokens / w; chunk * w < tokens_; ++chunk) {
+      const std::int64_t first = std::max<std::int64_t>(tokens - chunk * w, 0), last = std::min<std::int64_t>(tokens_ - chunk * w, w);
+      for (int g = 0; g < shape_.n_kv_heads; ++g) zero_kv(kv_offset(chunk, g) + static_cast<std::size_t>(first * d), static_cast<std::size_t>((last - first) * d));
+    }
+    const std::size_t row_floats = static_cast<std::size_t>(shape_.n_q_heads) * static_cast<std::size_t>(d);
+    for (std::size_t i = 0; i < held_.size(); ++i) {
+      const held_rows& held = held_[i];
+      const std::int64_t kept = std::clamp<std::int64_t>(tokens - held.chunk * w, 0, held.rows);
+      std::fill_n(open_queries_.data() + i * query_buffer_floats() + static_cast<std::size_t>(kept) * row_floats,
+                  static_cast<std::size_t>(held.rows - kept) * row_floats, 0.0f);
+    }
+    const std::int64_t full = tokens / w;
+    if (full < full_chunks()) {
+      for (int h = 0; h < shape_.summary_heads(); ++h)
+        std::fill_n(representations_.data() + representation_offset(full, h), static_cast<std::size_t>(full_chunks() - full) * shape_.representation_floats, 0.0f);
+      std::fill(spread_state_.begin(), spread_state_.end(), 0.0f);
+    }
+  }
+  // Zeroes n elements of the key and value storage from element `at` (and their int8 scales).
+  void zero_kv(std::size_t at, std::size_t n) noexcept {
+    if (shape_.precision == kv_precision::bf16) {
+      std::fill_n(keys16_.data() + at, n, bf16{});
+      std::fill_n(values16_.data() + at, n, bf16{});
+    } else if (shape_.precision == kv_precision::int8) {
+      const auto block = static_cast<std::size_t>(int8_block());
+      std::fill_n(keys8_.data() + at, n, std::int8_t{0});
+      std::fill_n(values8_.data() + at, n, std::int8_t{0});
+      std::fill_n(key_scales_.data() + at / block, n / block, bf16{});
+      std::fill_n(value_scales_.data() + at / block, n / block, bf16{});
+    } else {
+      std::fill_n(keys_.data() + at, n, 0.0f);
+      std::fill_n(values_.data() + at, n, 0.0f);
+    }
   }
   std::size_t index_floats() const noexcept {
     std::size_t n = 0;
