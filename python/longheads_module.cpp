@@ -36,9 +36,13 @@ tensor_view<T> view_of(const py::array& a, const char* name) {
   if (a.ndim() != 3) throw shape_error(std::string(name) + " must be [tokens, heads, head_dim], got " + std::to_string(a.ndim()) + " dimensions");
   const auto T_ = a.shape(0), H = a.shape(1), d = a.shape(2);
   const auto s0 = a.strides(0), s1 = a.strides(1), s2 = a.strides(2);
-  if ((d > 1 && s2 != 4) || (H > 1 && s1 != 4 * d) || (T_ > 1 && (s0 <= 0 || s0 % 4 != 0)))
-    throw shape_error(std::string(name) + " must have dense heads and head_dim (strides [*, 4*head_dim, 4] bytes) to be read in place; "
-                      "np.ascontiguousarray() makes such a copy");
+  if (T_ == 0) throw shape_error(std::string(name) + " has 0 tokens, expected at least 1");
+  if ((d > 1 && s2 != 4) || (H > 1 && s1 != 4 * d))
+    throw shape_error(std::string(name) + " must have dense heads and head_dim (strides [*, 4*head_dim, 4] bytes) to be read in place, got "
+                      "strides [" + std::to_string(s0) + ", " + std::to_string(s1) + ", " + std::to_string(s2) + "]; np.ascontiguousarray() makes such a copy");
+  if (T_ > 1 && (s0 <= 0 || s0 % 4 != 0))
+    throw shape_error(std::string(name) + " has token stride " + std::to_string(s0) + " bytes: the token stride may be any positive multiple of 4 "
+                      "(a reversed view such as q[::-1] is not read in place; np.ascontiguousarray() makes such a copy)");
   if constexpr (std::is_const_v<T>) {
     return {static_cast<const float*>(a.data()), T_, H, d, T_ > 1 ? s0 / 4 : H * d};
   } else {
@@ -61,12 +65,39 @@ kv_precision storage_from(const std::string& name) {
 }
 
 // ------------------------------------------------------------------------- Python policies
-/// A Python function a policy calls, and the first exception it raised during the current
-/// call (the library's stages cannot throw: the call finishes, then the module raises it).
+/// A Python policy's failure: it raised, or returned what cannot be its result. Raised as
+/// longheads.PolicyError (a longheads.Error), the policy's own exception as its __cause__.
+struct policy_error : error {
+  using error::error;
+};
+
+/// longheads.PolicyError, registered with the module.
+PyObject*& policy_error_type() {
+  static PyObject* type = nullptr;
+  return type;
+}
+
+/// A Python function a policy calls, and the first failure of the current call (the library's
+/// stages cannot throw: the call finishes, then the module raises it): the exception the
+/// function raised (or its result's conversion), or a result of the wrong shape (shape_error).
 struct python_callback {
   py::function fn;
+  const char* role = "";  ///< "scorer" or "encoder", for the messages
   std::optional<py::error_already_set> failure;
+  std::optional<shape_error> wrong_shape;
+  bool failed() const noexcept { return failure || wrong_shape; }
+  void reset() noexcept {
+    failure.reset();
+    wrong_shape.reset();
+  }
 };
+
+/// "(a, b, ...)", a result's shape for a message.
+std::string shape_string(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
 
 /// A [rows, cols] copy of a matrix view (the function may keep it; the view's memory it may not).
 py::array_t<float> copy_of(matrix_view<const float> m) {
@@ -79,12 +110,14 @@ py::array_t<float> copy_of(matrix_view<const float> m) {
 template <class F>
 bool call_python(python_callback& callback, F&& f) noexcept {
   py::gil_scoped_acquire gil;
-  if (callback.failure) return false;  // one failure per call is enough
+  if (callback.failed()) return false;  // one failure per call is enough
   try {
     f();
     return true;
   } catch (py::error_already_set& e) {
     callback.failure.emplace(std::move(e));
+  } catch (const shape_error& e) {
+    callback.wrong_shape.emplace(e);
   } catch (const py::builtin_exception& e) {
     e.set_error();
     callback.failure.emplace();
@@ -94,6 +127,10 @@ bool call_python(python_callback& callback, F&& f) noexcept {
   }
   return false;
 }
+
+/// The policy's result as a C-contiguous float32 array (a conversion's own exception is the
+/// policy's failure, as one it raised).
+using float_result = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 /// chunk_scorer calling scorer(queries[m, d] (pre-RoPE), summaries[n, r], first_position,
 /// chunk_size) -> scores[m, n]. On a failure the scores are -inf and the call raises.
@@ -106,10 +143,10 @@ struct python_scorer {
   void validate(const attention_config&) const {}
   void score(const scoring_inputs& in, matrix_view<float> scores, std::span<float>) const noexcept {
     const bool ok = call_python(*callback, [&] {
-      const py::array_t<float, py::array::c_style | py::array::forcecast> result =
-          callback->fn(copy_of(in.queries), copy_of(in.representations), in.first_position, in.chunk_size);
+      const float_result result = callback->fn(copy_of(in.queries), copy_of(in.representations), in.first_position, in.chunk_size);
       if (result.ndim() != 2 || result.shape(0) != scores.rows() || result.shape(1) != scores.cols())
-        throw py::value_error("scorer: expected scores of shape (" + std::to_string(scores.rows()) + ", " + std::to_string(scores.cols()) + ")");
+        throw shape_error("scorer: returned scores of shape " + shape_string(result) + ", expected (" + std::to_string(scores.rows()) + ", " +
+                          std::to_string(scores.cols()) + ") (queries x chunks)");
       for (std::ptrdiff_t r = 0; r < scores.rows(); ++r) std::copy_n(result.data(r, 0), scores.cols(), scores.row(r));
     });
     if (!ok)
@@ -130,10 +167,10 @@ struct python_encoder {
   }
   void encode(const chunk_inputs& in, std::span<float> representation, std::span<float>) const noexcept {
     const bool ok = call_python(*callback, [&] {
-      const py::array_t<float, py::array::c_style | py::array::forcecast> result =
-          callback->fn(copy_of(in.queries), copy_of(in.keys), copy_of(in.values));
+      const float_result result = callback->fn(copy_of(in.queries), copy_of(in.keys), copy_of(in.values));
       if (result.size() != static_cast<py::ssize_t>(representation.size()))
-        throw py::value_error("encoder: expected " + std::to_string(representation.size()) + " floats, got " + std::to_string(result.size()));
+        throw shape_error("encoder: returned a representation of shape " + shape_string(result) + " (" + std::to_string(result.size()) +
+                          " floats), expected " + std::to_string(representation.size()) + " floats (representation_floats)");
       std::copy_n(result.data(), representation.size(), representation.data());
     });
     if (!ok) std::fill(representation.begin(), representation.end(), 0.0f);
@@ -229,17 +266,24 @@ struct py_attention {
     }
     std::vector<kv_cache> before;
     for (kv_cache* c : caches) before.push_back(*c);
-    for (auto& c : callbacks) c->failure.reset();
+    for (auto& c : callbacks) c->reset();
     {
       py::gil_scoped_release unlocked;
       call();
     }
     for (auto& c : callbacks)
-      if (c->failure) {
+      if (c->failed()) {
         for (std::size_t i = 0; i < caches.size(); ++i) *caches[i] = before[i];
-        py::error_already_set failure = std::move(*c->failure);
-        c->failure.reset();
-        throw failure;
+        if (c->wrong_shape) {
+          const shape_error wrong = *c->wrong_shape;
+          c->reset();
+          throw wrong;
+        }
+        py::error_already_set cause = std::move(*c->failure);
+        c->reset();
+        const std::string message = std::string("the Python ") + c->role + " raised " + cause.what() + " (its exception is this one's __cause__)";
+        py::raise_from(cause, policy_error_type(), message.c_str());
+        throw py::error_already_set();
       }
   }
 
@@ -277,6 +321,7 @@ PYBIND11_MODULE(longheads, m) {
   py::register_exception<value_error>(m, "ValueError", base.ptr());
   py::register_exception<limit_error>(m, "LimitError", base.ptr());
   py::register_exception<file_error>(m, "FileError", base.ptr());
+  policy_error_type() = py::register_exception<policy_error>(m, "PolicyError", base.ptr()).ptr();
 
   py::class_<attention_config>(m, "AttentionConfig", "The shape and knobs of one layer (docs/configuration.md).")
       .def(py::init([](int n_q_heads, int n_kv_heads, int head_dim, int chunk_size, int budget_chunks, int sink_chunks, int local_chunks,
@@ -380,7 +425,8 @@ PYBIND11_MODULE(longheads, m) {
              }
              if (encoder && !scorer) throw config_error("a Python encoder needs a Python scorer (scorer=...), which reads its representation");
              if (encoder) {
-               auto score = std::make_shared<python_callback>(python_callback{*scorer, {}}), encode = std::make_shared<python_callback>(python_callback{*encoder, {}});
+               auto score = std::make_shared<python_callback>(python_callback{*scorer, "scorer"}),
+                    encode = std::make_shared<python_callback>(python_callback{*encoder, "encoder"});
                attention<python_encoded>::policy_set set;
                set.executor = thread_pool_executor(threads);
                set.encoder = {encode, representation_floats};
@@ -398,7 +444,7 @@ PYBIND11_MODULE(longheads, m) {
                }
                // The policy's encoder (with its knobs) under a Python scorer.
                using encoder_type = typename attention<P>::encoder_type;
-               auto score = std::make_shared<python_callback>(python_callback{*scorer, {}});
+               auto score = std::make_shared<python_callback>(python_callback{*scorer, "scorer"});
                typename attention<python_scored<encoder_type>>::policy_set scored;
                scored.executor = thread_pool_executor(threads);
                scored.encoder = set.encoder;

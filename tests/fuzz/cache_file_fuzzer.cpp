@@ -13,7 +13,11 @@
 //
 //   cmake -S . -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ -DLONGHEADS_BUILD_FUZZERS=ON
 //   cmake --build build-fuzz --target cache_file_fuzzer
-//   build-fuzz/tests/fuzz/cache_file_fuzzer -max_total_time=60
+//   build-fuzz/tests/fuzz/cache_file_fuzzer -max_total_time=60 -malloc_limit_mb=64
+//
+// -malloc_limit_mb=64: every fixture's record is of 150 tokens, so a load that allocates more at
+// once trusted a size a record claims (the issue-34 finding). The same source with
+// LONGHEADS_FUZZ_REPAIR_CHECKSUMS is cache_file_checksums_fuzzer (its mutator below).
 #include <longheads/longheads.hpp>
 
 #include <cmath>
@@ -74,6 +78,7 @@ struct fixture {
 
   /// Loads `bytes` from a stream and as a mapped file does (a span), checks the outcome.
   void run(const std::string& bytes) {
+    const auto& encoder = layer.policies().encoder;
     std::istringstream in(bytes, std::ios::binary);
     std::unique_ptr<kv_cache> from_stream, from_span;
     try {
@@ -83,7 +88,7 @@ struct fixture {
     try {
       detail::span_source source({bytes.data(), bytes.size()});
       from_span = std::make_unique<kv_cache>(detail::load_record(source, layer.shape(), layer.config(), layer.rotary(),
-                                                                 policy_identity<Policies>(), 0, std::pmr::get_default_resource()));
+                                                                 policy_identity<Policies>(), 0, std::pmr::get_default_resource(), encoder));
     } catch (const file_error&) {
     }
     if (!from_stream != !from_span) fail("the stream and the span disagree on whether a record loads");
@@ -132,30 +137,49 @@ void repair_checksums(std::string& b) {
   }
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static fixture<paper_policies> paper(base_config());
-  static fixture<quest_beam> beam(base_config(), {.index = bound_tree_beam{.branching = 4, .beam = 2, .exact_below = 4, .scan_below = 0}});
-  static fixture<paper_policies> bf16([] {
+/// The five layers, made once.
+struct layers {
+  fixture<paper_policies> paper{base_config()};
+  fixture<quest_beam> beam{base_config(), {.index = bound_tree_beam{.branching = 4, .beam = 2, .exact_below = 4, .scan_below = 0}}};
+  fixture<paper_policies> bf16{[] {
     attention_config c = base_config();
     c.kv_storage = kv_precision::bf16;
     return c;
-  }());
-  static fixture<paper_policies> int8([] {
+  }()};
+  fixture<paper_policies> int8{[] {
     attention_config c = base_config();
     c.kv_storage = kv_precision::int8;
     return c;
-  }());
-  static fixture<paper_policies> dense([] {
+  }()};
+  fixture<paper_policies> dense{[] {
     attention_config c = base_config();
     c.method = attention_method::dense;
     return c;
-  }());
+  }()};
+  /// Calls f with the layer byte `choice` picks.
+  template <class F>
+  void with(std::uint8_t choice, F&& f) {
+    switch (choice % 5) {
+      case 0: f(paper); break;
+      case 1: f(beam); break;
+      case 2: f(bf16); break;
+      case 3: f(int8); break;
+      default: f(dense); break;
+    }
+  }
+};
+layers& all_layers() {
+  static layers l;
+  return l;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 1) return 0;
   const std::uint8_t choice = data[0];
   const std::string input(reinterpret_cast<const char*>(data) + 1, size - 1);
-  auto with = [&](auto& f) {
+  all_layers().with(choice, [&](auto& f) {
     std::string bytes;
     switch (choice / 5 % 4) {
       case 0: bytes = input; break;
@@ -176,13 +200,33 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
     }
     f.run(bytes);
-  };
-  switch (choice % 5) {
-    case 0: with(paper); break;
-    case 1: with(beam); break;
-    case 2: with(bf16); break;
-    case 3: with(int8); break;
-    default: with(dense); break;
-  }
+  });
   return 0;
 }
+
+#ifdef LONGHEADS_FUZZ_REPAIR_CHECKSUMS
+// cache_file_checksums_fuzzer: libFuzzer's own mutations of whole records (byte 0 picks the
+// layer; the rest is the record), each followed by the checksums recomputed, so what the
+// mutations change (sizes, counts, offsets, the state, the sections' values) reaches the field
+// checks behind the checksums. An input that is not a record yet starts as the layer's valid one.
+extern "C" std::size_t LLVMFuzzerMutate(std::uint8_t* data, std::size_t size, std::size_t max_size);
+
+extern "C" std::size_t LLVMFuzzerCustomMutator(std::uint8_t* data, std::size_t size, std::size_t max_size, unsigned int) {
+  if (size < 1 + 8 || std::memcmp(data + 1, "LHKVCACH", 8) != 0) {
+    const std::uint8_t choice = size > 0 ? data[0] : 0;
+    all_layers().with(choice, [&](auto& f) {
+      if (1 + f.record.size() > max_size) return;
+      data[0] = static_cast<std::uint8_t>(choice % 5);
+      std::memcpy(data + 1, f.record.data(), f.record.size());
+      size = 1 + f.record.size();
+    });
+  }
+  if (size < 1) return size;
+  size = 1 + LLVMFuzzerMutate(data + 1, size - 1, max_size - 1);
+  data[0] = static_cast<std::uint8_t>(data[0] % 5);  // the bytes are the record (mode 0)
+  std::string bytes(reinterpret_cast<const char*>(data) + 1, size - 1);
+  repair_checksums(bytes);
+  std::memcpy(data + 1, bytes.data(), bytes.size());
+  return size;
+}
+#endif

@@ -190,15 +190,58 @@ def test_a_failing_python_policy_raises_and_leaves_the_cache_unchanged():
     cache = a.make_cache()
     a.prefill(cache, q[:100], k[:100], v[:100])
     before = cache.copy()
-    with pytest.raises(RuntimeError, match="gave up"):
+    with pytest.raises(lh.PolicyError, match="scorer raised .*gave up") as raised:
         a.prefill(cache, q[100:], k[100:], v[100:])
+    assert isinstance(raised.value.__cause__, RuntimeError)  # the policy's own exception
     assert cache == before and cache.tokens == 100
-    wrong = layer(scorer=lambda queries, summaries, first, w: np.zeros(3, dtype=np.float32))
-    with pytest.raises(ValueError, match="expected scores of shape"):
-        wrong.prefill(wrong.make_cache(), q, k, v)
     with pytest.raises(lh.ConfigError, match="needs a Python scorer"):
         layer(encoder=key_bounds, representation_floats=2 * D)
     assert calls
+
+
+def zeros_scorer(queries, summaries, first_position, chunk_size):
+    return np.zeros((len(queries), len(summaries)), dtype=np.float32)
+
+
+@pytest.mark.parametrize("policy, error, message", [
+    (dict(scorer=lambda qs, ss, first, w: np.zeros(3, dtype=np.float32)), lh.ShapeError, r"returned scores of shape \(3,\), expected"),
+    (dict(scorer=lambda qs, ss, first, w: np.zeros((len(qs), len(ss) + 1))), lh.ShapeError, "returned scores of shape"),
+    (dict(scorer=lambda qs, ss, first, w: np.zeros((1, 1, 1))), lh.ShapeError, "returned scores of shape"),
+    (dict(scorer=lambda qs, ss, first, w: "not scores"), lh.PolicyError, "scorer raised"),
+    (dict(scorer=lambda qs, ss, first, w: None), lh.ShapeError, r"returned scores of shape \(\)"),
+    (dict(scorer=lambda qs: qs), lh.PolicyError, "scorer raised .*TypeError"),  # called with the wrong arity
+    (dict(scorer=zeros_scorer, encoder=lambda q, k, v: np.zeros(5, dtype=np.float32), representation_floats=2 * D),
+     lh.ShapeError, r"encoder: returned a representation of shape \(5,\)"),
+    (dict(scorer=zeros_scorer, encoder=lambda q, k, v: 1 / 0, representation_floats=2 * D), lh.PolicyError, "encoder raised .*ZeroDivisionError"),
+])
+def test_every_error_a_python_policy_causes_is_a_longheads_error(policy, error, message):
+    q, k, v = sequence(100, seed=6)
+    a = layer(**policy)
+    cache = a.make_cache()
+    if "encoder" not in policy:  # ingest scores nothing: a cache with chunks to restore
+        a.ingest(cache, q[:40], k[:40], v[:40])
+    before = cache.copy()
+    with pytest.raises(error, match=message) as raised:
+        a.prefill(cache, q[40:], k[40:], v[40:])
+    assert isinstance(raised.value, lh.Error)
+    assert cache == before
+    with pytest.raises(error, match=message):  # and again: each call's failure is its own
+        a.prefill(cache, q[40:], k[40:], v[40:])
+    assert cache == before
+
+
+def test_zero_tokens_and_reversed_views_say_so():
+    q, k, v = sequence(40, seed=10)
+    a = layer()
+    cache = a.make_cache()
+    with pytest.raises(lh.ShapeError, match="q has 0 tokens, expected at least 1"):
+        a.prefill(cache, q[:0], k[:0], v[:0])
+    with pytest.raises(lh.ShapeError, match="reversed view"):
+        a.prefill(cache, q[::-1], k, v)
+    assert cache.tokens == 0
+    # A positive token stride (every other token of a larger buffer) is read in place, bitwise.
+    expected = a.prefill(a.make_cache(), np.ascontiguousarray(q[::2]), np.ascontiguousarray(k[::2]), np.ascontiguousarray(v[::2]))
+    assert np.array_equal(a.prefill(a.make_cache(), q[::2], k[::2], v[::2]).view(np.uint32), expected.view(np.uint32))
 
 
 def test_the_overhead_script_runs():
