@@ -425,8 +425,8 @@ PYBIND11_MODULE(longheads, m) {
              }
              if (encoder && !scorer) throw config_error("a Python encoder needs a Python scorer (scorer=...), which reads its representation");
              if (encoder) {
-               auto score = std::make_shared<python_callback>(python_callback{*scorer, "scorer"}),
-                    encode = std::make_shared<python_callback>(python_callback{*encoder, "encoder"});
+               auto score = std::make_shared<python_callback>(python_callback{*scorer, "scorer", {}, {}}),
+                    encode = std::make_shared<python_callback>(python_callback{*encoder, "encoder", {}, {}});
                attention<python_encoded>::policy_set set;
                set.executor = thread_pool_executor(threads);
                set.encoder = {encode, representation_floats};
@@ -444,7 +444,7 @@ PYBIND11_MODULE(longheads, m) {
                }
                // The policy's encoder (with its knobs) under a Python scorer.
                using encoder_type = typename attention<P>::encoder_type;
-               auto score = std::make_shared<python_callback>(python_callback{*scorer, "scorer"});
+               auto score = std::make_shared<python_callback>(python_callback{*scorer, "scorer", {}, {}});
                typename attention<python_scored<encoder_type>>::policy_set scored;
                scored.executor = thread_pool_executor(threads);
                scored.encoder = set.encoder;
