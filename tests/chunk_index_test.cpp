@@ -296,3 +296,67 @@ TEST_CASE("chunk index: the beam search reads O(beam F log n) summaries, whateve
     CHECK(read.boxes + read.chunks < n / 4);
   }
 }
+
+TEST_CASE("selection fidelity: the output of the attention's own choice, masses against a double-precision reference, bad queries") {
+  // A quest layer (key bounds, flat scan): its recorded selection fed to choice_output gives the
+  // attention's own output; the masses are checked against keys rotated in double here.
+  const int hq = 4, hkv = 2, d = 16, w = 8, budget = 5, T = 200;
+  const attention_config config = test::make_config(hq, hkv, d, w, budget);
+  const rope r(d, 10000.0, rope_layout::interleaved);
+  attention<test::quest_policies> layer(config, r);
+  const test::sequence seq(T, hq, hkv, d, 808);
+  kv_cache cache = layer.make_cache();
+  std::vector<std::int32_t> selections;
+  const std::vector<float> out = seq.run(layer, cache, 37, &selections);
+  const reference::problem pr = seq.problem(r);
+  std::mt19937 rng(5);
+  int checked = 0;
+  for (int t = 8 * w; t < T; t += 7)
+    for (int h = 0; h < hq; ++h) {
+      const std::int64_t own = t / w;
+      const fidelity_query query{h, t, seq.q.data() + (static_cast<std::size_t>(t) * hq + h) * d, config.sink_chunks, own - config.local_chunks + 1};
+      std::vector<std::int32_t> chosen;  // the recorded chunks minus the sink and local ones
+      for (int j = 0; j < budget; ++j) {
+        const std::int32_t c = selections[(static_cast<std::size_t>(t) * hq + h) * budget + j];
+        if (c >= query.first && c < query.end) chosen.push_back(c);
+      }
+      const std::vector<double> o = choice_output(cache, r, config, query, chosen);
+      for (int i = 0; i < d; ++i) CHECK(std::abs(o[i] - out[(static_cast<std::size_t>(t) * hq + h) * d + i]) <= 1e-5);
+      // Against itself: nothing lost.
+      const choice_fidelity same = measure_choice(cache, r, config, query, chosen, chosen);
+      CHECK(same.recall == 1.0);
+      CHECK(same.mass_recall == 1.0);
+      CHECK(same.output_difference == 0.0);
+      // A random other choice: recall, and masses computed here in double (keys at their offset
+      // in the chunk, the query one chunk behind its own).
+      std::vector<std::int32_t> other;
+      for (std::int64_t c = query.first; c < query.end; ++c)
+        if (rng() % 3 == 0) other.push_back(static_cast<std::int32_t>(c));
+      const choice_fidelity f = measure_choice(cache, r, config, query, chosen, other);
+      std::size_t shared = 0;
+      for (std::int32_t c : chosen) shared += std::count(other.begin(), other.end(), c);
+      CHECK(f.recall == (chosen.empty() ? 1.0 : static_cast<double>(shared) / static_cast<double>(chosen.size())));
+      auto mass = [&](const std::vector<std::int32_t>& chunks) {
+        const std::vector<double> q_rot = pr.rotated(pr.query(t, h), t % w + w);
+        double m = 0;
+        for (std::int32_t c : chunks)
+          for (int j = 0; j < w; ++j) {
+            const std::vector<double> k_rot = pr.rotated(pr.key(c * w + j, h / (hq / hkv)), j);
+            double s = 0;
+            for (int i = 0; i < d; ++i) s += q_rot[i] * k_rot[i];
+            m += std::exp(s / std::sqrt(static_cast<double>(d)));
+          }
+        return m;
+      };
+      if (!chosen.empty()) CHECK(f.mass_recall == doctest::Approx(mass(other) / mass(chosen)).epsilon(1e-5));
+      ++checked;
+    }
+  CHECK(checked >= 80);
+  const float* q0 = seq.q.data();
+  const std::int32_t outside[] = {3};
+  CHECK_THROWS_WITH_AS(measure_choice(cache, r, config, {0, T, q0, 1, 3}, outside, {}), doctest::Contains("is not a query of this cache"), shape_error);
+  CHECK_THROWS_WITH_AS(measure_choice(cache, r, config, {0, 100, q0, 1, 3}, outside, {}), doctest::Contains("chunk 3 is not among the candidates [1, 3)"),
+                       shape_error);
+  CHECK_THROWS_WITH_AS(measure_choice(cache, r, config, {0, 100, q0, 1, 13}, {}, {}), doctest::Contains("must be full chunks before the query's chunk 12"),
+                       shape_error);
+}

@@ -1,17 +1,24 @@
 // SPDX-License-Identifier: MIT
-// index_reads: what the chunk-index searches read on real caches, and how often the beam finds
-// the flat scan's chunks.
+// index_reads: what the chunk-index searches read, and what the beam loses against the flat scan,
+// on real caches and on synthetic caches of stated structure.
 //
-// Feeds passkey prompts (the shared set, or generated ones past its longest) through a llama2.c
-// checkpoint with the recommended selection (Quest bounds through the cache's index), then, for
-// the last query of every layer and head, repeats the choice three ways: the flat scan (every
-// candidate's bound), the exact best-first search (bound_search) and the beam (beam_search, as
-// bound_tree_beam runs it past exact_below). Per length: summaries read per search (boxes +
-// chunks; median, p90, max) beside the number of chunks, and the beam's hit rate: the share of
-// the flat scan's chunks it also chose, and of searches where it chose all of them.
+// Real caches: passkey prompts (the shared set, or generated ones past its longest) fed through
+// a llama2.c checkpoint with the recommended selection; then the last query of every layer and
+// head chooses again three ways: the flat scan (its choice is bound_search's, exact), the exact
+// best-first search and the recommended policy's beam (bound_tree_beam::search: exact up to
+// exact_below candidates, the beam past them). Synthetic caches (--synthetic clustered|iid, one
+// layer of 4 q / 2 kv heads, d 32; examples/common/synthetic_caches.hpp): 16 queries per head.
+//
+// Per length: summaries read per search (boxes + chunks; median / p90) by the three, the beam's
+// reads as a share of the chunks, and the beam's fidelity against the flat scan
+// (selection_fidelity.hpp), median and p10 over the searches: recall@k of the flat scan's
+// chunks, attention-mass recall (the mass in the beam's chunks over the mass in the flat scan's,
+// softmax over every candidate key in the scorer's frame), and the relative difference of the
+// head's output between the two choices (median / p90).
 //
 //   index_reads --lengths 16384,65536 --prompts 3
 //   index_reads --lengths 262144,1048576 --prompts 2 --generate    # prompts made with the vocabulary
+//   index_reads --synthetic clustered --chunk-counts 4096,32768,131072
 //
 // Exit code 77 when the model or prompt set is missing (ctest reports it as skipped).
 #include <longheads/longheads.hpp>
@@ -24,45 +31,140 @@
 #include <string>
 #include <vector>
 
+#include "../common/synthetic_caches.hpp"
 #include "checkpoint.hpp"
 #include "passkey.hpp"
 #include "policies.hpp"
 #include "transformer.hpp"
 
 namespace {
-struct reads {
-  std::vector<double> summaries;
-  void add(const longheads::bound_search::stats& s) { summaries.push_back(static_cast<double>(s.boxes + s.chunks)); }
-  std::string summary() {
-    if (summaries.empty()) return "-";
-    std::sort(summaries.begin(), summaries.end());
-    char text[96];
-    std::snprintf(text, sizeof text, "%.0f / %.0f / %.0f", summaries[summaries.size() / 2], summaries[summaries.size() * 9 / 10], summaries.back());
-    return text;
+
+/// Samples of one figure; quantiles on demand.
+struct samples {
+  std::vector<double> x;
+  void add(double v) { x.push_back(v); }
+  double at(double q) {
+    if (x.empty()) return 0.0;
+    std::sort(x.begin(), x.end());
+    return x[std::min(x.size() - 1, static_cast<std::size_t>(q * static_cast<double>(x.size())))];
   }
 };
+
+/// One row of the table: every search of one length.
+struct row {
+  samples flat, exact, beam, recall, mass, difference;
+  std::int64_t chunks = 0;
+
+  /// Chooses again for one query of one head (candidates [first, end)) and records the figures.
+  void measure(const longheads::kv_cache& cache, const longheads::rope& rotary, const longheads::attention_config& config,
+               const longheads::bound_tree_beam& index, int head, std::int64_t position, const float* query, std::int64_t first,
+               std::int64_t end, std::size_t wanted) {
+    const int w = config.chunk_size, d = config.head_dim;
+    std::vector<float> rotated(static_cast<std::size_t>(d));
+    rotary.rotate(query, rotated.data(), position % w + w);  // as bound_scorer rotates it (offset 1)
+    longheads::bound_search_scratch scratch;
+    scratch.reserve(cache.full_chunks(), std::max(index.branching, 16));
+    scratch.reserve_beam(index.widest_beam(), index.branching);
+    std::vector<std::int32_t> flat_found(wanted), beam_found(wanted);
+    longheads::bound_search::stats exact_stats, beam_stats;
+    const std::size_t n = longheads::bound_search::top(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted,
+                                                       flat_found, scratch, &exact_stats);
+    const std::size_t m = index.search(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted, beam_found, scratch,
+                                       &beam_stats);
+    flat.add(static_cast<double>(end - first));
+    exact.add(static_cast<double>(exact_stats.boxes + exact_stats.chunks));
+    beam.add(static_cast<double>(beam_stats.boxes + beam_stats.chunks));
+    const longheads::choice_fidelity f = longheads::measure_choice(
+        cache, rotary, config, {head, position, query, first, end, 1}, std::span<const std::int32_t>(flat_found).first(n),
+        std::span<const std::int32_t>(beam_found).first(m));
+    recall.add(f.recall);
+    mass.add(f.mass_recall);
+    difference.add(f.output_difference);
+  }
+
+  void print(const std::string& label) {
+    if (flat.x.empty()) return;
+    std::printf("%-12s %8lld | %6.0f / %6.0f | %6.0f / %6.0f | %5.0f / %5.0f  %6.2f%% | %5.3f / %5.3f | %5.3f / %5.3f | %7.2g / %7.2g | %zu\n",
+                label.c_str(), static_cast<long long>(chunks), flat.at(0.5), flat.at(0.9), exact.at(0.5), exact.at(0.9), beam.at(0.5), beam.at(0.9),
+                100.0 * beam.at(0.5) / static_cast<double>(chunks), recall.at(0.5), recall.at(0.1), mass.at(0.5), mass.at(0.1),
+                difference.at(0.5), difference.at(0.9), flat.x.size());
+    std::fflush(stdout);
+  }
+};
+
+void print_header() {
+  std::printf("%-12s %8s | %-15s | %-15s | %-22s | %-13s | %-13s | %-17s | %s\n", "tokens", "chunks", "flat med / p90", "exact med / p90",
+              "beam med / p90, share", "recall@k", "mass recall", "output diff.", "searches");
+  std::printf("%-12s %8s | %-15s | %-15s | %-22s | %-13s | %-13s | %-17s |\n", "", "", "(summaries read)", "", "", "med / p10", "med / p10",
+              "med / p90");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Summaries the chunk-index searches read on real passkey caches, and the beam's hit rate"};
-  std::string model_name = "passkey-256.bin", prompt_set = "../shared/data/passkey";
-  std::vector<std::int64_t> lengths = {4096, 16384};
+  CLI::App app{"Summaries the chunk-index searches read, and the beam's fidelity to the flat scan, on real and synthetic caches"};
+  std::string model_name = "passkey-256.bin", prompt_set = "../shared/data/passkey", synthetic_kind;
+  std::vector<std::int64_t> lengths = {4096, 16384}, chunk_counts = {4096, 32768};
   std::size_t prompts_per_length = 3;
+  int queries = 16;
   bool generate = false;
   longheads::attention_config knobs;
   knobs.chunk_size = 32;
   knobs.budget_chunks = 8;
   longheads::bound_tree_beam beam;
+  synthetic::spec spec;
   app.add_option("--model", model_name, "llama2.c checkpoint (also searched in $LONGHEADS_MODELS and ../shared/models)")->capture_default_str();
   app.add_option("--prompt-set", prompt_set, "a shared passkey prompt set (manifest.jsonl + .bin)")->capture_default_str();
   app.add_flag("--generate", generate, "generate the prompts (needle depths spread evenly) with <model>.vocab.txt instead");
   app.add_option("--lengths", lengths, "prompt lengths, e.g. 4096,16384")->delimiter(',')->capture_default_str();
   app.add_option("--prompts", prompts_per_length, "prompts per length")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--synthetic", synthetic_kind, "synthetic caches instead of a model's: clustered or iid")->check(CLI::IsMember({"clustered", "iid"}));
+  app.add_option("--chunk-counts", chunk_counts, "--synthetic: full chunks per cache")->delimiter(',')->capture_default_str();
+  app.add_option("--queries", queries, "--synthetic: queries per head")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--clusters", spec.clusters, "--synthetic clustered: key clusters")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--seed", spec.seed, "--synthetic: seed")->capture_default_str();
   app.add_option("--chunk-size", knobs.chunk_size, "tokens per chunk (w)")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--chunks", knobs.budget_chunks, "chunks each head reads per query (k)")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--fanout", beam.branching, "chunks (or boxes) per box")->check(CLI::Range(2, 1024))->capture_default_str();
   app.add_option("--beam", beam.beam, "boxes the beam opens per level")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--exact-below", beam.exact_below, "candidates up to which the beam is widened to every box (the policy's 1024)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  const auto wanted = static_cast<std::size_t>(knobs.budget_chunks - knobs.sink_chunks - knobs.local_chunks);
+  std::printf("fan-out %d, beam %d, exact below %d candidates; %zu chunks wanted per search (k %d minus sink and local chunks)\n", beam.branching,
+              beam.beam, beam.exact_below, wanted, knobs.budget_chunks);
+
+  if (!synthetic_kind.empty()) {
+    spec.clustered = synthetic_kind == "clustered";
+    longheads::attention_config config = knobs;
+    config.n_q_heads = 4;
+    config.n_kv_heads = 2;
+    config.head_dim = 32;
+    const longheads::rope rotary(config.head_dim);
+    longheads::attention<llama2c::policies::quest_beam> layer(config, rotary, {.index = beam});
+    std::printf("synthetic %s caches: 4 q / 2 kv heads, d 32, w %d, %d queries per head at the last position, seed %u\n", spec.name().c_str(),
+                config.chunk_size, queries, spec.seed);
+    print_header();
+    for (const std::int64_t chunks : chunk_counts) {
+      longheads::kv_cache cache = layer.make_cache(chunks * config.chunk_size + 1);
+      const auto qs = synthetic::fill(layer, cache, chunks, queries, spec);
+      row r;
+      r.chunks = chunks;
+      // The queries stand at the first position of the next chunk: every full chunk before the
+      // local ones is a candidate. A token there makes the position one of the cache's.
+      std::vector<float> zeros(static_cast<std::size_t>(config.n_q_heads + 2 * config.n_kv_heads) * config.head_dim, 0.0f);
+      layer.ingest(cache, {zeros.data(), 1, config.n_q_heads, config.head_dim}, {zeros.data(), 1, config.n_kv_heads, config.head_dim},
+                   {zeros.data(), 1, config.n_kv_heads, config.head_dim});
+      const std::int64_t position = chunks * config.chunk_size, own = chunks;
+      for (int h = 0; h < config.n_q_heads; ++h)
+        for (int j = 0; j < queries; ++j)
+          r.measure(cache, rotary, config, beam, h, position, qs[static_cast<std::size_t>(h)].data() + static_cast<std::ptrdiff_t>(j) * config.head_dim,
+                    config.sink_chunks, own - config.local_chunks + 1, wanted);
+      r.print(std::to_string(chunks * config.chunk_size));
+    }
+    return 0;
+  }
 
   const auto model_path = llama2c::find_model(model_name, LONGHEADS_SOURCE_DIR);
   auto vocab_path = model_path ? std::filesystem::path(*model_path) : std::filesystem::path();
@@ -76,12 +178,8 @@ int main(int argc, char** argv) {
   }
   const llama2c::checkpoint model(model_path->string());
   llama2c::transformer<llama2c::policies::quest_beam> t(model, knobs, {.index = beam});
-  const int w = knobs.chunk_size, d = model.config().head_dim();
-  const auto wanted = static_cast<std::size_t>(knobs.budget_chunks - knobs.sink_chunks - knobs.local_chunks);
-  std::printf("fan-out %d, beam %d, %zu chunks wanted per search (k %d minus sink and local chunks)\n", beam.branching, beam.beam, wanted,
-              knobs.budget_chunks);
-  std::printf("%9s %8s | %-22s | %-22s | %-22s | %s\n", "tokens", "chunks", "flat: med / p90 / max", "exact index", "beam",
-              "beam hit rate: chunks / whole searches");
+  const int w = knobs.chunk_size;
+  print_header();
   for (const std::int64_t length : lengths) {
     std::vector<llama2c::passkey_prompt> prompts;
     if (generate) {
@@ -93,46 +191,21 @@ int main(int argc, char** argv) {
       prompts = llama2c::load_prompt_set(prompt_set, {length}, model.config().vocab_size);
       prompts.resize(std::min(prompts.size(), prompts_per_length));
     }
-    reads flat, exact, beamed;
-    std::int64_t chunks = 0, hits = 0, of = 0, whole = 0, searches = 0;
+    row r;
     t.reserve(length, 512);
     for (const auto& p : prompts) {
       t.reset();
       std::vector<float> logits(static_cast<std::size_t>(model.config().vocab_size));
       llama2c::feed(t, p.tokens, 512, logits);
-      const std::int64_t position = t.position() - 1, i = position / w, first = knobs.sink_chunks, end = i - knobs.local_chunks + 1;
-      chunks = t.cache(0).full_chunks();
-      std::vector<float> query(static_cast<std::size_t>(d));
-      std::vector<std::int32_t> exact_found(wanted), beam_found(wanted);
-      longheads::bound_search_scratch scratch;
-      scratch.reserve(chunks, beam.branching);
-      scratch.reserve_beam(beam.beam, beam.branching);
+      const std::int64_t position = t.position() - 1, own = position / w;
+      r.chunks = t.cache(0).full_chunks();
       for (int l = 0; l < model.config().n_layers; ++l)
-        for (int h = 0; h < model.config().n_heads; ++h) {
-          const longheads::kv_cache& cache = t.cache(l);
-          // The query as bound_scorer rotates it (offset 1), the candidates as the selector takes them.
-          t.attention().rotary().rotate(t.last_query(l).data() + static_cast<std::ptrdiff_t>(h) * d, query.data(), position % w + w);
-          longheads::bound_search::stats exact_stats, beam_stats;
-          const std::size_t n = longheads::bound_search::top(cache.index(h), cache.representations(h), query.data(), first, end, wanted,
-                                                             exact_found, scratch, &exact_stats);
-          const std::size_t m = longheads::beam_search::top(cache.index(h), cache.representations(h), query.data(), first, end, wanted,
-                                                            beam.beam, beam_found, scratch, &beam_stats);
-          exact.add(exact_stats);
-          beamed.add(beam_stats);
-          flat.summaries.push_back(static_cast<double>(end - first));
-          std::int64_t shared = 0;
-          for (std::size_t a = 0; a < n; ++a) shared += std::find(beam_found.begin(), beam_found.begin() + static_cast<std::ptrdiff_t>(m), exact_found[a]) !=
-                                                         beam_found.begin() + static_cast<std::ptrdiff_t>(m);
-          hits += shared;
-          of += static_cast<std::int64_t>(n);
-          whole += shared == static_cast<std::int64_t>(n);
-          ++searches;
-        }
+        for (int h = 0; h < model.config().n_heads; ++h)
+          r.measure(t.cache(l), t.attention().rotary(), t.attention().config(), beam, h, position,
+                    t.last_query(l).data() + static_cast<std::ptrdiff_t>(h) * model.config().head_dim(), knobs.sink_chunks,
+                    own - knobs.local_chunks + 1, wanted);
     }
-    if (searches == 0) continue;
-    std::printf("%9lld %8lld | %-22s | %-22s | %-22s | %5.1f%% / %5.1f%% of %lld\n", static_cast<long long>(length), static_cast<long long>(chunks),
-                flat.summary().c_str(), exact.summary().c_str(), beamed.summary().c_str(), 100.0 * static_cast<double>(hits) / static_cast<double>(of),
-                100.0 * static_cast<double>(whole) / static_cast<double>(searches), static_cast<long long>(searches));
+    r.print(std::to_string(length));
   }
   return 0;
 }

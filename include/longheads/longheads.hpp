@@ -25,6 +25,7 @@
 #include "policies.hpp"
 #include "rope.hpp"
 #include "rope_remapper.hpp"
+#include "selection_fidelity.hpp"
 #include "shard.hpp"
 #include "tile_streamer.hpp"
 #include "validation.hpp"
