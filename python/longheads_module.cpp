@@ -208,6 +208,7 @@ class layer {
   virtual void save(const std::string& path, const std::vector<kv_cache*>& caches) const = 0;
   virtual std::vector<kv_cache> load(const std::string& path, std::int64_t reserve) const = 0;
   virtual float max_input_magnitude() const = 0;
+  virtual const rope& rotary() const = 0;
 };
 
 template <class P>
@@ -240,6 +241,7 @@ class layer_of final : public layer {
     return caches;
   }
   float max_input_magnitude() const override { return a_.max_input_magnitude(); }
+  const rope& rotary() const override { return a_.rotary(); }
 
  private:
   attention<P> a_;
@@ -511,6 +513,29 @@ PYBIND11_MODULE(longheads, m) {
            },
            py::arg("cache"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
            "Decodes the T tokens one call each from C++; returns the seconds they took (for measuring a Python call's overhead).")
+      .def("choice_fidelity",
+           [](const py_attention& a, const kv_cache& cache, int head, std::int64_t position,
+              const py::array_t<float, py::array::c_style | py::array::forcecast>& query, std::int64_t first, std::int64_t end,
+              const py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>& reference,
+              const py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>& choice, int offset_chunks) {
+             const attention_config& c = a.impl->config();
+             if (query.ndim() != 1 || query.shape(0) != c.head_dim)
+               throw shape_error("choice_fidelity: query must be [head_dim = " + std::to_string(c.head_dim) + "] (before RoPE), got " +
+                                 shape_string(query));
+             if (reference.ndim() != 1 || choice.ndim() != 1) throw shape_error("choice_fidelity: reference and choice must be 1-D chunk ids");
+             const choice_fidelity f = measure_choice(cache, a.impl->rotary(), c, {head, position, query.data(), first, end, offset_chunks},
+                                                      {reference.data(), static_cast<std::size_t>(reference.size())},
+                                                      {choice.data(), static_cast<std::size_t>(choice.size())});
+             py::dict d;
+             d["recall"] = f.recall;
+             d["mass_recall"] = f.mass_recall;
+             d["output_difference"] = f.output_difference;
+             return d;
+           },
+           py::arg("cache"), py::arg("head"), py::arg("position"), py::arg("query"), py::arg("first"), py::arg("end"), py::arg("reference"),
+           py::arg("choice"), py::kw_only(), py::arg("offset_chunks") = 1,
+           "How much `choice` (chunk ids in [first, end)) loses against `reference` for the pre-RoPE query of `head` at `position` "
+           "on this layer's cache: {recall, mass_recall, output_difference} (selection_fidelity.hpp, docs/results.md).")
       .def("ingest", [](py_attention& a, kv_cache& cache, const py::array& q, const py::array& k, const py::array& v) {
              const auto qv = view_of<const float>(q, "q"), kv = view_of<const float>(k, "k"), vv = view_of<const float>(v, "v");
              a.guarded(cache, [&] { a.impl->ingest(cache, qv, kv, vv); });

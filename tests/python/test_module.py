@@ -308,3 +308,28 @@ def test_caches_saved_and_loaded_decode_on_with_the_same_bits():
             f.write(bytes([byte[0] ^ 1]))
         with pytest.raises(lh.FileError, match="corrupted"):
             a.load_caches(path)
+
+
+def test_choice_fidelity_of_the_recommended_selection_against_the_flat_scan():
+    # Below exact_below the recommended policy's beam is the flat scan: nothing lost. A choice
+    # sharing none of the flat scan's chunks loses recall, and its figures are in range.
+    q, k, v = sequence(400, seed=12)
+    flat, beam = layer(policy="quest", budget_chunks=6), layer(policy="recommended", budget_chunks=6)
+    cache, beam_cache = flat.make_cache(), beam.make_cache()
+    _, flat_sel = flat.prefill(cache, q, k, v, selections=True)
+    _, beam_sel = beam.prefill(beam_cache, q, k, v, selections=True)
+    position, w, sink, local = 399, 8, 1, 2
+    own = position // w
+    first, end = sink, own - local + 1
+    for head in range(HQ):
+        ref = np.array([c for c in flat_sel[position, head] if first <= c < end], dtype=np.int32)
+        got = np.array([c for c in beam_sel[position, head] if first <= c < end], dtype=np.int32)
+        same = flat.choice_fidelity(cache, head, position, q[position, head], first, end, ref, got)
+        assert same == {"recall": 1.0, "mass_recall": 1.0, "output_difference": 0.0}
+        other = np.array([c for c in range(first, end) if c not in ref][:len(ref)], dtype=np.int32)
+        f = flat.choice_fidelity(cache, head, position, q[position, head], first, end, ref, other)
+        assert f["recall"] == 0.0 and f["mass_recall"] > 0.0 and f["output_difference"] > 0.0
+    with pytest.raises(lh.ShapeError, match="not among the candidates"):
+        flat.choice_fidelity(cache, 0, position, q[position, 0], first, end, np.array([end], dtype=np.int32), ref)
+    with pytest.raises(lh.ShapeError, match="query must be"):
+        flat.choice_fidelity(cache, 0, position, q[position], first, end, ref, ref)
