@@ -297,6 +297,59 @@ TEST_CASE("chunk index: the beam search reads O(beam F log n) summaries, whateve
   }
 }
 
+TEST_CASE("chunk index: the certified search is the flat scan at epsilon 0, within epsilon beyond, causal, and counts its reads") {
+  std::mt19937 rng(23);
+  auto uniform = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
+  int cases = 0, fewer_reads = 0, not_flat = 0;
+  for (int fanout : {2, 4, 16})
+    for (std::int64_t n : {1, 9, 50, 400, 2000})
+      for (int beam : {1, 4}) {
+        const int d = 8;
+        const auto summaries = random_summaries(n, d, static_cast<std::uint32_t>(900 + n + fanout));
+        const bound_tree tree = tree_of(summaries, d, n, fanout);
+        bound_search_scratch scratch;
+        scratch.reserve(n, fanout);
+        scratch.reserve_beam(beam, fanout);
+        std::vector<std::int32_t> out(static_cast<std::size_t>(n) + 16), prefix_out(out.size());
+        const matrix_view<const float> rows{summaries.data(), n, 2 * d};
+        for (int trial = 0; trial < 15; ++trial, ++cases) {
+          const auto q = test::random_floats(static_cast<std::size_t>(d), static_cast<std::uint32_t>(rng()));
+          const std::int64_t first = uniform(0, n - 1), end = uniform(first + 1, n);
+          const auto wanted = static_cast<std::size_t>(uniform(1, std::min<std::int64_t>(end - first + 2, 12)));
+          CAPTURE(n);
+          CAPTURE(fanout);
+          CAPTURE(first);
+          CAPTURE(end);
+          const std::vector<std::int32_t> flat = flat_top(summaries, d, q.data(), first, end, wanted);
+          bound_search::stats read;
+          std::size_t found = certified_search::top(tree, rows, q.data(), first, end, wanted, beam, 0.0f, out, scratch, &read);
+          CHECK(std::vector<std::int32_t>(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(found)) == flat);
+          fewer_reads += read.boxes + read.chunks < end - first;
+          // Within epsilon: every chunk left out scores at most the k-th kept + epsilon.
+          auto score = [&](std::int64_t c) {
+            const float s = detail::bound_dot(q.data(), rows.row(c), rows.row(c) + d, d);
+            return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+          };
+          const float epsilon = 0.5f;
+          found = certified_search::top(tree, rows, q.data(), first, end, wanted, beam, epsilon, out, scratch);
+          const std::vector<std::int32_t> got(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(found));
+          REQUIRE(found == flat.size());
+          for (std::int64_t c = first; c < end; ++c)
+            if (std::find(got.begin(), got.end(), c) == got.end()) CHECK(score(c) <= score(got.back()) + epsilon);
+          not_flat += got != flat;
+          // Causal: a tree of the chunks before `end` only gives the same chunks.
+          const bound_tree prefix_tree = tree_of(summaries, d, end, fanout);
+          const std::size_t prefix_found = certified_search::top(prefix_tree, rows, q.data(), first, end, wanted, beam, epsilon, prefix_out, scratch);
+          CHECK(std::vector<std::int32_t>(prefix_out.begin(), prefix_out.begin() + static_cast<std::ptrdiff_t>(prefix_found)) == got);
+        }
+      }
+  CHECK(cases == 3 * 5 * 2 * 15);
+  CHECK(fewer_reads > 0);  // where the scores are spread (random boxes of 4 keys), the certificate stops early
+  CHECK(not_flat > 0);     // and epsilon 0.5 does give up some of the flat scan's chunks: the two modes differ
+  MESSAGE(cases << " searches; the certificate read fewer summaries than the candidates in " << fewer_reads << ", epsilon 0.5 chose otherwise in "
+                << not_flat);
+}
+
 TEST_CASE("selection fidelity: the output of the attention's own choice, masses against a double-precision reference, bad queries") {
   // A quest layer (key bounds, flat scan): its recorded selection fed to choice_output gives the
   // attention's own output; the masses are checked against keys rotated in double here.

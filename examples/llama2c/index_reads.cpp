@@ -26,6 +26,8 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <limits>
+#include <numeric>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -50,10 +52,113 @@ struct samples {
   }
 };
 
+/// An experiment, not a policy: boxes over k-means clusters of the chunks' summaries (in key
+/// space, where the beam's boxes group chunks by time), searched exactly: every cluster's box
+/// bound, then clusters best bound first, every member scored, until a box's bound falls below
+/// the k-th score found (a certificate: no chunk skipped can beat it). Built offline over the
+/// whole cache, per representation head; what it reads tells whether grouping by key space
+/// makes an exact search sublinear on these caches.
+struct cluster_boxes {
+  int d = 0;
+  std::vector<float> boxes;                      // [C][lo | hi]
+  std::vector<std::vector<std::int32_t>> members;  // per cluster, ascending chunk ids
+
+  cluster_boxes(longheads::matrix_view<const float> summaries, int clusters, int iterations) : d(static_cast<int>(summaries.cols() / 2)) {
+    const std::int64_t n = summaries.rows();
+    const int c_count = static_cast<int>(std::min<std::int64_t>(clusters, n));
+    const std::ptrdiff_t r = summaries.cols();
+    std::vector<float> centres(static_cast<std::size_t>(c_count) * r);
+    for (int c = 0; c < c_count; ++c) std::copy_n(summaries.row(c * n / c_count), r, centres.data() + static_cast<std::ptrdiff_t>(c) * r);
+    std::vector<int> owner(static_cast<std::size_t>(n), 0);
+    for (int it = 0; it <= iterations; ++it) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        double best = std::numeric_limits<double>::infinity();
+        for (int c = 0; c < c_count; ++c) {
+          double dist = 0;
+          const float* x = summaries.row(i);
+          const float* y = centres.data() + static_cast<std::ptrdiff_t>(c) * r;
+          for (std::ptrdiff_t j = 0; j < r; ++j) dist += (static_cast<double>(x[j]) - y[j]) * (static_cast<double>(x[j]) - y[j]);
+          if (dist < best) best = dist, owner[static_cast<std::size_t>(i)] = c;
+        }
+      }
+      if (it == iterations) break;
+      std::vector<double> sum(centres.size(), 0.0);
+      std::vector<std::int64_t> count(static_cast<std::size_t>(c_count), 0);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const int c = owner[static_cast<std::size_t>(i)];
+        ++count[static_cast<std::size_t>(c)];
+        for (std::ptrdiff_t j = 0; j < r; ++j) sum[static_cast<std::size_t>(c * r + j)] += summaries.row(i)[j];
+      }
+      for (int c = 0; c < c_count; ++c)
+        if (count[static_cast<std::size_t>(c)] > 0)
+          for (std::ptrdiff_t j = 0; j < r; ++j)
+            centres[static_cast<std::size_t>(c * r + j)] = static_cast<float>(sum[static_cast<std::size_t>(c * r + j)] / static_cast<double>(count[static_cast<std::size_t>(c)]));
+    }
+    members.assign(static_cast<std::size_t>(c_count), {});
+    boxes.assign(static_cast<std::size_t>(c_count) * 2 * d, 0.0f);
+    for (int c = 0; c < c_count; ++c) {
+      std::fill_n(boxes.data() + static_cast<std::ptrdiff_t>(c) * 2 * d, d, std::numeric_limits<float>::infinity());
+      std::fill_n(boxes.data() + static_cast<std::ptrdiff_t>(c) * 2 * d + d, d, -std::numeric_limits<float>::infinity());
+    }
+    for (std::int64_t i = 0; i < n; ++i) {
+      const int c = owner[static_cast<std::size_t>(i)];
+      members[static_cast<std::size_t>(c)].push_back(static_cast<std::int32_t>(i));
+      float* box = boxes.data() + static_cast<std::ptrdiff_t>(c) * 2 * d;
+      for (int j = 0; j < d; ++j) {
+        box[j] = std::min(box[j], summaries.row(i)[j]);
+        box[d + j] = std::max(box[d + j], summaries.row(i)[d + j]);
+      }
+    }
+  }
+
+  /// The `wanted` best chunks of [first, end) for the rotated query, exactly; `budget` > 0 stops
+  /// once that many chunks' summaries have been read besides the clusters' boxes (then it is
+  /// approximate). Returns the summaries read, boxes included.
+  std::int64_t search(longheads::matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end, std::size_t wanted,
+                      std::int64_t budget, std::vector<std::int32_t>& out) const {
+    const auto c_count = static_cast<int>(members.size());
+    std::vector<std::pair<float, int>> order;
+    for (int c = 0; c < c_count; ++c) {
+      if (members[static_cast<std::size_t>(c)].empty()) continue;
+      const float* box = boxes.data() + static_cast<std::ptrdiff_t>(c) * 2 * d;
+      order.push_back({longheads::detail::bound_dot(q, box, box + d, d), c});
+    }
+    std::int64_t read = static_cast<std::int64_t>(order.size());
+    std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    std::vector<std::pair<float, std::int32_t>> best;  // score desc, id asc
+    auto better = [](const std::pair<float, std::int32_t>& a, const std::pair<float, std::int32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    for (const auto& [bound, c] : order) {
+      if (best.size() == wanted && bound < best.back().first) break;  // certified: nothing left can reach the k-th
+      if (budget > 0 && read - static_cast<std::int64_t>(order.size()) >= budget) break;
+      for (std::int32_t id : members[static_cast<std::size_t>(c)]) {
+        if (id < first || id >= end) continue;
+        const float* row = summaries.row(id);
+        const std::pair<float, std::int32_t> scored{longheads::detail::bound_dot(q, row, row + d, d), id};
+        ++read;
+        if (best.size() < wanted) best.insert(std::upper_bound(best.begin(), best.end(), scored, better), scored);
+        else if (better(scored, best.back())) {
+          best.pop_back();
+          best.insert(std::upper_bound(best.begin(), best.end(), scored, better), scored);
+        }
+      }
+    }
+    out.clear();
+    for (const auto& [score, id] : best) out.push_back(id);
+    return read;
+  }
+};
+
 /// One row of the table: every search of one length.
 struct row {
   samples flat, exact, beam, recall, mass, difference;
+  samples cluster_exact, cluster_probe, cluster_mass, cluster_recall_exact;
+  samples certified, certified_loose, certified_loose_mass;  // the certified search at epsilon 0 and at `epsilon`
+  float epsilon = 1.0f;
   std::int64_t chunks = 0;
+  const std::vector<cluster_boxes>* clustered = nullptr;  // per representation head, with --cluster-boxes
+  double probe_share = 0.05;
 
   /// Chooses again for one query of one head (candidates [first, end)) and records the figures.
   void measure(const longheads::kv_cache& cache, const longheads::rope& rotary, const longheads::attention_config& config,
@@ -80,6 +185,30 @@ struct row {
     recall.add(f.recall);
     mass.add(f.mass_recall);
     difference.add(f.output_difference);
+    // The certified search: exactly the flat scan's chunks at epsilon 0 (checked), within epsilon beyond.
+    std::vector<std::int32_t> certain(wanted);
+    longheads::bound_search::stats certain_stats, loose_stats;
+    const std::size_t c0 = longheads::certified_search::top(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted,
+                                                            index.beam, 0.0f, certain, scratch, &certain_stats);
+    if (!std::equal(certain.begin(), certain.begin() + static_cast<std::ptrdiff_t>(c0), flat_found.begin(), flat_found.begin() + static_cast<std::ptrdiff_t>(n)))
+      std::fprintf(stderr, "index_reads: the certified search at epsilon 0 differs from the flat scan (a bug)\n");
+    certified.add(static_cast<double>(certain_stats.boxes + certain_stats.chunks));
+    const std::size_t c1 = longheads::certified_search::top(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted,
+                                                            index.beam, epsilon, certain, scratch, &loose_stats);
+    certified_loose.add(static_cast<double>(loose_stats.boxes + loose_stats.chunks));
+    certified_loose_mass.add(longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
+                                                       std::span<const std::int32_t>(flat_found).first(n), std::span<const std::int32_t>(certain).first(c1))
+                                 .mass_recall);
+    if (clustered == nullptr) return;
+    const cluster_boxes& boxes = (*clustered)[static_cast<std::size_t>(cache.representation_head(head))];
+    std::vector<std::int32_t> found;
+    cluster_exact.add(static_cast<double>(boxes.search(cache.representations(head), rotated.data(), first, end, wanted, 0, found)));
+    cluster_recall_exact.add(found == std::vector<std::int32_t>(flat_found.begin(), flat_found.begin() + static_cast<std::ptrdiff_t>(n)) ? 1.0 : 0.0);
+    const auto budget = static_cast<std::int64_t>(probe_share * static_cast<double>(cache.summarised_chunks()));
+    cluster_probe.add(static_cast<double>(boxes.search(cache.representations(head), rotated.data(), first, end, wanted, budget, found)));
+    cluster_mass.add(longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
+                                               std::span<const std::int32_t>(flat_found).first(n), found)
+                         .mass_recall);
   }
 
   void print(const std::string& label) {
@@ -88,6 +217,18 @@ struct row {
                 label.c_str(), static_cast<long long>(chunks), flat.at(0.5), flat.at(0.9), exact.at(0.5), exact.at(0.9), beam.at(0.5), beam.at(0.9),
                 100.0 * beam.at(0.5) / static_cast<double>(chunks), recall.at(0.5), recall.at(0.1), mass.at(0.5), mass.at(0.1),
                 difference.at(0.5), difference.at(0.9), flat.x.size());
+    std::printf("%-12s certified search (beam-seeded): epsilon 0 reads %.0f / %.0f (med / p90, %.2f%% of the chunks: the flat scan's choice); "
+                "epsilon %g reads %.0f / %.0f (%.2f%%), mass recall %.3f / %.3f (med / p10)\n",
+                "", certified.at(0.5), certified.at(0.9), 100.0 * certified.at(0.5) / static_cast<double>(chunks), static_cast<double>(epsilon),
+                certified_loose.at(0.5), certified_loose.at(0.9), 100.0 * certified_loose.at(0.5) / static_cast<double>(chunks),
+                certified_loose_mass.at(0.5), certified_loose_mass.at(0.1));
+    if (clustered != nullptr)
+      std::printf("%-12s cluster boxes (%zu clusters): exact search reads %.0f / %.0f (med / p90, %.2f%% of the chunks; the flat scan's choice "
+                  "in %.0f%% of searches); probing %.0f%% of the chunks: %.0f read, mass recall %.3f / %.3f (med / p10)\n",
+                  "", (*clustered)[0].members.size(), cluster_exact.at(0.5), cluster_exact.at(0.9),
+                  100.0 * cluster_exact.at(0.5) / static_cast<double>(chunks), 100.0 * std::accumulate(cluster_recall_exact.x.begin(), cluster_recall_exact.x.end(), 0.0) /
+                      static_cast<double>(cluster_recall_exact.x.size()),
+                  100.0 * probe_share, cluster_probe.at(0.5), cluster_mass.at(0.5), cluster_mass.at(0.1));
     std::fflush(stdout);
   }
 };
@@ -130,7 +271,21 @@ int main(int argc, char** argv) {
   app.add_option("--exact-below", beam.exact_below, "candidates up to which the beam is widened to every box (the policy's 1024)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  int cluster_count = 0;
+  float epsilon = 1.0f;
+  app.add_option("--epsilon", epsilon, "the certified search's slack: every chunk it skips scores at most its k-th + epsilon")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--cluster-boxes", cluster_count, "also measure the experiment of boxes over this many k-means clusters of the summaries (0: off)")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
+  auto cluster = [&](const longheads::kv_cache& cache) {
+    std::vector<cluster_boxes> out;
+    for (int h = 0; h < cache.shape().summary_heads() && cluster_count > 0; ++h)
+      out.emplace_back(longheads::matrix_view<const float>(cache.representations(h * (cache.shape().n_q_heads / cache.shape().summary_heads()))),
+                       cluster_count, 4);
+    return out;
+  };
   const auto wanted = static_cast<std::size_t>(knobs.budget_chunks - knobs.sink_chunks - knobs.local_chunks);
   std::printf("fan-out %d, beam %d, exact below %d candidates; %zu chunks wanted per search (k %d minus sink and local chunks)\n", beam.branching,
               beam.beam, beam.exact_below, wanted, knobs.budget_chunks);
@@ -151,6 +306,9 @@ int main(int argc, char** argv) {
       const auto qs = synthetic::fill(layer, cache, chunks, queries, spec);
       row r;
       r.chunks = chunks;
+      r.epsilon = epsilon;
+      const std::vector<cluster_boxes> clusters = cluster(cache);
+      if (cluster_count > 0) r.clustered = &clusters;
       // The queries stand at the first position of the next chunk: every full chunk before the
       // local ones is a candidate. A token there makes the position one of the cache's.
       std::vector<float> zeros(static_cast<std::size_t>(config.n_q_heads + 2 * config.n_kv_heads) * config.head_dim, 0.0f);
@@ -192,6 +350,7 @@ int main(int argc, char** argv) {
       prompts.resize(std::min(prompts.size(), prompts_per_length));
     }
     row r;
+    r.epsilon = epsilon;
     t.reserve(length, 512);
     for (const auto& p : prompts) {
       t.reset();

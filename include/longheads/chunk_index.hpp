@@ -142,6 +142,7 @@ class bound_search_scratch {
  private:
   friend struct bound_search;
   friend struct beam_search;
+  friend struct certified_search;
   struct entry {
     float bound;         // the box's bound (NaN read as +inf) or the chunk's score (NaN as -inf)
     std::int32_t first;  // the lowest candidate chunk it covers
@@ -312,6 +313,87 @@ struct beam_search {
     const std::size_t found = keep_best(inside, wanted);
     for (std::size_t i = 0; i < found; ++i) out[i] = static_cast<std::int32_t>(inside[i].index);
     return found;
+  }
+};
+
+/// The certified search: the beam's choice, then a best-first search over the same boxes that
+/// widens until a bound proves every chunk it skipped scores at most the k-th it kept plus
+/// `epsilon`. With epsilon 0 the result is exactly the flat scan's (ties to the lower chunk
+/// included); with epsilon > 0, every chunk it did not choose scores at most its k-th score +
+/// epsilon. The beam's k-th score is where the widening starts, so a query whose chunks stand
+/// out stops early; where the boxes' bounds reach past the k-th score (nearly tied scores,
+/// boxes wider than the gap) it reads every box and chunk, and `read` says so in numbers.
+/// Causal like the beam: a box cut by [first, end) is opened, never bounded, so the choice
+/// depends only on the chunks before `end`.
+struct certified_search {
+  /// The `wanted` best chunks of [first, end) for the rotated query `q`, best first into `out`;
+  /// returns how many. `read` (if given) counts the beam's reads and the widening's.
+  static std::size_t top(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
+                         std::size_t wanted, int beam, float epsilon, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                         bound_search::stats* read = nullptr) noexcept {
+    using entry = bound_search_scratch::entry;
+    end = std::min(end, tree.chunks());
+    if (first >= end || wanted == 0) return 0;
+    const std::ptrdiff_t d = summaries.cols() / 2;
+    // The kept chunks, best first (larger score, then lower id), seeded with the beam's.
+    std::size_t kept = beam_search::top(tree, summaries, q, first, end, wanted, beam, out, scratch, read);
+    auto score_of = [&](std::int64_t c) {
+      const float s = detail::bound_dot(q, summaries.row(c), summaries.row(c) + d, d);
+      return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+    };
+    auto& scores = scratch.beam_bounds_;  // the kept chunks' scores (reserve_beam sized it to >= fanout; grown below if wanted is larger)
+    if (scores.size() < wanted) scores.resize(wanted);  // allocation only when wanted exceeds the fan-out the scratch was reserved for
+    for (std::size_t i = 0; i < kept; ++i) scores[i] = score_of(out[i]);
+    auto beats = [](float sa, std::int64_t a, float sb, std::int64_t b) { return sa > sb || (sa == sb && a < b); };
+    auto keep = [&](std::int64_t c) {
+      for (std::size_t i = 0; i < kept; ++i)
+        if (out[i] == c) return;  // already kept (the beam found it)
+      const float s = score_of(c);
+      if (read) ++read->chunks;
+      if (kept == wanted && !beats(s, c, scores[kept - 1], out[kept - 1])) return;
+      std::size_t at = kept < wanted ? kept++ : kept - 1;
+      for (; at > 0 && beats(s, c, scores[at - 1], out[at - 1]); --at) {
+        out[at] = out[at - 1];
+        scores[at] = scores[at - 1];
+      }
+      out[at] = static_cast<std::int32_t>(c);
+      scores[at] = s;
+    };
+    auto& frontier = scratch.frontier_;
+    frontier.clear();
+    auto worse = [](const entry& a, const entry& b) { return a.bound < b.bound || (a.bound == b.bound && a.first > b.first); };
+    auto push = [&](int level, std::int64_t index) {
+      const std::int64_t span = tree.span(level), lowest = index * span, stop = lowest + span;
+      if (stop <= first || lowest >= end) return;
+      if (level == 0) return keep(index);
+      const bool cut = lowest < first || stop > end;  // its bound would speak of chunks outside: opened, never bounded
+      float bound = std::numeric_limits<float>::infinity();
+      if (!cut) {
+        const float* box = tree.box(level, index);
+        bound = detail::bound_dot(q, box, box + d, d);
+        if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
+        if (read) ++read->boxes;
+      }
+      frontier.push_back({bound, static_cast<std::int32_t>(std::max(first, lowest)), level, index});
+      std::push_heap(frontier.begin(), frontier.end(), worse);
+    };
+    const int top_level = tree.levels();
+    for (std::int64_t b = 0; b < (top_level == 0 ? tree.chunks() : tree.boxes(top_level)); ++b) push(top_level, b);
+    while (!frontier.empty()) {
+      const entry best = frontier.front();
+      if (kept == wanted) {
+        const float kth = scores[kept - 1];
+        // The certificate: no chunk left can beat the k-th (epsilon 0: not even by the tie to a lower id).
+        const bool settled = epsilon > 0.0f ? best.bound <= kth + epsilon : best.bound < kth || (best.bound == kth && best.first > out[kept - 1]);
+        if (settled) break;
+      }
+      std::pop_heap(frontier.begin(), frontier.end(), worse);
+      frontier.pop_back();
+      const std::int64_t children = best.level == 1 ? tree.chunks() : tree.boxes(best.level - 1);
+      for (std::int64_t child = best.index * tree.fanout(); child < std::min(children, (best.index + 1) * tree.fanout()); ++child)
+        push(best.level - 1, child);
+    }
+    return kept;
   }
 };
 
