@@ -178,7 +178,7 @@ class kv_cache {
     reserve_selections(static_cast<std::size_t>(chunks));
   }
 
-  /// Forgets the sequence, keeps the memory.
+  /// Forgets the sequence, keeps the memory (zeroing what the sequence stored, as truncate() does: time linear in it).
   void clear() noexcept { rewind(0); }
 
   /// Forgets every token from position `tokens` on and keeps the memory: later calls then see
