@@ -193,6 +193,43 @@ double same_memory_read_rate(const kv_cache& cache, unsigned threads) {
 }
 
 // ------------------------------------------------------------------------------------ decode
+
+/// What an index's choice lost against the flat scan's for the last step's query (pre-RoPE `q`,
+/// every head's), over every fourth head (selection_fidelity.hpp): recall@k, attention-mass
+/// recall and output difference, as counters. On these benchmark caches the keys are noise (iid).
+template <class Policies>
+void report_fidelity(benchmark::State& state, const attention<Policies>& a, const kv_cache& cache, const float* q) {
+  const attention_config& c = a.config();
+  const std::int64_t position = cache.tokens() - 1, own = position / c.chunk_size, first = c.sink_chunks, end = own - c.local_chunks + 1;
+  if (end <= first) return;
+  const auto wanted = static_cast<std::size_t>(c.budget_chunks - c.sink_chunks - c.local_chunks);
+  std::vector<double> recall, mass, difference;
+  std::vector<float> rotated(static_cast<std::size_t>(c.head_dim));
+  std::vector<std::int32_t> flat(wanted);
+  bound_search_scratch scratch;
+  scratch.reserve(cache.full_chunks(), a.policies().index.fanout());
+  for (int h = 0; h < c.n_q_heads; h += 4) {
+    const float* query = q + static_cast<std::ptrdiff_t>(h) * c.head_dim;
+    a.rotary().rotate(query, rotated.data(), position % c.chunk_size + c.chunk_size);  // as bound_scorer places it
+    const std::size_t n = bound_search::top(cache.index(h), cache.representations(h), rotated.data(), first, end, wanted, flat, scratch);
+    std::vector<std::int32_t> chosen;
+    for (std::int32_t chunk : cache.last_selection(h))
+      if (chunk >= first && chunk < end) chosen.push_back(chunk);
+    const choice_fidelity f = measure_choice(cache, a.rotary(), c, {h, position, query, first, end, 1}, std::span<const std::int32_t>(flat).first(n), chosen);
+    recall.push_back(f.recall);
+    mass.push_back(f.mass_recall);
+    difference.push_back(f.output_difference);
+  }
+  auto at = [](std::vector<double> x, double quantile) {
+    std::sort(x.begin(), x.end());
+    return x[std::min(x.size() - 1, static_cast<std::size_t>(quantile * static_cast<double>(x.size())))];
+  };
+  state.counters["fidelity_recall_med"] = at(recall, 0.5);
+  state.counters["fidelity_mass_recall_med"] = at(mass, 0.5);
+  state.counters["fidelity_mass_recall_p10"] = at(mass, 0.1);
+  state.counters["fidelity_output_diff_med"] = at(difference, 0.5);
+}
+
 template <class Policies = threaded, int w = 256, int chunks = 16, bool spread = true>
 void decode(benchmark::State& state, model_shape s, attention_method method, std::int64_t context, unsigned threads,
             kv_precision storage) {
@@ -282,6 +319,8 @@ void decode(benchmark::State& state, model_shape s, attention_method method, std
   state.counters["kv_bytes/step"] = bytes;
   state.counters["GB/s"] = benchmark::Counter(bytes * static_cast<double>(step) / 1e9, benchmark::Counter::kIsRate);
   if (method == attention_method::dense && storage == kv_precision::fp32) state.counters["same_memory_read_GB/s"] = same_memory_read_rate(cache, threads);
+  if constexpr (policy_bundle<Policies>::index_type::indexed)
+    if (method == attention_method::longheads && step > 0) report_fidelity(state, a, cache, noise_at(static_cast<std::size_t>(step - 1), hq));
 }
 
 /// Sorts `step_us` (each step's µs) and reports its p50, p99 and max as counters.
