@@ -488,6 +488,12 @@ void check_rollback_leaves_no_trace(const std::string& name, const attention_con
       for (int h = 0; h < hq && cache.shape().keeps_open_queries; ++h)
         for (std::int64_t row = 0; row < std::min<std::int64_t>(w, tokens - chunk * w); ++row)
           CHECK(std::equal(cache.chunk_queries(chunk, h).row(row), cache.chunk_queries(chunk, h).row(row) + d, fresh.chunk_queries(chunk, h).row(row)));
+    if (trial % 4 == 0) {  // clear() forgets everything: == a new cache, and the same file
+      cache.clear();
+      const kv_cache empty = layer.make_cache();
+      CHECK(cache == empty);
+      CHECK(saved(layer, cache) == saved(layer, empty));
+    }
   }
   MESSAGE(name << ": " << trials << " sequences, " << kept_finished << " ending with a spread encoding kept finished, " << same_ring
                << " with the fresh cache's query ring");

@@ -179,7 +179,10 @@ class kv_cache {
   }
 
   /// Forgets the sequence, keeps the memory (zeroing what the sequence stored, as truncate() does: time linear in it).
-  void clear() noexcept { rewind(0); }
+  void clear() noexcept {
+    rewind(0);
+    pending_done_ = 0;
+  }
 
   /// Forgets every token from position `tokens` on and keeps the memory: later calls then see
   /// the cache that held those `tokens` tokens, bit for bit in what they compute (no last
@@ -480,10 +483,11 @@ class kv_cache {
     }
     const std::size_t row_floats = static_cast<std::size_t>(shape_.n_q_heads) * static_cast<std::size_t>(d);
     for (std::size_t i = 0; i < held_.size(); ++i) {
-      const held_rows& held = held_[i];
+      held_rows& held = held_[i];
       const std::int64_t kept = std::clamp<std::int64_t>(tokens - held.chunk * w, 0, held.rows);
       std::fill_n(open_queries_.data() + i * query_buffer_floats() + static_cast<std::size_t>(kept) * row_floats,
                   static_cast<std::size_t>(held.rows - kept) * row_floats, 0.0f);
+      if (kept == 0) held = held_rows{};  // holds no chunk: not even which one it held
     }
     const std::int64_t full = tokens / w;
     if (full < full_chunks()) {
