@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <optional>
 #include <vector>
 
 #include "test_support.hpp"
@@ -202,9 +203,10 @@ TEST_CASE("batched decode after reserve(context, block, sequences) allocates not
 /// A sequence over two shards (chunks 0-9, and the rest, to which the decoded tokens go),
 /// decoded step by step through shard.hpp's block functions as a host drives them, after
 /// attention::reserve, kv_cache reserves, shard_scratch::reserve and one warm-up step; returns
-/// the allocations made while decoding.
+/// the allocations made while decoding. `via_store`: an index policy chooses through a
+/// chunk_index_store fed the shards' new chunks (offer_from_store), reserved for the sequence.
 template <class Policies>
-long allocations_while_decoding_shards(typename attention<Policies>::policy_set policies, kv_precision storage) {
+long allocations_while_decoding_shards(typename attention<Policies>::policy_set policies, kv_precision storage, bool via_store = false) {
   const int hq = 8, hkv = 2, d = 32, w = 16, budget = 4, prompt = 300, steps = 100, split = 10 * w;
   attention_config config = test::make_config(hq, hkv, d, w, budget, attention_method::longheads);
   config.spread_encoding = false;  // shards encode at completion (make_shard)
@@ -236,10 +238,38 @@ long allocations_while_decoding_shards(typename attention<Policies>::policy_set 
   const std::span<const std::int32_t> count_views[2] = {counts[0], counts[1]};
   const std::span<const softmax_state> state_views[2] = {states[0], states[1]};
   const tensor_view<const float> partial_views[2] = {{partial[0].data(), 1, hq, d}, {partial[1].data(), 1, hq, d}};
+  std::optional<chunk_index_store> store;
+  std::vector<float> rows;
+  std::int64_t exported = 0;  // the tail's chunks in the store
+  if constexpr (std::remove_cvref_t<decltype(a.policies().index)>::indexed)
+    if (via_store) {
+      store.emplace(a.shape());
+      store->reserve((prompt + steps) / w + 1);
+      rows.resize(static_cast<std::size_t>(head.summarised_chunks()) * store->chunk_floats());
+      export_representations(head, 0, head.summarised_chunks(), rows);
+      store->append(rows);
+      rows.resize(static_cast<std::size_t>(tail.summarised_chunks()) * store->chunk_floats());
+      export_representations(tail, 0, tail.summarised_chunks(), rows);
+      store->append(rows);
+      exported = tail.summarised_chunks();
+      rows.reserve(store->chunk_floats());
+      scratch[0].reserve_search(a, (prompt + steps) / w + 1);
+    }
   auto step = [&](int t) {
     a.ingest(tail, seq.qv(t, 1), seq.kv(t, 1), seq.vv(t, 1));
-    for (int s = 0; s < 2; ++s) offer_candidates(a, shards[s], seq.qv(t, 1), t, offers[s], counts[s], scratch[s]);
-    choose_from_offers(a, t, 1, offer_views, count_views, chosen, pool);
+    if constexpr (std::remove_cvref_t<decltype(a.policies().index)>::indexed)
+      if (store) {
+        rows.resize(static_cast<std::size_t>(tail.summarised_chunks() - exported) * store->chunk_floats());
+        export_representations(tail, exported, tail.summarised_chunks(), rows);
+        store->append(rows);
+        exported = tail.summarised_chunks();
+        offer_from_store(a, *store, seq.qv(t, 1), t, offers[0], counts[0], scratch[0]);
+        choose_from_offers(a, t, 1, std::span(offer_views).first(1), std::span(count_views).first(1), chosen, pool);
+      }
+    if (!store) {
+      for (int s = 0; s < 2; ++s) offer_candidates(a, shards[s], seq.qv(t, 1), t, offers[s], counts[s], scratch[s]);
+      choose_from_offers(a, t, 1, offer_views, count_views, chosen, pool);
+    }
     for (int s = 0; s < 2; ++s) attend_chosen(a, shards[s], seq.qv(t, 1), t, chosen, states[s], {partial[s].data(), 1, hq, d}, scratch[s]);
     merge_attended(a, state_views, partial_views, {out.data(), 1, hq, d});
   };
@@ -260,6 +290,8 @@ TEST_CASE("a shard's decode steps through the block functions allocate nothing a
   CHECK(allocations_while_decoding_shards<pooled_quest_group>({.executor = thread_pool_executor(2)}, kv_precision::fp32) == 0);
   CHECK(allocations_while_decoding_shards<quest_index>({}, kv_precision::fp32) == 0);
   CHECK(allocations_while_decoding_shards<quest_beam>({}, kv_precision::fp32) == 0);
+  CHECK(allocations_while_decoding_shards<quest_beam>({}, kv_precision::fp32, true) == 0);    // through a chunk_index_store
+  CHECK(allocations_while_decoding_shards<quest_index>({}, kv_precision::fp32, true) == 0);
 }
 
 TEST_CASE("the counter sees allocations (the test above can fail)") {

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -282,7 +283,10 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
   // within 1e-6 of its largest, and one shard give its bits; the same layer on a pool of three
   // threads must give the shards' offers and partial states bit for bit. Policies: the paper's, Quest
   // scanned flat, Quest through the exact index, Quest with group-max selection, Quest with a
-  // kernel that reads fp32 only, and the beam index (one shard only: each shard's beam is its own).
+  // kernel that reads fp32 only, and the beam index. Indexed policies also choose through a
+  // chunk_index_store fed the shards' new chunks (offer_from_store): the single-process choice on
+  // every P, the beam's included (each shard's own beam matches it on one shard only); the
+  // shards then attend that choice.
   const int w = 8, budget = 6, d = 32, hq = 4, hkv = 2, T = 300;
   const rope r(d);
   std::mt19937 rng(2350);
@@ -302,7 +306,8 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
   struct quest_scalar_kernel : quest_flat {  // reads fp32 only: compact chunks are converted for it
     using kernel = scalar_online_softmax_kernel;
   };
-  auto check = [&]<class Policies>(const char* policy_name, kv_precision storage, int most_shards, typename attention<Policies>::policy_set set) {
+    // shards_search_alike: up to this many shards, each searching its own index gives the single-process choice too.
+  auto check = [&]<class Policies>(const char* policy_name, kv_precision storage, int shards_search_alike, typename attention<Policies>::policy_set set) {
     CAPTURE(std::string(policy_name));
     CAPTURE(std::string(to_string(storage)));
     attention_config config = test::make_config(hq, hkv, d, w, budget);
@@ -320,7 +325,7 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
     for (float x : expected) largest = std::max(largest, static_cast<double>(std::abs(x)));
     const int chunks = (T + w - 1) / w;
     const std::size_t wanted = offered_per_head(config);
-    for (int shards = 1; shards <= most_shards; ++shards) {
+    for (int shards = 1; shards <= 4; ++shards) {
       CAPTURE(shards);
       std::vector<int> bounds{0};
       for (int s = 1; s < shards; ++s) bounds.push_back(static_cast<int>(rng() % static_cast<unsigned>(chunks + 1)));
@@ -343,12 +348,40 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
       std::vector<softmax_state> pooled_states;
       std::vector<float> pooled_partial;
       bool pooled_same = true;
+      // Indexed policies also choose from the whole sequence's index, a store fed every shard's
+      // new chunk representations in order: the single-process choice for every index policy.
+      constexpr bool indexed = std::remove_cvref_t<decltype(a.policies().index)>::indexed;
+      std::optional<chunk_index_store> store;
+      if constexpr (indexed) store.emplace(a.shape());
+      std::vector<std::int64_t> exported(static_cast<std::size_t>(shards), 0);
+      std::vector<float> rows;
+      std::vector<chunk_candidate> store_offers;
+      std::vector<std::int32_t> store_counts, store_chosen(selections.size());
+      shard_scratch store_scratch;
       for (int first = 0; first < T;) {
         const int n = std::min(T - first, 1 + static_cast<int>(rng() % 40));
         const auto q = seq.qv(first, n);
         for (int s = 0; s < shards; ++s) {  // the block's tokens to the shards that hold them
           const int lo = std::max(first, bounds[static_cast<std::size_t>(s)] * w), hi = std::min(first + n, bounds[static_cast<std::size_t>(s) + 1] * w);
           if (hi > lo) a.ingest(caches[static_cast<std::size_t>(s)], seq.qv(lo, hi - lo), seq.kv(lo, hi - lo), seq.vv(lo, hi - lo));
+        }
+        if constexpr (indexed) {  // the shards' new chunks to the store, in the sequence's order
+          for (int s = 0; s < shards; ++s) {
+            const auto u = static_cast<std::size_t>(s);
+            const std::int64_t done = caches[u].summarised_chunks();
+            rows.resize(static_cast<std::size_t>(done - exported[u]) * store->chunk_floats());
+            export_representations(caches[u], exported[u], done, rows);
+            if (done > exported[u]) REQUIRE(store->chunks() == bounds[u] + exported[u]);
+            store->append(rows);
+            exported[u] = done;
+          }
+          store_offers.assign(static_cast<std::size_t>(n * hq) * wanted, {});
+          store_counts.assign(static_cast<std::size_t>(n * hq), -7);
+          offer_from_store(a, *store, q, first, store_offers, store_counts, store_scratch);
+          const std::span<const chunk_candidate> one_offer[] = {store_offers};
+          const std::span<const std::int32_t> one_count[] = {store_counts};
+          choose_from_offers(a, first, n, one_offer, one_count,
+                             std::span(store_chosen).subspan(static_cast<std::size_t>(first) * hq * budget, static_cast<std::size_t>(n * hq * budget)), pool);
         }
         std::vector<std::span<const chunk_candidate>> offer_views;
         std::vector<std::span<const std::int32_t>> count_views;
@@ -364,8 +397,10 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
           offer_views.emplace_back(offers[u]);
           count_views.emplace_back(counts[u]);
         }
-        const std::span<std::int32_t> block_chosen(chosen.data() + static_cast<std::ptrdiff_t>(first) * hq * budget, static_cast<std::size_t>(n * hq * budget));
+        std::span<std::int32_t> block_chosen(chosen.data() + static_cast<std::ptrdiff_t>(first) * hq * budget, static_cast<std::size_t>(n * hq * budget));
         choose_from_offers(a, first, n, offer_views, count_views, block_chosen, pool);
+        // The shards attend the store's choice when there is one (the one that is the same on any P).
+        if constexpr (indexed) block_chosen = std::span(store_chosen).subspan(static_cast<std::size_t>(first) * hq * budget, block_chosen.size());
         std::vector<std::span<const softmax_state>> state_views;
         std::vector<tensor_view<const float>> out_views;
         for (int s = 0; s < shards; ++s) {
@@ -384,7 +419,8 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
         merge_attended(a, state_views, out_views, {got.data() + static_cast<std::ptrdiff_t>(first) * hq * d, n, hq, d});
         first += n;
       }
-      CHECK(chosen == selections);
+      if (shards <= shards_search_alike) CHECK(chosen == selections);  // the shards' own searches
+      if constexpr (indexed) CHECK(store_chosen == selections);
       CHECK(pooled_same);
       // A chunk's summary has the same bits in whichever shard holds it (docs/sharding.md).
       for (int s = 0; s < shards; ++s) {
@@ -412,6 +448,65 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
     beam.index = bound_tree_beam{2, 1, 4, 0};  // fan-out 2, one box a level, exact below 4 candidates: the beam misses chunks
     check.operator()<quest_beam>("quest beam", storage, 1, beam);
   }
+}
+
+TEST_CASE("chunk_index_store: holds a cache's representations and trees bitwise, forgets what is truncated, and names what is wrong") {
+  const int w = 4, budget = 6, d = 16, hq = 4, hkv = 2, T = 400;
+  const rope r(d);
+  struct quest_beam : paper_policies {
+    using encoder = key_bounds_encoder;
+    using scorer = bound_scorer;
+    using index = bound_tree_beam;
+  };
+  attention_config config = test::make_config(hq, hkv, d, w, budget);
+  config.spread_encoding = false;
+  typename attention<quest_beam>::policy_set set;
+  set.index = bound_tree_beam{4, 2, 8, 0};
+  attention<quest_beam> a(config, r, set);
+  const test::sequence seq(T, hq, hkv, d, 2380);
+  kv_cache cache = a.make_cache();
+  a.ingest(cache, seq.qv(0, T), seq.kv(0, T), seq.vv(0, T));
+  chunk_index_store store(a.shape());
+  std::vector<float> rows(static_cast<std::size_t>(cache.summarised_chunks()) * store.chunk_floats());
+  export_representations(cache, 0, cache.summarised_chunks(), rows);
+  store.reserve(cache.summarised_chunks());
+  store.append(rows);
+  auto same_index = [&](const kv_cache& c, const chunk_index_store& s) {
+    bool same = s.chunks() == c.summarised_chunks();
+    for (int h = 0; h < hq && same; ++h) {
+      const auto mine = s.representations(h), theirs = c.representations(h);
+      for (std::int64_t k = 0; k < s.chunks(); ++k) same = same && std::memcmp(mine.row(k), theirs.row(k), sizeof(float) * 2 * d) == 0;
+      const bound_tree &t1 = s.index(h), &t2 = c.index(h);
+      same = same && t1.levels() == t2.levels() && t1.chunks() == t2.chunks();
+      for (int l = 1; l <= t1.levels() && same; ++l)
+        same = std::memcmp(t1.box(l, 0), t2.box(l, 0), sizeof(float) * 2 * d * static_cast<std::size_t>(t1.boxes(l))) == 0;
+    }
+    return same;
+  };
+  CHECK(same_index(cache, store));
+  // Truncated back: the same as a store fed only the chunks kept.
+  store.truncate(37);
+  chunk_index_store fresh(a.shape());
+  fresh.append(std::span(rows).first(37 * fresh.chunk_floats()));
+  kv_cache shorter = a.make_cache();
+  a.ingest(shorter, seq.qv(0, 37 * w), seq.kv(0, 37 * w), seq.vv(0, 37 * w));
+  CHECK(same_index(shorter, store));
+  CHECK(same_index(shorter, fresh));
+  store.clear();
+  CHECK(store.chunks() == 0);
+  // What is wrong is named, and the store is left as it was.
+  store.append(std::span(rows).first(5 * store.chunk_floats()));
+  CHECK_THROWS_WITH_AS(store.append(std::span(rows).first(store.chunk_floats() - 1)), doctest::Contains("are not whole chunks"), shape_error);
+  CHECK(store.chunks() == 5);
+  CHECK_THROWS_WITH_AS(chunk_index_store(attention<>(config, r).shape()), doctest::Contains("keeps no index"), shape_error);
+  std::vector<float> small(3);
+  CHECK_THROWS_WITH_AS(export_representations(cache, 0, 2, small), doctest::Contains("out must hold"), shape_error);
+  CHECK_THROWS_WITH_AS(export_representations(cache, 0, cache.summarised_chunks() + 1, rows), doctest::Contains("are not in the"), shape_error);
+  std::vector<chunk_candidate> offers(static_cast<std::size_t>(hq) * offered_per_head(config));
+  std::vector<std::int32_t> counts(static_cast<std::size_t>(hq));
+  shard_scratch scratch;
+  CHECK_THROWS_WITH_AS(offer_from_store(a, store, seq.qv(T - 1, 1), T - 1, offers, counts, scratch), doctest::Contains("the store holds 5 chunks"),
+                       shape_error);
 }
 
 TEST_CASE("shards: the block functions name what is wrong with their inputs") {

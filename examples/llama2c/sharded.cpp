@@ -12,12 +12,16 @@
 //      hold them (each ingests them into its cache);
 //   2. every rank offers its best candidate chunks per query head (longheads::offer_candidates),
 //      gathered at rank 0, which merges them into the global choice (choose_from_offers): the
-//      single-process selection, chunk for chunk;
+//      single-process selection, chunk for chunk. An index policy (quest-index, recommended)
+//      instead sends each new chunk's summary to rank 0, whose chunk_index_store is the whole
+//      sequence's index; rank 0 searches it (offer_from_store): the single-process choice for
+//      the approximate beam too (--index-at shards: each rank searches its own tree, which the
+//      beam's choice depends on);
 //   3. broadcast the choice; every rank attends its chosen chunks (attend_chosen);
 //   4. gather the partial softmax states at rank 0, which merges them in rank order
 //      (merge_attended).
 // What crosses the network per token and layer is the query, the token's own key and value
-// (to one rank), a few candidates and one partial state per head and rank: the same at 4k and
+// (to one rank), a few candidates (or 1/w of a chunk summary) and one partial state per head and rank: the same at 4k and
 // 1M tokens (docs/sharding.md measures it). The library has no MPI in it; this file is the
 // transport.
 //
@@ -60,6 +64,7 @@ struct options {
   std::int64_t split = 512;
   std::vector<std::string> policies = {"paper"};
   std::vector<std::string> storages = {"fp32"};
+  std::string index_at = "root";  // where an index policy searches: rank 0's store of every chunk, or each rank's own tree
   // --check
   bool check = false;
   std::int64_t tokens = 3000;
@@ -79,11 +84,11 @@ struct options {
 /// Bytes that crossed between ranks (to or from a rank other than 0), and K/V bytes the
 /// ranks' kernels read, over `token_layers` (token, layer) steps.
 struct traffic {
-  double queries = 0, keys_values = 0, offers = 0, choices = 0, partials = 0;
+  double queries = 0, keys_values = 0, summaries = 0, offers = 0, choices = 0, partials = 0;
   double kv_read = 0;                // all ranks
   std::vector<double> kv_read_rank;  // per rank
   double token_layers = 0;
-  double sent() const noexcept { return queries + keys_values + offers + choices + partials; }
+  double sent() const noexcept { return queries + keys_values + summaries + offers + choices + partials; }
   void clear(int ranks) { *this = traffic{}, kv_read_rank.assign(static_cast<std::size_t>(ranks), 0.0); }
 };
 
@@ -97,7 +102,9 @@ template <class Policies>
 class shard_group {
  public:
   // `threads`: lanes of this rank's shard work (its heads run in parallel; the same bits on any count).
-  shard_group(const llama2c::model_config& model, const longheads::attention_config& knobs, unsigned threads, MPI_Comm comm)
+  // `index_at_root`: an index policy searches rank 0's chunk_index_store, fed every rank's new
+  // chunk summaries (the single-process choice on any number of ranks), not each rank's own tree.
+  shard_group(const llama2c::model_config& model, const longheads::attention_config& knobs, unsigned threads, bool index_at_root, MPI_Comm comm)
       : comm_(comm),
         layer_(llama2c::attention_config_for(model, knobs),
                longheads::rope(model.head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c::llama2c_float_frequencies{}),
@@ -105,6 +112,12 @@ class shard_group {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &ranks_);
     for (int l = 0; l < model.n_layers; ++l) caches_.push_back(layer_.make_cache(0, &tools::huge_pages()));
+    if constexpr (indexed) {
+      index_at_root_ = index_at_root;
+      if (index_at_root_ && rank_ == 0)
+        for (int l = 0; l < model.n_layers; ++l) stores_.emplace_back(layer_.shape());
+    }
+    exported_.assign(caches_.size(), 0);
     stats_.clear(ranks_);
   }
 
@@ -162,6 +175,13 @@ class shard_group {
       c.clear();
       c.reserve(mine * w);
     }
+    for (auto& store : stores_) {
+      store.clear();
+      store.reserve(chunks);
+    }
+    if constexpr (indexed)
+      if (!stores_.empty()) scratch_.reserve_search(layer_, chunks);
+    std::fill(exported_.begin(), exported_.end(), 0);
     scratch_.reserve(layer_, mine, 512);
   }
   std::int64_t first_token(int r) const noexcept { return r * chunks_per_rank_ * layer_.config().chunk_size; }
@@ -218,27 +238,39 @@ class shard_group {
     const longheads::cache_shard shard = longheads::make_shard(cache, static_cast<std::int32_t>(rank_ * chunks_per_rank_));
 
     // [snippet:step]
+    // (Index policies: the chunks this rank completed go to rank 0's store of the sequence.)
+    if (index_at_root_) send_summaries(layer, cache);
     // 2. Candidates from every rank, merged at rank 0 into the global choice.
     offers_.resize(heads * wanted);
     offer_counts_.resize(heads);
-    longheads::offer_candidates(layer_, shard, q, first, offers_, offer_counts_, scratch_);
-    if (root) {
-      all_offers_.resize(offers_.size() * static_cast<std::size_t>(ranks_));
-      all_counts_.resize(heads * static_cast<std::size_t>(ranks_));
-    }
-    MPI_Gather(offers_.data(), static_cast<int>(offers_.size() * sizeof(longheads::chunk_candidate)), MPI_BYTE, all_offers_.data(),
-               static_cast<int>(offers_.size() * sizeof(longheads::chunk_candidate)), MPI_BYTE, 0, comm_);
-    MPI_Gather(offer_counts_.data(), static_cast<int>(heads), MPI_INT32_T, all_counts_.data(), static_cast<int>(heads), MPI_INT32_T, 0, comm_);
-    chosen_.resize(heads * static_cast<std::size_t>(k));
-    if (root) {
-      offer_views_.clear();
-      count_views_.clear();
-      for (int r = 0; r < ranks_; ++r) {
-        offer_views_.emplace_back(all_offers_.data() + static_cast<std::size_t>(r) * offers_.size(), offers_.size());
-        count_views_.emplace_back(all_counts_.data() + static_cast<std::size_t>(r) * heads, heads);
+    if (index_at_root_) {
+      // Rank 0 searches the whole sequence's index (its store): one offer, the single-process one.
+      if constexpr (indexed)
+        if (root) {
+          longheads::offer_from_store(layer_, stores_[static_cast<std::size_t>(layer)], q, first, offers_, offer_counts_, scratch_);
+          offer_views_.assign(1, offers_);
+          count_views_.assign(1, offer_counts_);
+        }
+    } else {
+      longheads::offer_candidates(layer_, shard, q, first, offers_, offer_counts_, scratch_);
+      if (root) {
+        all_offers_.resize(offers_.size() * static_cast<std::size_t>(ranks_));
+        all_counts_.resize(heads * static_cast<std::size_t>(ranks_));
       }
-      longheads::choose_from_offers(layer_, first, T, offer_views_, count_views_, chosen_, pool_);
+      MPI_Gather(offers_.data(), static_cast<int>(offers_.size() * sizeof(longheads::chunk_candidate)), MPI_BYTE, all_offers_.data(),
+                 static_cast<int>(offers_.size() * sizeof(longheads::chunk_candidate)), MPI_BYTE, 0, comm_);
+      MPI_Gather(offer_counts_.data(), static_cast<int>(heads), MPI_INT32_T, all_counts_.data(), static_cast<int>(heads), MPI_INT32_T, 0, comm_);
+      if (root) {
+        offer_views_.clear();
+        count_views_.clear();
+        for (int r = 0; r < ranks_; ++r) {
+          offer_views_.emplace_back(all_offers_.data() + static_cast<std::size_t>(r) * offers_.size(), offers_.size());
+          count_views_.emplace_back(all_counts_.data() + static_cast<std::size_t>(r) * heads, heads);
+        }
+      }
     }
+    chosen_.resize(heads * static_cast<std::size_t>(k));
+    if (root) longheads::choose_from_offers(layer_, first, T, offer_views_, count_views_, chosen_, pool_);
 
     // 3. The choice to every rank; each attends the chosen chunks it holds.
     MPI_Bcast(chosen_.data(), static_cast<int>(chosen_.size()), MPI_INT32_T, 0, comm_);
@@ -269,7 +301,7 @@ class shard_group {
     // What crossed between ranks (rank 0's own parts stay in memory), and what the kernels read.
     stats_.queries += others * static_cast<double>(q_.size() * sizeof(float));
     stats_.keys_values += 2.0 * static_cast<double>(T * row - counts[0]) * sizeof(float);
-    stats_.offers += others * static_cast<double>(offers_.size() * sizeof(longheads::chunk_candidate) + heads * sizeof(std::int32_t));
+    if (!index_at_root_) stats_.offers += others * static_cast<double>(offers_.size() * sizeof(longheads::chunk_candidate) + heads * sizeof(std::int32_t));
     stats_.choices += others * static_cast<double>(chosen_.size() * sizeof(std::int32_t));
     stats_.partials += others * static_cast<double>(heads * sizeof(longheads::softmax_state) + partial_.size() * sizeof(float));
     stats_.token_layers += static_cast<double>(T);
@@ -290,8 +322,45 @@ class shard_group {
     }
   }
 
+  /// The chunks this rank summarised since the last step, to rank 0's store of `layer`, in rank
+  /// order: ranks hold consecutive chunk ranges, and a rank's chunks are all summarised before
+  /// the next rank takes a token, so rank order is the sequence's order.
+  void send_summaries(int layer, const longheads::kv_cache& cache) {
+    std::int64_t& done = exported_[static_cast<std::size_t>(layer)];
+    const std::int64_t now = cache.summarised_chunks();
+    const std::size_t per_chunk = static_cast<std::size_t>(layer_.shape().summary_heads()) * layer_.shape().representation_floats;
+    summary_rows_.resize(static_cast<std::size_t>(now - done) * per_chunk);
+    longheads::export_representations(cache, done, now, summary_rows_);
+    const int mine = static_cast<int>(summary_rows_.size());
+    summary_counts_.assign(static_cast<std::size_t>(ranks_), 0);
+    MPI_Gather(&mine, 1, MPI_INT, summary_counts_.data(), 1, MPI_INT, 0, comm_);
+    int total = 0;
+    summary_displs_.assign(static_cast<std::size_t>(ranks_), 0);
+    for (int r = 0; r < ranks_; ++r) summary_displs_[static_cast<std::size_t>(r)] = total, total += summary_counts_[static_cast<std::size_t>(r)];
+    all_summary_rows_.resize(rank_ == 0 ? static_cast<std::size_t>(total) : 0);
+    MPI_Gatherv(summary_rows_.data(), mine, MPI_FLOAT, all_summary_rows_.data(), summary_counts_.data(), summary_displs_.data(), MPI_FLOAT, 0, comm_);
+    if (rank_ == 0) {
+      longheads::chunk_index_store& store = stores_[static_cast<std::size_t>(layer)];
+      for (int r = 0; r < ranks_; ++r) {  // each rank's chunks continue the store where it stands
+        const auto rows = std::span<const float>(all_summary_rows_).subspan(static_cast<std::size_t>(summary_displs_[static_cast<std::size_t>(r)]),
+                                                                            static_cast<std::size_t>(summary_counts_[static_cast<std::size_t>(r)]));
+        if (!rows.empty() && store.chunks() < r * chunks_per_rank_)
+          throw std::logic_error("rank " + std::to_string(r) + " summarised chunks while rank 0's store holds only " + std::to_string(store.chunks()));
+        store.append(rows);
+      }
+      stats_.summaries += static_cast<double>(total - mine) * sizeof(float);
+    }
+    done = now;
+  }
+
+  static constexpr bool indexed = Policies::index::indexed;
   MPI_Comm comm_;
   int rank_ = 0, ranks_ = 1;
+  bool index_at_root_ = false;
+  std::vector<longheads::chunk_index_store> stores_;  // rank 0, index_at_root_: every layer's index over the whole sequence
+  std::vector<std::int64_t> exported_;                // per layer: chunks sent to rank 0's store
+  std::vector<float> summary_rows_, all_summary_rows_;
+  std::vector<int> summary_counts_, summary_displs_;
   longheads::attention<Policies> layer_;
   std::vector<longheads::kv_cache> caches_;  // this rank's shard of every layer
   std::int64_t chunks_per_rank_ = 1;
@@ -418,8 +487,9 @@ std::string latency(std::vector<double> seconds) {
 
 void print_traffic(const traffic& s, int layers) {
   const double per = s.token_layers > 0 ? 1.0 / s.token_layers : 0.0;
-  std::printf("  between ranks per token and layer: %.0f bytes (queries %.0f, keys+values %.0f, candidates %.0f, choice %.0f, partial states %.0f)\n",
-              s.sent() * per, s.queries * per, s.keys_values * per, s.offers * per, s.choices * per, s.partials * per);
+  std::printf("  between ranks per token and layer: %.0f bytes (queries %.0f, keys+values %.0f, chunk summaries %.0f, candidates %.0f, choice %.0f, "
+              "partial states %.0f)\n",
+              s.sent() * per, s.queries * per, s.keys_values * per, s.summaries * per, s.offers * per, s.choices * per, s.partials * per);
   double most = 0;
   for (double r : s.kv_read_rank) most = std::max(most, r);
   std::printf("  K/V read per token and layer: %.0f bytes over all ranks, %.0f on the busiest rank (%d layers)\n", s.kv_read * per, most * per,
@@ -451,9 +521,9 @@ int drive(const llama2c::checkpoint& ckpt, const options& o, const longheads::at
     local.reset();
     const std::vector<std::int32_t> alone = run_sequence(local, prompt.tokens, o.decode, o.split);
     const layer_check& c = model.checked();
-    // Every difference fails the check, whatever the policy: a beam index searches each rank's
-    // own tree, which agrees with one process only while the search is exact there
-    // (docs/sharding.md says up to which length).
+    // Every difference fails the check, whatever the policy (with --index-at shards a beam
+    // searches each rank's own tree, which agrees with one process only while the search is
+    // exact there: docs/sharding.md).
     const bool selections_ok = c.differing_selections == 0;
     // Relative as ||difference|| / ||output|| per layer step: element by element the gap reaches
     // ~2e-6 of the largest output, the size of fp32 softmax's own error at this model's logits
@@ -537,7 +607,7 @@ int run(const llama2c::checkpoint& ckpt, const options& o, longheads::kv_precisi
   knobs.method = longheads::attention_method::longheads;
   knobs.kv_storage = storage;
   knobs.spread_encoding = false;  // a shard's chunk is encoded when it completes (longheads::make_shard)
-  shard_group<Policies> shards(ckpt.config(), knobs, o.attention.threads, comm);
+  shard_group<Policies> shards(ckpt.config(), knobs, o.attention.threads, o.index_at == "root", comm);
   if (rank != 0) {
     shards.serve();
     return 0;
@@ -576,6 +646,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--policy", o.policies, "the same as --policies with one name")->delimiter(',');
   app.add_option("--storages", o.storages, "K/V storages to run, comma separated: fp32, bf16, int8")->delimiter(',')->capture_default_str();
+  app.add_option("--index-at", o.index_at,
+                 "where an index policy searches: root (rank 0's index of every rank's chunk summaries: the one-process choice on any number "
+                 "of ranks) or shards (each rank its own tree, merged: the exact index agrees, the beam does not)")
+      ->check(CLI::IsMember({"root", "shards"}))
+      ->capture_default_str();
   auto* check = app.add_flag("--check", o.check, "compare every layer step and the greedy tokens with one process");
   app.add_option("--tokens", o.tokens, "--check: prompt tokens (a generated passkey prompt)")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--decode", o.decode, "--check: tokens decoded after the prompt")->check(CLI::PositiveNumber)->capture_default_str();

@@ -467,12 +467,54 @@ struct bound_tree_beam {
   }
 };
 
+/// Selection index policy: the certified search (certified_search) over the same trees: the
+/// beam's choice, widened until a bound proves that every chunk left out scores at most the
+/// k-th kept plus `epsilon`. epsilon 0 gives exactly the flat scan's chunks (tested `==`);
+/// epsilon > 0 trades that for reads, which depend on how the scores spread (docs/results.md:
+/// on passkey-256 at 1M tokens, epsilon 0 reads 71% of the chunks at the median, epsilon 5
+/// 5.1%; on iid keys everything). Its frontier can grow to the tree's size: the scratch is
+/// reserved for the context (no allocation per token within it).
+struct bound_tree_certified {
+  static constexpr bool indexed = true;  ///< selection searches the cache's trees
+  static constexpr bool exact = false;   ///< exact only with epsilon 0 (a run-time value)
+  static constexpr bool widens = true;   ///< searches best-first past its beam: needs the frontier
+  int branching = 32;                    ///< chunks (or boxes) per box, >= 2
+  int beam = 4;                          ///< the beam that seeds the search, >= 1
+  float epsilon = 0.0f;                  ///< the certificate's slack, >= 0 (0: the flat scan's choice)
+  /// Chunks per box of the cache's index.
+  int fanout() const noexcept { return branching; }
+  /// The seeding beam's width (scratch is sized for it).
+  int widest_beam() const noexcept { return beam; }
+  /// @throws config_error if branching < 2, beam < 1 or epsilon is negative or not finite.
+  void validate() const {
+    if (branching < 2 || beam < 1 || !(epsilon >= 0.0f) || !std::isfinite(epsilon))
+      detail::fail<config_error>("bound_tree_certified: branching must be >= 2, beam >= 1 and epsilon finite and >= 0, got branching " +
+                                 std::to_string(branching) + ", beam " + std::to_string(beam) + ", epsilon " + std::to_string(epsilon));
+  }
+  /// The `wanted` best chunks of [first, end) for the rotated query `q`, certified within epsilon
+  /// (certified_search::top).
+  std::size_t search(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
+                     std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                     bound_search::stats* read = nullptr) const noexcept {
+    return certified_search::top(tree, summaries, q, first, end, wanted, beam, epsilon, out, scratch, read);
+  }
+};
+
+/// Room in `scratch` for index policy `index`'s searches over up to `chunks` chunks: a beam's
+/// bounded levels, a best-first search's frontier (which grows with the context), or both.
+template <class Index>
+void reserve_search_scratch(const Index& index, bound_search_scratch& scratch, std::int64_t chunks) {
+  if constexpr (requires { index.widest_beam(); }) scratch.reserve_beam(index.widest_beam(), index.fanout());
+  if constexpr (!requires { index.widest_beam(); } || requires { Index::widens; }) scratch.reserve(chunks, index.fanout());
+}
+
 /// A selection index policy: `indexed`, and the fan-out of the trees it keeps in the cache.
 template <class I>
 concept selection_index = requires(const I& i) {
   { I::indexed } -> std::convertible_to<bool>;
   { i.fanout() } -> std::convertible_to<int>;
 };
-static_assert(selection_index<flat_scan> && selection_index<bound_tree_index> && selection_index<bound_tree_beam>);
+static_assert(selection_index<flat_scan> && selection_index<bound_tree_index> && selection_index<bound_tree_beam> &&
+              selection_index<bound_tree_certified>);
 
 }  // namespace longheads

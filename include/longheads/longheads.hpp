@@ -11,6 +11,7 @@
 #include "chunk_encoder.hpp"
 #include "chunk_encoding.hpp"
 #include "chunk_index.hpp"
+#include "chunk_index_store.hpp"
 #include "chunk_scorer.hpp"
 #include "chunk_selection.hpp"
 #include "config.hpp"

@@ -18,8 +18,11 @@
 // each computed whole by one lane, so a multi-core shard uses its cores and its results have
 // the same bits on any thread count.
 // A shard's own index search (bound_tree_index) gives the flat scan's candidates exactly, so
-// the choice is the single-process one; bound_tree_beam searches each shard's tree with its
-// own beam, which is the single-process choice with one shard and nearly it with several.
+// the choice is the single-process one. bound_tree_beam's search over each shard's own tree is
+// not the search over one tree: its choice changes with the number of shards (docs/sharding.md
+// measures by how much). offer_from_store instead searches a chunk_index_store fed every
+// shard's new chunk representations: the single-process index, so the single-process choice,
+// for every index policy on any number of shards.
 //
 // A shard is an ordinary cache fed a chunk-aligned, contiguous range of the sequence's tokens
 // (cache_shard): keys are stored rotated at their offsets in their chunk and summaries are
@@ -44,6 +47,7 @@
 #include "attention_config.hpp"
 #include "attention_kernel.hpp"
 #include "chunk_index.hpp"
+#include "chunk_index_store.hpp"
 #include "chunk_scorer.hpp"
 #include "detail/grow.hpp"
 #include "config.hpp"
@@ -244,6 +248,22 @@ struct shard_lane_scratch {
 struct shard_scratch {
   std::vector<shard_lane_scratch> lanes;  ///< one per executor lane
 
+  /// Room for offer_from_store's searches over up to `chunks` chunks (no block scores): the
+  /// lanes, their rotated query, found chunks and the search's frontier. offer_from_store calls
+  /// it with the store's size (an exact search's frontier grows with it: reserving the
+  /// sequence's length ahead keeps the steps free of allocation).
+  template <class Policies>
+  void reserve_search(const attention<Policies>& layer, std::int64_t chunks) {
+    const auto& policies = layer.policies();
+    const std::size_t lane_count = std::max<std::size_t>(1, policies.executor.lanes());
+    if (lanes.size() < lane_count) lanes.resize(lane_count);
+    for (shard_lane_scratch& lane : lanes) {
+      detail::grow(lane.rotated, static_cast<std::size_t>(layer.config().head_dim));
+      detail::grow(lane.found, offered_per_head(layer.config()));
+      reserve_search_scratch(policies.index, lane.search, chunks);
+    }
+  }
+
   /// Room for blocks of `block` queries over shards of up to `chunks` chunks, so the block
   /// functions never allocate. They call it themselves with their own sizes (it only grows,
   /// and allocates only when something is too small): reserving ahead only moves the
@@ -267,8 +287,7 @@ struct shard_scratch {
       detail::grow(lane.slot_starts, static_cast<std::size_t>(config.budget_chunks));
       using index_type = std::remove_cvref_t<decltype(policies.index)>;
       if constexpr (index_type::indexed) {
-        if constexpr (requires { policies.index.widest_beam(); }) lane.search.reserve_beam(policies.index.widest_beam(), policies.index.fanout());
-        else lane.search.reserve(chunks, policies.index.fanout());
+        reserve_search_scratch(policies.index, lane.search, chunks);
       }
     }
   }
@@ -293,6 +312,45 @@ template <class Span>
 void check_size(const char* call, const char* what, const Span& s, std::size_t n) {
   if (s.size() != n)
     fail<shape_error>(std::string(call) + ": " + what + " must hold " + std::to_string(n) + " entries, got " + std::to_string(s.size()));
+}
+}  // namespace detail
+
+namespace detail {
+/// Step 1 by the index policy's search: for each query t and head h, the best candidates of the
+/// chunks `source` (a kv_cache or a chunk_index_store: index(h) and representations(h)) holds,
+/// its chunk j being the sequence's chunk first_chunk + j, with their bound_dot scores. One work
+/// item per head, run whole by one lane: the same bits on any number of threads.
+template <class Policies, class Source>
+void offer_by_search(const attention<Policies>& layer, const Source& source, std::int64_t first_chunk, tensor_view<const float> q,
+                     std::int64_t first_position, std::span<chunk_candidate> offers, std::span<std::int32_t> counts, shard_scratch& scratch) {
+  const attention_config& config = layer.config();
+  const auto& policies = layer.policies();
+  const int hq = config.n_q_heads, w = config.chunk_size;
+  const std::size_t wanted = offered_per_head(config);
+  const std::ptrdiff_t d = config.head_dim;
+  auto search_head = [&](std::size_t item, std::size_t lane_number) {
+    shard_lane_scratch& lane = scratch.lanes[lane_number];
+    const int h = static_cast<int>(item);
+    const auto summaries = source.representations(h);
+    for (std::int64_t t = 0; t < q.tokens(); ++t) {
+      const std::int64_t p = first_position + t;
+      if (p / w + 1 <= config.budget_chunks) continue;
+      // The selector's candidates [sink_chunks, p / w - local_chunks + 1), in the source's own
+      // chunk ids; the query rotated as choose_for_query rotates it for the search.
+      const std::int64_t begin = config.sink_chunks, end = p / w - config.local_chunks + 1;
+      layer.rotary().rotate(q.at(t, h), lane.rotated.data(), p % w + std::int64_t{policies.scorer.offset_chunks} * w);
+      const std::span<std::int32_t> found(lane.found.data(), wanted);
+      const std::size_t got = policies.index.search(source.index(h), summaries, lane.rotated.data(), std::max<std::int64_t>(begin - first_chunk, 0),
+                                                    end - first_chunk, wanted, found, lane.search);
+      const std::span<chunk_candidate> out = offers.subspan(static_cast<std::size_t>(t * hq + h) * wanted, wanted);
+      for (std::size_t j = 0; j < got; ++j) {
+        const float* lo = summaries.row(found[j]);
+        out[j] = {bound_dot(lane.rotated.data(), lo, lo + d, d), static_cast<std::int32_t>(found[j] + first_chunk)};
+      }
+      counts[static_cast<std::size_t>(t * hq + h)] = static_cast<std::int32_t>(got);
+    }
+  };
+  policies.executor.parallel_for(static_cast<std::size_t>(hq), index_task(search_head));
 }
 }  // namespace detail
 
@@ -341,32 +399,7 @@ void offer_candidates(const attention<Policies>& layer, const cache_shard& shard
   // Work items are heads (groups of heads with shared selection), each run whole by one lane
   // with its own scratch: the offers have the same bits on any number of threads.
   if (!flat) {
-    if constexpr (index_type::indexed) {
-      const std::ptrdiff_t d = config.head_dim;
-      auto search_head = [&](std::size_t item, std::size_t lane_number) {
-        shard_lane_scratch& lane = scratch.lanes[lane_number];
-        const int h = static_cast<int>(item);
-        const auto summaries = shard.cache->representations(h);
-        for (std::int64_t t = 0; t < T; ++t) {
-          const std::int64_t p = first_position + t;
-          if (p / w + 1 <= config.budget_chunks) continue;
-          const auto [begin, end] = candidates_of(p);
-          // As choose_for_query rotates it for the search, in the shard's own chunk ids.
-          layer.rotary().rotate(q.at(t, h), lane.rotated.data(), p % w + std::int64_t{policies.scorer.offset_chunks} * w);
-          const std::span<std::int32_t> found(lane.found.data(), wanted);
-          const std::size_t got =
-              policies.index.search(shard.cache->index(h), summaries, lane.rotated.data(), std::max<std::int64_t>(begin - shard.first_chunk, 0),
-                                    end - shard.first_chunk, wanted, found, lane.search);
-          const std::span<chunk_candidate> out = offer(t, h);
-          for (std::size_t j = 0; j < got; ++j) {
-            const float* lo = summaries.row(found[j]);
-            out[j] = {detail::bound_dot(lane.rotated.data(), lo, lo + d, d), found[j] + shard.first_chunk};
-          }
-          counts[static_cast<std::size_t>(t * hq + h)] = static_cast<std::int32_t>(got);
-        }
-      };
-      policies.executor.parallel_for(static_cast<std::size_t>(hq), index_task(search_head));
-    }
+    if constexpr (index_type::indexed) detail::offer_by_search(layer, *shard.cache, shard.first_chunk, q, first_position, offers, counts, scratch);
     return;
   }
 
@@ -412,6 +445,43 @@ void offer_candidates(const attention<Policies>& layer, const cache_shard& shard
     };
     policies.executor.parallel_for(static_cast<std::size_t>(hq), index_task(offer_head));
   }
+}
+
+/// Step 1 for a block of T queries at positions first_position.. from the sequence's whole index
+/// (chunk_index_store, fed every shard's chunks): for each query t and head h, the index
+/// policy's candidates over all the sequence's chunks, as a single shard holding them all would
+/// offer them. choose_from_offers on this one offer gives the single-process choice for every
+/// index policy, the approximate bound_tree_beam included, on any number of shards (each
+/// shard's own search would search a different tree). The store must hold the full chunks
+/// before the block's last query (as a cache fed the block's tokens would).
+/// @throws shape_error or config_error if the layer, the store, q or the spans do not agree.
+template <class Policies>
+void offer_from_store(const attention<Policies>& layer, const chunk_index_store& store, tensor_view<const float> q, std::int64_t first_position,
+                      std::span<chunk_candidate> offers, std::span<std::int32_t> counts, shard_scratch& scratch) {
+  static constexpr const char* call = "offer_from_store";
+  const attention_config& config = layer.config();
+  using index_type = std::remove_cvref_t<decltype(layer.policies().index)>;
+  static_assert(index_type::indexed, "offer_from_store searches an index: the layer's index policy must keep one");
+  if (layer.config().method != attention_method::longheads)
+    detail::fail<config_error>(std::string(call) + ": the layer's method must be longheads");
+  if (store.shape() != layer.shape())
+    detail::fail<shape_error>(std::string(call) + ": the store was not made for this layer (" + to_string(store.shape()) + " vs " + to_string(layer.shape()) + ")");
+  if (q.heads() != config.n_q_heads || q.head_dim() != config.head_dim)
+    detail::fail<shape_error>(std::string(call) + ": q must be [T, " + std::to_string(config.n_q_heads) + ", " + std::to_string(config.head_dim) + "]");
+  const std::int64_t T = q.tokens();
+  const std::size_t wanted = offered_per_head(config);
+  detail::check_size(call, "offers", offers, static_cast<std::size_t>(T * config.n_q_heads) * wanted);
+  detail::check_size(call, "counts", counts, static_cast<std::size_t>(T * config.n_q_heads));
+  std::fill(counts.begin(), counts.end(), 0);
+  if (T == 0 || wanted == 0) return;
+  const std::int64_t last = first_position + T - 1;
+  if (last / config.chunk_size + 1 <= config.budget_chunks) return;  // every query of the block reads every chunk
+  const std::int64_t needed = last / config.chunk_size - config.local_chunks + 1;
+  if (store.chunks() < needed)
+    detail::fail<shape_error>(std::string(call) + ": the store holds " + std::to_string(store.chunks()) + " chunks; the block's last query ranks " +
+                              std::to_string(needed));
+  scratch.reserve_search(layer, store.chunks());
+  detail::offer_by_search(layer, store, 0, q, first_position, offers, counts, scratch);
 }
 
 /// The global choice of a block of T queries at positions first_position.. from the offers of
