@@ -413,11 +413,12 @@ PYBIND11_MODULE(longheads, m) {
 
   py::class_<py_attention>(m, "Attention", "One attention layer: LongHeads (policy set by name) or a baseline (config.method).")
       .def(py::init([](const attention_config& config, const rope& rotary, const std::string& policy, unsigned threads, int beam, int branching,
-                       std::optional<py::function> scorer, std::optional<py::function> encoder, std::size_t representation_floats) {
+                       float epsilon, std::optional<py::function> scorer, std::optional<py::function> encoder, std::size_t representation_floats) {
              llama2c::policies::knobs knobs;
              knobs.threads = threads;
              if (beam > 0) knobs.beam = beam;
              knobs.branching = branching;
+             knobs.epsilon = epsilon;
              py_attention a{nullptr, policy, threads, {}};
              const auto& names = llama2c::policies::names();
              if (std::find(names.begin(), names.end(), policy) == names.end()) {
@@ -457,8 +458,9 @@ PYBIND11_MODULE(longheads, m) {
              return a;
            }),
            py::arg("config"), py::arg("rope"), py::kw_only(), py::arg("policy") = "paper", py::arg("threads") = 1, py::arg("beam") = 0,
-           py::arg("branching") = 0, py::arg("scorer") = py::none(), py::arg("encoder") = py::none(), py::arg("representation_floats") = 0,
-           "policy: a name from policies(); scorer: a Python function replacing the policy's scorer (its encoder kept, every chunk "
+           py::arg("branching") = 0, py::arg("epsilon") = 0.0f, py::arg("scorer") = py::none(), py::arg("encoder") = py::none(), py::arg("representation_floats") = 0,
+           "policy: a name from policies(); beam, branching: the index policies' (0: their defaults); epsilon: quest-certified's "
+           "slack (0: exactly the flat scan's chunks); scorer: a Python function replacing the policy's scorer (its encoder kept, every chunk "
            "scored); encoder (with scorer and representation_floats): a Python function replacing the encoder too.")
       .def_property_readonly("config", [](const py_attention& a) { return a.impl->config(); })
       .def_property_readonly("policy", [](const py_attention& a) { return a.policy; })

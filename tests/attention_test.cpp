@@ -883,6 +883,50 @@ TEST_CASE("the bound-tree index selects exactly the flat scan's chunks: same out
       }
 }
 
+namespace {
+struct quest_certified_policies : quest_policies {
+  using index = bound_tree_certified;
+};
+using pooled_quest_certified = test::pooled<quest_certified_policies>;
+}  // namespace
+
+TEST_CASE("the certified index: epsilon 0 selects exactly the flat scan's chunks; any epsilon gives the same bits in every split") {
+  // A beam of one box a level over boxes of 2 chunks misses most of the flat scan's chunks
+  // (the beam test below); certified, the same beam is widened until the choice is proved.
+  const int w = 4, budget = 5, d = 16;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  for (head_layout heads : {mha, gqa})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::int8}) {
+      CAPTURE(heads.hkv);
+      CAPTURE(to_string(storage));
+      attention_config c = test::make_config(heads.hq, heads.hkv, d, w, budget);
+      c.kv_storage = storage;
+      const test::sequence seq(30 * w * budget + 3, heads.hq, heads.hkv, d, 2600u + static_cast<std::uint32_t>(heads.hkv));
+      attention<quest_policies> flat(c, r);
+      std::vector<std::int32_t> flat_sel, sel;
+      const auto expected = seq.run(flat, 0, &flat_sel);
+      attention<quest_certified_policies> certified(c, r, {.index = {.branching = 2, .beam = 1, .epsilon = 0.0f}});
+      for (int split : {0, 1, 7, 37}) {
+        CAPTURE(split);
+        CHECK(seq.run(certified, split, &sel) == expected);
+        CHECK(sel == flat_sel);
+      }
+      attention<pooled_quest_certified> pooled(c, r, {.executor = thread_pool_executor(3), .index = {.branching = 2, .beam = 1, .epsilon = 0.0f}});
+      CHECK(seq.run(pooled, 1) == expected);
+      // A slack: no longer the flat scan's choice everywhere, but one choice, in every split.
+      attention<quest_certified_policies> loose(c, r, {.index = {.branching = 2, .beam = 1, .epsilon = 2.0f}});
+      std::vector<std::int32_t> loose_sel;
+      const auto loose_out = seq.run(loose, 0, &loose_sel);
+      for (int split : {1, 7, 37}) {
+        CAPTURE(split);
+        CHECK(seq.run(loose, split, &sel) == loose_out);
+        CHECK(sel == loose_sel);
+      }
+    }
+  CHECK_THROWS_WITH_AS(attention<quest_certified_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.epsilon = -1.0f}}),
+                       doctest::Contains("epsilon finite and >= 0"), config_error);
+}
+
 TEST_CASE("the beam index: the same bits in prefill, decode, any split and thread count; the flat scan's up to exact_below candidates") {
   const int w = 4, budget = 5, d = 16;
   rope r(d, 10000.0, rope_layout::interleaved);

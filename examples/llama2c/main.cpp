@@ -67,7 +67,8 @@ struct options {
   int beam = llama2c::policies::knobs{}.beam;
   int branching = 0;
 
-  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads, beam, branching}; }
+  float epsilon = 0.0f;
+  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads, beam, branching, epsilon}; }
 };
 
 template <class Policies>
@@ -525,6 +526,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--score-offset", o.offset_chunks, "rotated-query policies: chunk offset the query is rotated to")->capture_default_str();
   app.add_option("--beam", o.beam, "quest-beam policy: index boxes opened per level")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--epsilon", o.epsilon, "quest-certified policy: every chunk left out scores at most the k-th kept + epsilon (0: the flat scan's choice)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--branching", o.branching, "quest-index, quest-beam policies: chunks per index box (default: the policy's)")
       ->check(CLI::Range(2, 1 << 20));
   app.add_option("--representative-keys", o.representative_keys, "representative-keys and loudest-keys policies: keys kept per chunk")->capture_default_str();

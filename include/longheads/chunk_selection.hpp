@@ -45,12 +45,12 @@ struct selection_scratch {
   /// `item_heads` heads, `segments` chunks per query and `scorer_floats` of the scorer's scratch.
   /// `flat_chunks`: the most chunks a flat scan scores (an index's flat_scan_chunks; default: all).
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
-               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0,
+               std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0, bool index_frontier = false,
                std::size_t flat_chunks = static_cast<std::size_t>(-1)) {
     if (selects && index_fanout > 0) {
-      // A beam's frontier is bounded whatever the context; the exact search's grows with it.
+      // A beam's levels are bounded whatever the context; a best-first frontier grows with it.
       if (index_beam > 0) search.reserve_beam(index_beam, index_fanout);
-      else search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
+      if (index_beam == 0 || index_frontier) search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
       detail::grow(rotated_query, static_cast<std::size_t>(config.head_dim));
     }
     chunks = std::min(chunks, flat_chunks);

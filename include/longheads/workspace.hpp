@@ -38,6 +38,7 @@ struct workspace_needs {
   std::size_t kernel_floats = 0;     ///< the kernel's scratch
   int index_fanout = 0;              ///< the selection index's fan-out (0: flat scan)
   int index_beam = 0;                ///< the index's beam width (0: an exact search)
+  bool index_frontier = false;       ///< the index searches best-first (its frontier grows with the context)
   std::size_t flat_chunks = 0;       ///< chunks a flat scan scores at most (flat_scan_chunks)
 
   /// The needs of a call of `tokens` tokens ending at `context`, whose queries read at most
@@ -50,7 +51,14 @@ struct workspace_needs {
             policies.encoder.scratch_floats(config),
             policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(work_partition::query_block(tokens))),
             policies.kernel.scratch_floats(config.chunk_size, config.head_dim), selects ? policies.index.fanout() : 0, beam_of(policies.index),
-            flat_scan_chunks(policies.index, config)};
+            searches_best_first(policies.index), flat_scan_chunks(policies.index, config)};
+  }
+  /// Whether an index policy's search keeps a best-first frontier (bound_tree_index,
+  /// bound_tree_certified).
+  template <class Index>
+  static bool searches_best_first(const Index&) noexcept {
+    if constexpr (!Index::indexed) return false;
+    else return !requires(const Index& i) { i.widest_beam(); } || requires { Index::widens; };
   }
   /// The widest beam of an index policy that has one (bound_tree_beam), else 0.
   template <class Index>
@@ -77,7 +85,7 @@ class workspace {
     for (lane_workspace& lane : lanes_) {
       lane.encoding.reserve(config, needs.selects, needs.tokens, needs.encoder_floats);
       lane.selection.reserve(config, needs.selects, needs.shared, chunks, block, needs.tile_queries, needs.segments, needs.scorer_floats,
-                             needs.index_fanout, needs.index_beam, needs.flat_chunks);
+                             needs.index_fanout, needs.index_beam, needs.index_frontier, needs.flat_chunks);
       lane.tile.reserve(config, needs.tile_queries, needs.segments, needs.kernel_floats);
     }
   }

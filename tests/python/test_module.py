@@ -333,3 +333,27 @@ def test_choice_fidelity_of_the_recommended_selection_against_the_flat_scan():
         flat.choice_fidelity(cache, 0, position, q[position, 0], first, end, np.array([end], dtype=np.int32), ref)
     with pytest.raises(lh.ShapeError, match="query must be"):
         flat.choice_fidelity(cache, 0, position, q[position], first, end, ref, ref)
+
+
+def test_the_certified_policy_is_the_flat_scan_past_the_beams_exact_range():
+    # 1,100 chunks of 4 tokens: past the beam's exact_below (1024 candidates), where the issue
+    # found every row of the recommended policy differing from the flat scan. quest-certified
+    # at epsilon 0 must give quest's selections and outputs bitwise; a bad epsilon is named.
+    n = 4400
+    q, k, v = sequence(n, seed=21)
+    config = lh.AttentionConfig(n_q_heads=HQ, n_kv_heads=HKV, head_dim=D, chunk_size=4, budget_chunks=8)
+    rope = lh.Rope(D, 10000.0, "half")
+    flat = lh.Attention(config, rope, policy="quest")
+    certified = lh.Attention(config, rope, policy="quest-certified")
+    beam = lh.Attention(config, rope, policy="recommended")
+    tail = slice(n - 8, n)
+    flat_cache, cert_cache, beam_cache = flat.make_cache(), certified.make_cache(), beam.make_cache()
+    for a, c in ((flat, flat_cache), (certified, cert_cache), (beam, beam_cache)):
+        a.prefill(c, q[:n - 8], k[:n - 8], v[:n - 8])
+    out, sel = flat.prefill(flat_cache, q[tail], k[tail], v[tail], selections=True)
+    cert_out, cert_sel = certified.prefill(cert_cache, q[tail], k[tail], v[tail], selections=True)
+    _, beam_sel = beam.prefill(beam_cache, q[tail], k[tail], v[tail], selections=True)
+    assert np.array_equal(cert_sel, sel) and np.array_equal(cert_out, out)
+    assert not np.array_equal(beam_sel, sel)  # the case is one the beam gets wrong
+    with pytest.raises(lh.ConfigError, match="epsilon finite and >= 0"):
+        lh.Attention(config, rope, policy="quest-certified", epsilon=-1.0)
