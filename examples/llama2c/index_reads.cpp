@@ -62,12 +62,13 @@ struct cluster_boxes {
   int d = 0;
   std::vector<float> boxes;                      // [C][lo | hi]
   std::vector<std::vector<std::int32_t>> members;  // per cluster, ascending chunk ids
+  std::vector<float> centres;                    // [C][lo | hi]: the members' mean summary
 
   cluster_boxes(longheads::matrix_view<const float> summaries, int clusters, int iterations) : d(static_cast<int>(summaries.cols() / 2)) {
     const std::int64_t n = summaries.rows();
     const int c_count = static_cast<int>(std::min<std::int64_t>(clusters, n));
     const std::ptrdiff_t r = summaries.cols();
-    std::vector<float> centres(static_cast<std::size_t>(c_count) * r);
+    centres.assign(static_cast<std::size_t>(c_count) * r, 0.0f);
     for (int c = 0; c < c_count; ++c) std::copy_n(summaries.row(c * n / c_count), r, centres.data() + static_cast<std::ptrdiff_t>(c) * r);
     std::vector<int> owner(static_cast<std::size_t>(n), 0);
     for (int it = 0; it <= iterations; ++it) {
@@ -114,13 +115,16 @@ struct cluster_boxes {
   /// The `wanted` best chunks of [first, end) for the rotated query, exactly; `budget` > 0 stops
   /// once that many chunks' summaries have been read besides the clusters' boxes (then it is
   /// approximate). Returns the summaries read, boxes included.
+  /// `by_centre`: clusters in the order of their centre's score (IVF's probe order: a chunk's
+  /// score is linear in its summary for a fixed query, so the centre's score is the members'
+  /// mean score) instead of their box bound; then only `budget` > 0 is meaningful (no certificate).
   std::int64_t search(longheads::matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end, std::size_t wanted,
-                      std::int64_t budget, std::vector<std::int32_t>& out) const {
+                      std::int64_t budget, std::vector<std::int32_t>& out, bool by_centre = false) const {
     const auto c_count = static_cast<int>(members.size());
     std::vector<std::pair<float, int>> order;
     for (int c = 0; c < c_count; ++c) {
       if (members[static_cast<std::size_t>(c)].empty()) continue;
-      const float* box = boxes.data() + static_cast<std::ptrdiff_t>(c) * 2 * d;
+      const float* box = (by_centre ? centres.data() : boxes.data()) + static_cast<std::ptrdiff_t>(c) * 2 * d;
       order.push_back({longheads::detail::bound_dot(q, box, box + d, d), c});
     }
     std::int64_t read = static_cast<std::int64_t>(order.size());
@@ -130,7 +134,7 @@ struct cluster_boxes {
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
     for (const auto& [bound, c] : order) {
-      if (best.size() == wanted && bound < best.back().first) break;  // certified: nothing left can reach the k-th
+      if (!by_centre && best.size() == wanted && bound < best.back().first) break;  // certified: nothing left can reach the k-th
       if (budget > 0 && read - static_cast<std::int64_t>(order.size()) >= budget) break;
       for (std::int32_t id : members[static_cast<std::size_t>(c)]) {
         if (id < first || id >= end) continue;
@@ -153,11 +157,13 @@ struct cluster_boxes {
 /// One row of the table: every search of one length.
 struct row {
   samples flat, exact, beam, recall, mass, difference;
-  samples cluster_exact, cluster_probe, cluster_mass, cluster_recall_exact;
+  samples cluster_exact, cluster_probe, cluster_mass, cluster_recall_exact, cluster_recall, cluster_difference;
+  samples centre_probe, centre_mass, centre_recall, centre_difference;  // clusters probed by their centre's score (IVF)
   samples certified, certified_loose, certified_loose_mass;  // the certified search at epsilon 0 and at `epsilon`
   float epsilon = 1.0f;
   std::int64_t chunks = 0;
   const std::vector<cluster_boxes>* clustered = nullptr;  // per representation head, with --cluster-boxes
+  int cluster_count = 0;                                  // clusters per cache (for print), with --cluster-boxes
   double probe_share = 0.05;
 
   /// Chooses again for one query of one head (candidates [first, end)) and records the figures.
@@ -206,9 +212,17 @@ struct row {
     cluster_recall_exact.add(found == std::vector<std::int32_t>(flat_found.begin(), flat_found.begin() + static_cast<std::ptrdiff_t>(n)) ? 1.0 : 0.0);
     const auto budget = static_cast<std::int64_t>(probe_share * static_cast<double>(cache.summarised_chunks()));
     cluster_probe.add(static_cast<double>(boxes.search(cache.representations(head), rotated.data(), first, end, wanted, budget, found)));
-    cluster_mass.add(longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
-                                               std::span<const std::int32_t>(flat_found).first(n), found)
-                         .mass_recall);
+    const longheads::choice_fidelity by_box = longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
+                                                                        std::span<const std::int32_t>(flat_found).first(n), found);
+    cluster_mass.add(by_box.mass_recall);
+    cluster_recall.add(by_box.recall);
+    cluster_difference.add(by_box.output_difference);
+    centre_probe.add(static_cast<double>(boxes.search(cache.representations(head), rotated.data(), first, end, wanted, budget, found, true)));
+    const longheads::choice_fidelity by_centre = longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
+                                                                           std::span<const std::int32_t>(flat_found).first(n), found);
+    centre_mass.add(by_centre.mass_recall);
+    centre_recall.add(by_centre.recall);
+    centre_difference.add(by_centre.output_difference);
   }
 
   void print(const std::string& label) {
@@ -222,13 +236,20 @@ struct row {
                 "", certified.at(0.5), certified.at(0.9), 100.0 * certified.at(0.5) / static_cast<double>(chunks), static_cast<double>(epsilon),
                 certified_loose.at(0.5), certified_loose.at(0.9), 100.0 * certified_loose.at(0.5) / static_cast<double>(chunks),
                 certified_loose_mass.at(0.5), certified_loose_mass.at(0.1));
-    if (clustered != nullptr)
-      std::printf("%-12s cluster boxes (%zu clusters): exact search reads %.0f / %.0f (med / p90, %.2f%% of the chunks; the flat scan's choice "
-                  "in %.0f%% of searches); probing %.0f%% of the chunks: %.0f read, mass recall %.3f / %.3f (med / p10)\n",
-                  "", (*clustered)[0].members.size(), cluster_exact.at(0.5), cluster_exact.at(0.9),
+    if (cluster_count > 0)
+      std::printf("%-12s cluster boxes (%d clusters): exact search reads %.0f / %.0f (med / p90, %.2f%% of the chunks; the flat scan's choice "
+                  "in %.0f%% of searches); probing %.0f%% of the chunks: %.0f read, recall@k %.3f / %.3f, mass recall %.3f / %.3f (med / p10), "
+                  "output difference %.2g / %.2g (med / p90)\n",
+                  "", cluster_count, cluster_exact.at(0.5), cluster_exact.at(0.9),
                   100.0 * cluster_exact.at(0.5) / static_cast<double>(chunks), 100.0 * std::accumulate(cluster_recall_exact.x.begin(), cluster_recall_exact.x.end(), 0.0) /
                       static_cast<double>(cluster_recall_exact.x.size()),
-                  100.0 * probe_share, cluster_probe.at(0.5), cluster_mass.at(0.5), cluster_mass.at(0.1));
+                  100.0 * probe_share, cluster_probe.at(0.5), cluster_recall.at(0.5), cluster_recall.at(0.1), cluster_mass.at(0.5),
+                  cluster_mass.at(0.1), cluster_difference.at(0.5), cluster_difference.at(0.9));
+    if (cluster_count > 0)
+      std::printf("%-12s clusters probed by centre score (IVF), %.0f%% of the chunks: %.0f read, recall@k %.3f / %.3f, mass recall %.3f / %.3f "
+                  "(med / p10), output difference %.2g / %.2g (med / p90)\n",
+                  "", 100.0 * probe_share, centre_probe.at(0.5), centre_recall.at(0.5), centre_recall.at(0.1), centre_mass.at(0.5),
+                  centre_mass.at(0.1), centre_difference.at(0.5), centre_difference.at(0.9));
     std::fflush(stdout);
   }
 };
@@ -278,6 +299,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--cluster-boxes", cluster_count, "also measure the experiment of boxes over this many k-means clusters of the summaries (0: off)")
       ->check(CLI::NonNegativeNumber);
+  double probe_share = 0.05;
+  app.add_option("--probe-share", probe_share, "--cluster-boxes: the share of the chunks an approximate probe reads")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   auto cluster = [&](const longheads::kv_cache& cache) {
     std::vector<cluster_boxes> out;
@@ -307,8 +332,9 @@ int main(int argc, char** argv) {
       row r;
       r.chunks = chunks;
       r.epsilon = epsilon;
+      r.probe_share = probe_share;
       const std::vector<cluster_boxes> clusters = cluster(cache);
-      if (cluster_count > 0) r.clustered = &clusters;
+      if (cluster_count > 0) r.clustered = &clusters, r.cluster_count = cluster_count;
       // The queries stand at the first position of the next chunk: every full chunk before the
       // local ones is a candidate. A token there makes the position one of the cache's.
       std::vector<float> zeros(static_cast<std::size_t>(config.n_q_heads + 2 * config.n_kv_heads) * config.head_dim, 0.0f);
@@ -351,6 +377,7 @@ int main(int argc, char** argv) {
     }
     row r;
     r.epsilon = epsilon;
+    r.probe_share = probe_share;
     t.reserve(length, 512);
     for (const auto& p : prompts) {
       t.reset();
@@ -358,12 +385,17 @@ int main(int argc, char** argv) {
       llama2c::feed(t, p.tokens, 512, logits);
       const std::int64_t position = t.position() - 1, own = position / w;
       r.chunks = t.cache(0).full_chunks();
-      for (int l = 0; l < model.config().n_layers; ++l)
+      for (int l = 0; l < model.config().n_layers; ++l) {
+        const std::vector<cluster_boxes> clusters = cluster(t.cache(l));  // this layer's cache's (none without --cluster-boxes)
+        r.clustered = cluster_count > 0 ? &clusters : nullptr;
         for (int h = 0; h < model.config().n_heads; ++h)
           r.measure(t.cache(l), t.attention().rotary(), t.attention().config(), beam, h, position,
                     t.last_query(l).data() + static_cast<std::ptrdiff_t>(h) * model.config().head_dim(), knobs.sink_chunks,
                     own - knobs.local_chunks + 1, wanted);
+      }
+      r.clustered = nullptr;
     }
+    if (cluster_count > 0) r.cluster_count = cluster_count;
     r.print(std::to_string(length));
   }
   return 0;
