@@ -200,7 +200,8 @@ class passkey_task {
 };
 
 /// The prompts of a fixed set (`manifest.jsonl` + `L<length>_s<seed>.bin`), optionally only
-/// those of the given lengths, in manifest order.
+/// those of the given lengths, in manifest order. A retrieval set's manifest
+/// (make_retrieval_prompts.py) names its needle `target_span`: the needle holding the answer.
 inline std::vector<passkey_prompt> load_prompt_set(const std::filesystem::path& dir, const std::vector<std::int64_t>& lengths,
                                                    int vocab_size) {
   const auto manifest = dir / "manifest.jsonl";
@@ -217,8 +218,15 @@ inline std::vector<passkey_prompt> load_prompt_set(const std::filesystem::path& 
       p.name = j.at("file").get<std::string>();
       p.length = j.at("length").get<std::int64_t>();
       p.answer = j.at("answer_ids").get<std::vector<std::int32_t>>();
-      p.needle_start = j.at("needle_start").get<std::int64_t>();
-      p.needle_end = j.at("needle_end").get<std::int64_t>();
+      if (j.contains("target_span")) {  // a retrieval set (make_retrieval_prompts.py): the needle is the target's value needle
+        const auto span = j.at("target_span").get<std::vector<std::int64_t>>();
+        if (span.size() != 2) throw std::runtime_error(where + ": target_span must be [start, end)");
+        p.needle_start = span[0];
+        p.needle_end = span[1];
+      } else {
+        p.needle_start = j.at("needle_start").get<std::int64_t>();
+        p.needle_end = j.at("needle_end").get<std::int64_t>();
+      }
       p.depth = j.at("depth").get<double>();
     } catch (const nlohmann::json::exception& e) {
       throw std::runtime_error(where + ": bad manifest line: " + e.what());
