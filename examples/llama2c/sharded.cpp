@@ -331,21 +331,30 @@ class shard_group {
     const std::size_t per_chunk = static_cast<std::size_t>(layer_.shape().summary_heads()) * layer_.shape().representation_floats;
     summary_rows_.resize(static_cast<std::size_t>(now - done) * per_chunk);
     longheads::export_representations(cache, done, now, summary_rows_);
+    // Per rank: how many floats it sends, and the sequence's id of their first chunk.
     const int mine = static_cast<int>(summary_rows_.size());
+    const int header[2] = {mine, static_cast<int>(rank_ * chunks_per_rank_ + done)};
+    summary_headers_.assign(2 * static_cast<std::size_t>(ranks_), 0);
+    MPI_Gather(header, 2, MPI_INT, summary_headers_.data(), 2, MPI_INT, 0, comm_);
     summary_counts_.assign(static_cast<std::size_t>(ranks_), 0);
-    MPI_Gather(&mine, 1, MPI_INT, summary_counts_.data(), 1, MPI_INT, 0, comm_);
-    int total = 0;
     summary_displs_.assign(static_cast<std::size_t>(ranks_), 0);
-    for (int r = 0; r < ranks_; ++r) summary_displs_[static_cast<std::size_t>(r)] = total, total += summary_counts_[static_cast<std::size_t>(r)];
+    int total = 0;
+    for (int r = 0; r < ranks_; ++r) {
+      summary_counts_[static_cast<std::size_t>(r)] = summary_headers_[2 * static_cast<std::size_t>(r)];
+      summary_displs_[static_cast<std::size_t>(r)] = total;
+      total += summary_counts_[static_cast<std::size_t>(r)];
+    }
     all_summary_rows_.resize(rank_ == 0 ? static_cast<std::size_t>(total) : 0);
     MPI_Gatherv(summary_rows_.data(), mine, MPI_FLOAT, all_summary_rows_.data(), summary_counts_.data(), summary_displs_.data(), MPI_FLOAT, 0, comm_);
     if (rank_ == 0) {
       longheads::chunk_index_store& store = stores_[static_cast<std::size_t>(layer)];
-      for (int r = 0; r < ranks_; ++r) {  // each rank's chunks continue the store where it stands
+      for (int r = 0; r < ranks_; ++r) {  // each rank's chunks must continue the store exactly where it stands
         const auto rows = std::span<const float>(all_summary_rows_).subspan(static_cast<std::size_t>(summary_displs_[static_cast<std::size_t>(r)]),
                                                                             static_cast<std::size_t>(summary_counts_[static_cast<std::size_t>(r)]));
-        if (!rows.empty() && store.chunks() < r * chunks_per_rank_)
-          throw std::logic_error("rank " + std::to_string(r) + " summarised chunks while rank 0's store holds only " + std::to_string(store.chunks()));
+        const int first = summary_headers_[2 * static_cast<std::size_t>(r) + 1];
+        if (!rows.empty() && store.chunks() != first)
+          throw std::logic_error("rank " + std::to_string(r) + " sent chunks from " + std::to_string(first) + " but rank 0's store holds " +
+                                 std::to_string(store.chunks()));
         store.append(rows);
       }
       stats_.summaries += static_cast<double>(total - mine) * sizeof(float);
@@ -360,7 +369,7 @@ class shard_group {
   std::vector<longheads::chunk_index_store> stores_;  // rank 0, index_at_root_: every layer's index over the whole sequence
   std::vector<std::int64_t> exported_;                // per layer: chunks sent to rank 0's store
   std::vector<float> summary_rows_, all_summary_rows_;
-  std::vector<int> summary_counts_, summary_displs_;
+  std::vector<int> summary_headers_, summary_counts_, summary_displs_;
   longheads::attention<Policies> layer_;
   std::vector<longheads::kv_cache> caches_;  // this rank's shard of every layer
   std::int64_t chunks_per_rank_ = 1;

@@ -313,9 +313,7 @@ void check_size(const char* call, const char* what, const Span& s, std::size_t n
   if (s.size() != n)
     fail<shape_error>(std::string(call) + ": " + what + " must hold " + std::to_string(n) + " entries, got " + std::to_string(s.size()));
 }
-}  // namespace detail
 
-namespace detail {
 /// Step 1 by the index policy's search: for each query t and head h, the best candidates of the
 /// chunks `source` (a kv_cache or a chunk_index_store: index(h) and representations(h)) holds,
 /// its chunk j being the sequence's chunk first_chunk + j, with their bound_dot scores. One work

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "attention_config.hpp"
@@ -51,14 +52,7 @@ struct workspace_needs {
             policies.encoder.scratch_floats(config),
             policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(work_partition::query_block(tokens))),
             policies.kernel.scratch_floats(config.chunk_size, config.head_dim), selects ? policies.index.fanout() : 0, beam_of(policies.index),
-            searches_best_first(policies.index), flat_scan_chunks(policies.index, config)};
-  }
-  /// Whether an index policy's search keeps a best-first frontier (bound_tree_index,
-  /// bound_tree_certified).
-  template <class Index>
-  static bool searches_best_first(const Index&) noexcept {
-    if constexpr (!Index::indexed) return false;
-    else return !requires(const Index& i) { i.widest_beam(); } || requires { Index::widens; };
+            searches_best_first<std::remove_cvref_t<decltype(policies.index)>>, flat_scan_chunks(policies.index, config)};
   }
   /// The widest beam of an index policy that has one (bound_tree_beam), else 0.
   template <class Index>
