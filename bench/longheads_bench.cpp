@@ -211,7 +211,7 @@ void report_fidelity(benchmark::State& state, const attention<Policies>& a, cons
   for (int h = 0; h < c.n_q_heads; h += 4) {
     const float* query = q + static_cast<std::ptrdiff_t>(h) * c.head_dim;
     a.rotary().rotate(query, rotated.data(), position % c.chunk_size + c.chunk_size);  // as bound_scorer places it
-    const std::size_t n = bound_search::top(cache.index(h), cache.representations(h), rotated.data(), first, end, wanted, flat, scratch);
+    const std::size_t n = bound_search::top(cache.index(h).tree(), cache.representations(h), rotated.data(), first, end, wanted, flat, scratch);
     std::vector<std::int32_t> chosen;
     for (std::int32_t chunk : cache.last_selection(h))
       if (chunk >= first && chunk < end) chosen.push_back(chunk);

@@ -72,6 +72,13 @@ struct quest_index : paper_policies {
 struct quest_beam : quest_index {
   using index = bound_tree_beam;
 };
+struct quest_clusters : quest_index {
+  using index = key_cluster_index;
+};
+/// Segments of 4 chunks in 2 clusters, searched from the first candidates on: the decodes below
+/// seal segments (a k-means each) and probe them.
+const attention<quest_clusters>::policy_set small_clusters{.index = {.segment_chunks = 4, .clusters = 2, .iterations = 3, .probe_share = 0.0f,
+                                                                      .probe_min = 3, .exact_below = 0}};
 struct pooled_quest_group : pooled {
   using encoder = key_bounds_encoder;
   using scorer = bound_scorer;
@@ -153,6 +160,7 @@ TEST_CASE("every public way of preparing a cache gives allocation-free decode (r
     CAPTURE(static_cast<int>(how));
     CHECK(allocations_while_decoding<quest_index>(attention_method::longheads, {}, kv_precision::fp32, how) == 0);
     CHECK(allocations_while_decoding<quest_beam>(attention_method::longheads, {}, kv_precision::fp32, how) == 0);
+    CHECK(allocations_while_decoding<quest_clusters>(attention_method::longheads, small_clusters, kv_precision::fp32, how) == 0);
   }
 }
 
@@ -198,6 +206,7 @@ TEST_CASE("batched decode after reserve(context, block, sequences) allocates not
     CHECK(allocations_while_decoding_batches<pooled>(method, {.executor = thread_pool_executor(2)}, 5) == 0);
   }
   CHECK(allocations_while_decoding_batches<quest_beam>(attention_method::longheads, {}, 3) == 0);
+  CHECK(allocations_while_decoding_batches<quest_clusters>(attention_method::longheads, small_clusters, 3) == 0);
 }
 
 /// A sequence over two shards (chunks 0-9, and the rest, to which the decoded tokens go),
@@ -292,6 +301,8 @@ TEST_CASE("a shard's decode steps through the block functions allocate nothing a
   CHECK(allocations_while_decoding_shards<quest_beam>({}, kv_precision::fp32) == 0);
   CHECK(allocations_while_decoding_shards<quest_beam>({}, kv_precision::fp32, true) == 0);    // through a chunk_index_store
   CHECK(allocations_while_decoding_shards<quest_index>({}, kv_precision::fp32, true) == 0);
+  CHECK(allocations_while_decoding_shards<quest_clusters>(small_clusters, kv_precision::fp32, true) == 0);
+  CHECK(allocations_while_decoding_shards<quest_clusters>(small_clusters, kv_precision::fp32) == 0);
 }
 
 TEST_CASE("the counter sees allocations (the test above can fail)") {

@@ -984,6 +984,67 @@ TEST_CASE("the beam index: the same bits in prefill, decode, any split and threa
   CHECK_THROWS_AS(attention<quest_index_policies>(test::make_config(4, 2, d, w, budget), r, {.index = {.branching = 1}}), config_error);
 }
 
+namespace {
+using test::quest_cluster_policies;
+using pooled_quest_clusters = test::pooled<quest_cluster_policies>;
+}  // namespace
+
+TEST_CASE("the key-cluster index: the same bits in prefill, decode, any split, thread count and after truncation; the flat scan's with the whole probe") {
+  const int w = 4, budget = 5, d = 16;
+  rope r(d, 10000.0, rope_layout::interleaved);
+  // Segments of 8 chunks in 2 clusters; a probe of 4 chunks past 10 candidates (the test's
+  // 150 chunks pass it from the 11th chunk on), or every chunk (probe_share 1).
+  const key_cluster_index narrow_index{.segment_chunks = 8, .clusters = 2, .iterations = 3, .probe_share = 0.0f, .probe_min = 4, .exact_below = 10};
+  key_cluster_index whole_index = narrow_index;
+  whole_index.probe_share = 1.0f;
+  for (head_layout heads : {mha, gqa})
+    for (kv_precision storage : {kv_precision::fp32, kv_precision::int8}) {
+      CAPTURE(heads.hkv);
+      CAPTURE(to_string(storage));
+      attention_config c = test::make_config(heads.hq, heads.hkv, d, w, budget);
+      c.kv_storage = storage;
+      const test::sequence seq(30 * w * budget + 3, heads.hq, heads.hkv, d, 2700u + static_cast<std::uint32_t>(heads.hkv));
+      attention<quest_policies> flat(c, r);
+      std::vector<std::int32_t> flat_sel, sel;
+      const auto flat_out = seq.run(flat, 0, &flat_sel);
+      attention<quest_cluster_policies> whole(c, r, {.index = whole_index});
+      for (int split : {0, 1, 37}) {
+        CAPTURE(split);
+        CHECK(seq.run(whole, split, &sel) == flat_out);
+        CHECK(sel == flat_sel);
+      }
+      attention<quest_cluster_policies> narrow(c, r, {.index = narrow_index});
+      std::vector<std::int32_t> expected_sel;
+      auto cache = narrow.make_cache();
+      const auto expected = seq.run(narrow, cache, 0, &expected_sel);
+      CHECK(expected_sel != flat_sel);  // a probe of 4 chunks misses some: the test tells them apart
+      CHECK(cache.index(0).clusters()[0].segments() == cache.full_chunks() / 8);
+      CHECK(cache.bytes_by_kind().index > 0);
+      for (int split : {1, 7, 37}) {
+        CAPTURE(split);
+        CHECK(seq.run(narrow, split, &sel) == expected);
+        CHECK(sel == expected_sel);
+      }
+      attention<pooled_quest_clusters> pooled(c, r, {.executor = thread_pool_executor(3), .index = narrow_index});
+      CHECK(seq.run(pooled, 1) == expected);
+      // Truncated back into a segment, then the same tokens again: the same bits.
+      const int prefix = 21 * w, more = 60;
+      std::vector<float> again(static_cast<std::size_t>(more) * heads.hq * d);
+      auto rewound = narrow.make_cache();
+      narrow.ingest(rewound, seq.qv(0, prefix + 50), seq.kv(0, prefix + 50), seq.vv(0, prefix + 50));
+      rewound.truncate(prefix);
+      CHECK(rewound.index(0).clusters()[0].segments() == 2);
+      narrow.prefill(rewound, seq.qv(prefix, more), seq.kv(prefix, more), seq.vv(prefix, more), {again.data(), more, heads.hq, d});
+      CHECK(std::equal(again.begin(), again.end(), expected.begin() + static_cast<std::ptrdiff_t>(prefix) * heads.hq * d));
+    }
+  const attention_config c = test::make_config(4, 2, d, w, budget);
+  CHECK_THROWS_WITH_AS(attention<quest_cluster_policies>(c, r, {.index = {.clusters = 0}}), doctest::Contains("clusters in [1, segment_chunks]"),
+                       config_error);
+  CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.segment_chunks = 1}}), config_error);
+  CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.probe_share = 1.5f}}), config_error);
+  CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.iterations = -1}}), config_error);
+}
+
 TEST_CASE("spread encoding: the bits of encoding each chunk as it completes, in every split and thread count, a share of it per step") {
   const int budget = 4, d = 16;
   rope r(d, 10000.0, rope_layout::interleaved);

@@ -24,6 +24,7 @@ using namespace longheads;
 namespace {
 
 using test::quest_beam_policies;
+using test::quest_cluster_policies;
 using test::quest_policies;
 using test::representative_policies;
 using test::rotated_paper_policies;
@@ -111,6 +112,9 @@ TEST_CASE("save -> load -> decode 64 more tokens == never saved, every method, s
         check_round_trip<quest_policies>(config, {}, prompt, ++seed);
         check_round_trip<quest_beam_policies>(config, {.index = bound_tree_beam{.branching = 4, .beam = 2, .exact_below = 4, .scan_below = 0}}, prompt,
                                               ++seed);
+        check_round_trip<quest_cluster_policies>(
+            config, {.index = key_cluster_index{.segment_chunks = 3, .clusters = 2, .iterations = 2, .probe_share = 0.0f, .probe_min = 2, .exact_below = 0}},
+            prompt, ++seed);
         check_round_trip<representative_policies>(config, {.encoder = representative_keys_encoder{3}, .scorer = max_key_scorer{3}}, prompt, ++seed);
         if (hq != hkv) check_round_trip<group_policies>(config, {}, prompt, ++seed);
         for (attention_method m : {attention_method::dense, attention_method::sink_window}) {
@@ -220,8 +224,8 @@ TEST_CASE("bad cache files are named file_errors, and the caller's cache stays a
   expect("GIF89a, certainly not a cache of anything at all", "not a longheads cache");
   for (std::size_t cut : {std::size_t{10}, std::size_t{30}, meta_at + 5, keys_at + 1000, good.size() - 3})
     expect(good.substr(0, cut), "truncated");
-  const std::uint32_t version3 = 3, version1 = 1;
-  expect(patched(8, &version3, 4), "format version 3");
+  const std::uint32_t version4 = 4, version1 = 1;
+  expect(patched(8, &version4, 4), "format version 4");
   expect(patched(8, &version1, 4), "version 1 files may hold rolled-back tokens' rows");
   const std::uint64_t swapped = 0x0807060504030201ull;
   expect(patched(16, &swapped, 8), "other byte order");
@@ -518,6 +522,8 @@ TEST_CASE("rolled-back tokens leave no trace: == a fresh run and the fresh run's
     check_rollback_leaves_no_trace<paper_policies>("paper, rollback_chunks 2" + kv, keeping, {}, trials, cases);
     check_rollback_leaves_no_trace<quest_policies>("quest" + kv, c, {}, trials, cases);
     check_rollback_leaves_no_trace<quest_beam_policies>("quest, beam index" + kv, c, {.index = {.branching = 2, .scan_below = 0}}, trials, cases);
+    check_rollback_leaves_no_trace<quest_cluster_policies>("quest, key clusters" + kv, c,
+                                                           {.index = {.segment_chunks = 3, .clusters = 2, .probe_min = 2, .exact_below = 0}}, trials, cases);
     check_rollback_leaves_no_trace<group_policies>("quest, group max" + kv, c, {}, trials, cases);
     check_rollback_leaves_no_trace<representative_policies>("representative keys" + kv, c, {}, trials, cases);
     attention_config dense = c;

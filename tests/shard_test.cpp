@@ -283,9 +283,9 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
   // within 1e-6 of its largest, and one shard give its bits; the same layer on a pool of three
   // threads must give the shards' offers and partial states bit for bit. Policies: the paper's, Quest
   // scanned flat, Quest through the exact index, Quest with group-max selection, Quest with a
-  // kernel that reads fp32 only, and the beam index. Indexed policies also choose through a
+  // kernel that reads fp32 only, the beam index and the key-cluster index. Indexed policies also choose through a
   // chunk_index_store fed the shards' new chunks (offer_from_store): the single-process choice on
-  // every P, the beam's included (each shard's own beam matches it on one shard only); the
+  // every P, the beam's and the clusters' included (each shard's own beam matches it on one shard only); the
   // shards then attend that choice.
   const int w = 8, budget = 6, d = 32, hq = 4, hkv = 2, T = 300;
   const rope r(d);
@@ -302,6 +302,9 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
   };
   struct quest_beam : quest_flat {
     using index = bound_tree_beam;
+  };
+  struct quest_clusters : quest_flat {
+    using index = key_cluster_index;
   };
   struct quest_scalar_kernel : quest_flat {  // reads fp32 only: compact chunks are converted for it
     using kernel = scalar_online_softmax_kernel;
@@ -447,6 +450,9 @@ TEST_CASE("shards: the block functions, fed as a host feeds them, choose the sin
     typename attention<quest_beam>::policy_set beam;
     beam.index = bound_tree_beam{2, 1, 4, 0};  // fan-out 2, one box a level, exact below 4 candidates: the beam misses chunks
     check.operator()<quest_beam>("quest beam", storage, 1, beam);
+    typename attention<quest_clusters>::policy_set clusters;
+    clusters.index = {.segment_chunks = 4, .clusters = 2, .iterations = 3, .probe_share = 0.0f, .probe_min = 2, .exact_below = 3};  // misses chunks
+    check.operator()<quest_clusters>("quest key clusters", storage, 1, clusters);
   }
 }
 
@@ -476,7 +482,7 @@ TEST_CASE("chunk_index_store: holds a cache's representations and trees bitwise,
     for (int h = 0; h < hq && same; ++h) {
       const auto mine = s.representations(h), theirs = c.representations(h);
       for (std::int64_t k = 0; k < s.chunks(); ++k) same = same && std::memcmp(mine.row(k), theirs.row(k), sizeof(float) * 2 * d) == 0;
-      const bound_tree &t1 = s.index(h), &t2 = c.index(h);
+      const bound_tree &t1 = s.index(h).tree(), &t2 = c.index(h).tree();
       same = same && t1.levels() == t2.levels() && t1.chunks() == t2.chunks();
       for (int l = 1; l <= t1.levels() && same; ++l)
         same = std::memcmp(t1.box(l, 0), t2.box(l, 0), sizeof(float) * 2 * d * static_cast<std::size_t>(t1.boxes(l))) == 0;

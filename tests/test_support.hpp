@@ -98,6 +98,9 @@ struct quest_policies : longheads::paper_policies {
 struct quest_beam_policies : quest_policies {
   using index = longheads::bound_tree_beam;
 };
+struct quest_cluster_policies : quest_policies {
+  using index = longheads::key_cluster_index;
+};
 template <class Combine>
 struct quest_group_policies : quest_policies {
   using group_selection = Combine;

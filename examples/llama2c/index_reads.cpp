@@ -165,6 +165,14 @@ struct row {
   const std::vector<cluster_boxes>* clustered = nullptr;  // per representation head, with --cluster-boxes
   int cluster_count = 0;                                  // clusters per cache (for print), with --cluster-boxes
   double probe_share = 0.05;
+  // --key-clusters: the key_cluster_index policy, over states built from this cache's summaries
+  // (per representation head; the state is a function of the summaries, as in a cache of it).
+  struct key_figures {
+    samples reads, recall, mass, difference;
+  };
+  const std::vector<longheads::key_cluster_index>* key_indexes = nullptr;
+  const std::vector<std::vector<longheads::chunk_index_state>>* key_states = nullptr;  // per index, per representation head
+  std::vector<key_figures> key;
 
   /// Chooses again for one query of one head (candidates [first, end)) and records the figures.
   void measure(const longheads::kv_cache& cache, const longheads::rope& rotary, const longheads::attention_config& config,
@@ -178,7 +186,7 @@ struct row {
     scratch.reserve_beam(index.widest_beam(), index.branching);
     std::vector<std::int32_t> flat_found(wanted), beam_found(wanted);
     longheads::bound_search::stats exact_stats, beam_stats;
-    const std::size_t n = longheads::bound_search::top(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted,
+    const std::size_t n = longheads::bound_search::top(cache.index(head).tree(), cache.representations(head), rotated.data(), first, end, wanted,
                                                        flat_found, scratch, &exact_stats);
     const std::size_t m = index.search(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted, beam_found, scratch,
                                        &beam_stats);
@@ -194,17 +202,33 @@ struct row {
     // The certified search: exactly the flat scan's chunks at epsilon 0 (checked), within epsilon beyond.
     std::vector<std::int32_t> certain(wanted);
     longheads::bound_search::stats certain_stats, loose_stats;
-    const std::size_t c0 = longheads::certified_search::top(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted,
+    const std::size_t c0 = longheads::certified_search::top(cache.index(head).tree(), cache.representations(head), rotated.data(), first, end, wanted,
                                                             index.beam, 0.0f, certain, scratch, &certain_stats);
     if (!std::equal(certain.begin(), certain.begin() + static_cast<std::ptrdiff_t>(c0), flat_found.begin(), flat_found.begin() + static_cast<std::ptrdiff_t>(n)))
       std::fprintf(stderr, "index_reads: the certified search at epsilon 0 differs from the flat scan (a bug)\n");
     certified.add(static_cast<double>(certain_stats.boxes + certain_stats.chunks));
-    const std::size_t c1 = longheads::certified_search::top(cache.index(head), cache.representations(head), rotated.data(), first, end, wanted,
+    const std::size_t c1 = longheads::certified_search::top(cache.index(head).tree(), cache.representations(head), rotated.data(), first, end, wanted,
                                                             index.beam, epsilon, certain, scratch, &loose_stats);
     certified_loose.add(static_cast<double>(loose_stats.boxes + loose_stats.chunks));
     certified_loose_mass.add(longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
                                                        std::span<const std::int32_t>(flat_found).first(n), std::span<const std::int32_t>(certain).first(c1))
                                  .mass_recall);
+    for (std::size_t i = 0; key_indexes != nullptr && key_states != nullptr && i < key_indexes->size(); ++i) {
+      const longheads::key_cluster_index& index = (*key_indexes)[i];
+      key.resize(key_indexes->size());
+      std::vector<std::int32_t> found(wanted);
+      longheads::bound_search::stats key_stats;
+      longheads::reserve_search_scratch(index, scratch, cache.full_chunks(), wanted);
+      const std::size_t k = index.search((*key_states)[i][static_cast<std::size_t>(cache.representation_head(head))], cache.representations(head),
+                                         rotated.data(), first, end, wanted, found, scratch, &key_stats);
+      key[i].reads.add(static_cast<double>(key_stats.boxes + key_stats.chunks));
+      const longheads::choice_fidelity f_key = longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
+                                                                         std::span<const std::int32_t>(flat_found).first(n),
+                                                                         std::span<const std::int32_t>(found).first(k));
+      key[i].recall.add(f_key.recall);
+      key[i].mass.add(f_key.mass_recall);
+      key[i].difference.add(f_key.output_difference);
+    }
     if (clustered == nullptr) return;
     const cluster_boxes& boxes = (*clustered)[static_cast<std::size_t>(cache.representation_head(head))];
     std::vector<std::int32_t> found;
@@ -236,6 +260,19 @@ struct row {
                 "", certified.at(0.5), certified.at(0.9), 100.0 * certified.at(0.5) / static_cast<double>(chunks), static_cast<double>(epsilon),
                 certified_loose.at(0.5), certified_loose.at(0.9), 100.0 * certified_loose.at(0.5) / static_cast<double>(chunks),
                 certified_loose_mass.at(0.5), certified_loose_mass.at(0.1));
+    for (std::size_t i = 0; key_indexes != nullptr && i < key.size(); ++i) {
+      const longheads::key_cluster_index* key_index = &(*key_indexes)[i];
+      auto& key_reads = key[i].reads;
+      auto& key_recall = key[i].recall;
+      auto& key_mass = key[i].mass;
+      auto& key_difference = key[i].difference;
+      std::printf("%-12s key-cluster index (segments of %d chunks in %d clusters, probe %.1f%% / >= %d chunks): reads %.0f / %.0f (med / p90, "
+                  "%.2f%% / %.2f%% of the chunks), recall@k %.3f / %.3f, mass recall %.3f / %.3f (med / p10), output difference %.2g / %.2g "
+                  "(med / p90)\n",
+                  "", key_index->segment_chunks, key_index->clusters, 100.0 * key_index->probe_share, key_index->probe_min, key_reads.at(0.5),
+                  key_reads.at(0.9), 100.0 * key_reads.at(0.5) / static_cast<double>(chunks), 100.0 * key_reads.at(0.9) / static_cast<double>(chunks),
+                  key_recall.at(0.5), key_recall.at(0.1), key_mass.at(0.5), key_mass.at(0.1), key_difference.at(0.5), key_difference.at(0.9));
+    }
     if (cluster_count > 0)
       std::printf("%-12s cluster boxes (%d clusters): exact search reads %.0f / %.0f (med / p90, %.2f%% of the chunks; the flat scan's choice "
                   "in %.0f%% of searches); probing %.0f%% of the chunks: %.0f read, recall@k %.3f / %.3f, mass recall %.3f / %.3f (med / p10), "
@@ -303,7 +340,36 @@ int main(int argc, char** argv) {
   app.add_option("--probe-share", probe_share, "--cluster-boxes: the share of the chunks an approximate probe reads")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
+  std::vector<std::string> key_specs;
+  app.add_option("--key-clusters", key_specs,
+                 "also measure key_cluster_index policies, each S:C:share:min (segment chunks, clusters per segment, probe share, probe "
+                 "minimum), e.g. 1024:8:0.03:512 (the default's)")
+      ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
+  std::vector<longheads::key_cluster_index> key_indexes;
+  for (const std::string& spec_text : key_specs) {
+    longheads::key_cluster_index index;
+    if (std::sscanf(spec_text.c_str(), "%d:%d:%f:%d", &index.segment_chunks, &index.clusters, &index.probe_share, &index.probe_min) != 4) {
+      std::fprintf(stderr, "index_reads: --key-clusters wants S:C:share:min, got '%s'\n", spec_text.c_str());
+      return 2;
+    }
+    index.validate();
+    key_indexes.push_back(index);
+  }
+  // Each key-cluster index's state for each representation head of a cache, fed its summaries.
+  auto key_states_of = [&](const longheads::kv_cache& cache) {
+    std::vector<std::vector<longheads::chunk_index_state>> out;
+    const int per_head = cache.shape().n_q_heads / cache.shape().summary_heads();
+    for (const auto& index : key_indexes) {
+      out.emplace_back();
+      for (int h = 0; h < cache.shape().summary_heads(); ++h) {
+        const auto rows = cache.representations(h * per_head);
+        out.back().emplace_back(cache.shape().head_dim, index.layout()).reserve(rows.rows());
+        for (std::int64_t c = 0; c < rows.rows(); ++c) out.back().back().append({rows.data(), c + 1, rows.cols(), rows.row_stride()});
+      }
+    }
+    return out;
+  };
   auto cluster = [&](const longheads::kv_cache& cache) {
     std::vector<cluster_boxes> out;
     for (int h = 0; h < cache.shape().summary_heads() && cluster_count > 0; ++h)
@@ -335,6 +401,8 @@ int main(int argc, char** argv) {
       r.probe_share = probe_share;
       const std::vector<cluster_boxes> clusters = cluster(cache);
       if (cluster_count > 0) r.clustered = &clusters, r.cluster_count = cluster_count;
+      const auto states = key_states_of(cache);
+      r.key_indexes = &key_indexes, r.key_states = &states;
       // The queries stand at the first position of the next chunk: every full chunk before the
       // local ones is a candidate. A token there makes the position one of the cache's.
       std::vector<float> zeros(static_cast<std::size_t>(config.n_q_heads + 2 * config.n_kv_heads) * config.head_dim, 0.0f);
@@ -388,12 +456,15 @@ int main(int argc, char** argv) {
       for (int l = 0; l < model.config().n_layers; ++l) {
         const std::vector<cluster_boxes> clusters = cluster(t.cache(l));  // this layer's cache's (none without --cluster-boxes)
         r.clustered = cluster_count > 0 ? &clusters : nullptr;
+        const auto states = key_states_of(t.cache(l));
+        r.key_indexes = &key_indexes, r.key_states = &states;
         for (int h = 0; h < model.config().n_heads; ++h)
           r.measure(t.cache(l), t.attention().rotary(), t.attention().config(), beam, h, position,
                     t.last_query(l).data() + static_cast<std::ptrdiff_t>(h) * model.config().head_dim(), knobs.sink_chunks,
                     own - knobs.local_chunks + 1, wanted);
       }
       r.clustered = nullptr;
+      r.key_states = nullptr;
     }
     if (cluster_count > 0) r.cluster_count = cluster_count;
     r.print(std::to_string(length));

@@ -68,7 +68,8 @@ struct options {
   int branching = 0;
 
   float epsilon = 0.0f;
-  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads, beam, branching, epsilon}; }
+  longheads::key_cluster_index clusters{};
+  llama2c::policies::knobs policy_knobs() const { return {offset_chunks, representative_keys, attention.threads, beam, branching, epsilon, clusters}; }
 };
 
 template <class Policies>
@@ -527,6 +528,18 @@ int main(int argc, char** argv) {
   app.add_option("--score-offset", o.offset_chunks, "rotated-query policies: chunk offset the query is rotated to")->capture_default_str();
   app.add_option("--beam", o.beam, "quest-beam policy: index boxes opened per level")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--epsilon", o.epsilon, "quest-certified policy: every chunk left out scores at most the k-th kept + epsilon (0: the flat scan's choice)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--segment-chunks", o.clusters.segment_chunks, "quest-clusters policy: chunks clustered together")
+      ->check(CLI::Range(2, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--segment-clusters", o.clusters.clusters, "quest-clusters policy: k-means clusters per segment")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--probe-share", o.clusters.probe_share, "quest-clusters policy: share of the candidates a query may score in clusters")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option("--probe-min", o.clusters.probe_min, "quest-clusters policy: ... and at least this many chunks")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--branching", o.branching, "quest-index, quest-beam policies: chunks per index box (default: the policy's)")

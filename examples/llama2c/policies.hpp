@@ -5,6 +5,7 @@
 
 #include <longheads/longheads.hpp>
 
+#include <concepts>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -74,6 +75,13 @@ struct quest_certified : quest {
   using index = longheads::bound_tree_certified;
 };
 
+/// Quest with its chunks found among key-space clusters (key_cluster_index): segments of 1024
+/// chunks split by k-means into 8 clusters each, opened best box bound first until certified or
+/// 3% of the candidates are read (docs/results.md measures reads and loss).
+struct quest_clusters : quest {
+  using index = longheads::key_cluster_index;
+};
+
 struct knobs {
   int offset_chunks = 1;        // canonical chunk offset of the rotated query
   int representative_keys = 2;  // keys per chunk for representative_keys
@@ -81,6 +89,7 @@ struct knobs {
   int beam = longheads::bound_tree_beam{}.beam;  // quest-beam: boxes opened per level
   int branching = 0;                             // quest-index, quest-beam: chunks per box (0: the policy's default)
   float epsilon = 0.0f;                          // quest-certified: the certificate's slack
+  longheads::key_cluster_index clusters{};       // quest-clusters: segments, clusters, probe
 };
 
 template <class P>
@@ -92,13 +101,14 @@ typename longheads::attention<P>::policy_set make_set(const knobs& k) {
   if constexpr (requires { set.encoder.count; }) set.encoder.count = k.representative_keys;
   if constexpr (requires { set.index.beam; }) set.index.beam = k.beam;
   if constexpr (requires { set.index.epsilon; }) set.index.epsilon = k.epsilon;
+  if constexpr (std::same_as<decltype(set.index), longheads::key_cluster_index>) set.index = k.clusters;
   if constexpr (requires { set.index.branching; })
     if (k.branching > 0) set.index.branching = k.branching;
   return set;
 }
 
 inline const std::vector<std::string>& names() {
-  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "quest-index", "quest-beam", "quest-certified", "quest-group-max",
+  static const std::vector<std::string> n = {"paper", "paper-rotated", "mean-key", "quest", "quest-index", "quest-beam", "quest-certified", "quest-clusters", "quest-group-max",
                                                    "quest-group-mean", "representative-keys", "loudest-keys", "recommended"};
   return n;
 }
@@ -117,6 +127,7 @@ decltype(auto) with_policy(const std::string& name, F&& f) {
   if (name == "quest-index") return f(std::type_identity<quest_index>{});
   if (name == "quest-beam") return f(std::type_identity<quest_beam>{});
   if (name == "quest-certified") return f(std::type_identity<quest_certified>{});
+  if (name == "quest-clusters") return f(std::type_identity<quest_clusters>{});
   if (name == "quest-group-max") return f(std::type_identity<quest_group_max>{});
   if (name == "quest-group-mean") return f(std::type_identity<quest_group_mean>{});
   if (name == "representative-keys") return f(std::type_identity<representative_keys>{});

@@ -7,7 +7,7 @@
 // A record, every integer little-endian as the host writes it (the byte order is recorded and
 // a file of the other order refused):
 //
-//   "LHKVCACH"  u32 format version (2)  u32 0  u64 byte-order mark
+//   "LHKVCACH"  u32 format version (3)  u32 0  u64 byte-order mark
 //   u64 n  meta[n]  u64 XXH64(meta)      shape, the layer's attention_config, its RoPE (head_dim,
 //                                        base, layout, magnitude, inverse frequencies), the
 //                                        policies' identities, and the cache's state (tokens,
@@ -74,7 +74,7 @@
 namespace longheads {
 
 /// The format version this library writes and reads.
-inline constexpr std::uint32_t cache_file_version = 2;
+inline constexpr std::uint32_t cache_file_version = 3;
 
 /// The identity of a layer's policies as a cache file records it: the type of each policy that
 /// shapes what a cache holds or how it is read (encoder, scorer, selector, remapper, kernel,
@@ -165,7 +165,8 @@ inline void write_layer(meta_writer& m, const cache_shape& s, const attention_co
   for (std::int64_t x : {std::int64_t{s.n_q_heads}, std::int64_t{s.n_kv_heads}, std::int64_t{s.head_dim}, std::int64_t{s.chunk_size},
                          static_cast<std::int64_t>(s.representation_floats), static_cast<std::int64_t>(s.precision),
                          std::int64_t{s.representation_heads}, std::int64_t{s.index_fanout}, std::int64_t{s.keeps_open_queries},
-                         std::int64_t{s.spread_pieces}, static_cast<std::int64_t>(s.spread_state_floats), std::int64_t{s.rollback_chunks}})
+                         std::int64_t{s.spread_pieces}, static_cast<std::int64_t>(s.spread_state_floats), std::int64_t{s.rollback_chunks},
+                         std::int64_t{s.index_segment_chunks}, std::int64_t{s.index_clusters}, std::int64_t{s.index_cluster_iterations}})
     m.i64(x);
   if (ends) ends[0] = m.data().size();
   for (std::int64_t x : {std::int64_t{c.n_q_heads}, std::int64_t{c.n_kv_heads}, std::int64_t{c.head_dim}, std::int64_t{c.chunk_size},
@@ -578,7 +579,9 @@ kv_cache load_record(Source& in, const cache_shape& shape, const attention_confi
   const auto version = read_value<std::uint32_t>(in, "the header");
   if (version != cache_file_version)
     fail<file_error>("cache file: format version " + std::to_string(version) + ", this library reads version " + std::to_string(cache_file_version) +
-                     (version == 1 ? " (version 1 files may hold rolled-back tokens' rows: save the cache again)" : ""));
+                     (version == 1   ? " (version 1 files may hold rolled-back tokens' rows: save the cache again)"
+                      : version == 2 ? " (version 2 files do not record a key-space index's layout: save the cache again)"
+                                     : ""));
   if (read_value<std::uint32_t>(in, "the header") != 0) fail<file_error>("cache file: corrupted header (a reserved field is not 0)");
   const auto mark = read_value<std::uint64_t>(in, "the header");
   if (mark != byte_order_mark)

@@ -13,10 +13,7 @@
 // Level 0 are the chunks' own representations (in the cache, passed to the search); level l
 // >= 1 holds ceil(n / F^l) boxes, box b covering chunks [b F^l, (b + 1) F^l). Appending a chunk
 // folds it into one box per level (min and max are exact, so the boxes equal a rebuild's bits).
-// Selection policies: flat_scan (every full chunk scored; the reference and the default),
-// bound_tree_index (the search above, for the Quest pair; the cache keeps one tree per kv head)
-// and bound_tree_beam (the same tree searched by beam_search: O(log n) per query, approximate
-// past exact_below candidates; it is what makes the cost of a token flat in the context).
+// The selection index policies that search these trees are in index_policies.hpp.
 #pragma once
 
 #include <algorithm>
@@ -129,6 +126,9 @@ class bound_search_scratch {
     const auto n = static_cast<std::size_t>(std::max<std::int64_t>(chunks, 1));
     frontier_.reserve(2 * n + static_cast<std::size_t>(fanout) * 64);
   }
+  /// Room for the scores of `wanted` chunks kept by a search that ranks as it goes
+  /// (certified_search, cluster_search).
+  void reserve_kept(std::size_t wanted) { beam_bounds_.resize(std::max(beam_bounds_.size(), wanted)); }
   /// Room for a beam search of width `beam` with fan-out F: no level holds more than (beam + 2) F
   /// nodes (the kept boxes' children and those of the two boxes cut by the range's ends).
   void reserve_beam(int beam, int fanout) {
@@ -143,6 +143,13 @@ class bound_search_scratch {
   friend struct bound_search;
   friend struct beam_search;
   friend struct certified_search;
+  friend struct cluster_search;
+  // The kept chunks' scores (beam_bounds_ doubles as them: a search that ranks as it goes has
+  // run its beam first). Allocates only when `wanted` passes what reserve_kept gave.
+  float* kept_scores(std::size_t wanted) {
+    if (beam_bounds_.size() < wanted) beam_bounds_.resize(wanted);
+    return beam_bounds_.data();
+  }
   struct entry {
     float bound;         // the box's bound (NaN read as +inf) or the chunk's score (NaN as -inf)
     std::int32_t first;  // the lowest candidate chunk it covers
@@ -159,6 +166,47 @@ class bound_search_scratch {
   std::vector<float> beam_bounds_;       // beam_search: one box's children's bounds
   std::vector<std::pair<std::int64_t, std::int64_t>> beam_runs_;  // beam_search: runs of children to score
 };
+
+namespace detail {
+/// The best chunks offered so far, at most `wanted`, best first (larger score, then lower id;
+/// a NaN score is offered as -inf) in `out`, their scores beside in `scores`.
+class ranked_chunks {
+ public:
+  ranked_chunks(std::span<std::int32_t> out, float* scores, std::size_t wanted) noexcept : out_(out), scores_(scores), wanted_(wanted) {}
+  /// Takes out[0, n) as kept already (best first), scoring each with score_of(chunk).
+  template <class ScoreOf>
+  void adopt(std::size_t n, ScoreOf score_of) noexcept {
+    kept_ = n;
+    for (std::size_t i = 0; i < n; ++i) scores_[i] = score_of(out_[i]);
+  }
+  /// Chunks kept.
+  std::size_t count() const noexcept { return kept_; }
+  /// Whether `wanted` are kept.
+  bool full() const noexcept { return kept_ == wanted_; }
+  /// The k-th kept: its score and chunk (full() only).
+  float kth_score() const noexcept { return scores_[kept_ - 1]; }
+  std::int32_t kth() const noexcept { return out_[kept_ - 1]; }
+  /// Whether chunk c is kept.
+  bool holds(std::int64_t c) const noexcept { return std::find(out_.begin(), out_.begin() + static_cast<std::ptrdiff_t>(kept_), c) != out_.begin() + static_cast<std::ptrdiff_t>(kept_); }
+  /// Keeps chunk c of score s if it ranks among the best `wanted`.
+  void offer(std::int64_t c, float s) noexcept {
+    if (full() && !beats(s, c, scores_[kept_ - 1], out_[kept_ - 1])) return;
+    std::size_t at = kept_ < wanted_ ? kept_++ : kept_ - 1;
+    for (; at > 0 && beats(s, c, scores_[at - 1], out_[at - 1]); --at) {
+      out_[at] = out_[at - 1];
+      scores_[at] = scores_[at - 1];
+    }
+    out_[at] = static_cast<std::int32_t>(c);
+    scores_[at] = s;
+  }
+
+ private:
+  static bool beats(float sa, std::int64_t a, float sb, std::int64_t b) noexcept { return sa > sb || (sa == sb && a < b); }
+  std::span<std::int32_t> out_;
+  float* scores_;
+  std::size_t wanted_, kept_ = 0;
+};
+}  // namespace detail
 
 /// The best-first search (see the file comment).
 struct bound_search {
@@ -336,28 +384,17 @@ struct certified_search {
     if (first >= end || wanted == 0) return 0;
     const std::ptrdiff_t d = summaries.cols() / 2;
     // The kept chunks, best first (larger score, then lower id), seeded with the beam's.
-    std::size_t kept = beam_search::top(tree, summaries, q, first, end, wanted, beam, out, scratch, read);
+    const std::size_t seeded = beam_search::top(tree, summaries, q, first, end, wanted, beam, out, scratch, read);
     auto score_of = [&](std::int64_t c) {
       const float s = detail::bound_dot(q, summaries.row(c), summaries.row(c) + d, d);
       return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
     };
-    auto& scores = scratch.beam_bounds_;  // the kept chunks' scores (reserve_beam sized it to >= fanout; grown below if wanted is larger)
-    if (scores.size() < wanted) scores.resize(wanted);  // allocation only when wanted exceeds the fan-out the scratch was reserved for
-    for (std::size_t i = 0; i < kept; ++i) scores[i] = score_of(out[i]);
-    auto beats = [](float sa, std::int64_t a, float sb, std::int64_t b) { return sa > sb || (sa == sb && a < b); };
+    detail::ranked_chunks kept(out, scratch.kept_scores(wanted), wanted);
+    kept.adopt(seeded, score_of);
     auto keep = [&](std::int64_t c) {
-      for (std::size_t i = 0; i < kept; ++i)
-        if (out[i] == c) return;  // already kept (the beam found it)
-      const float s = score_of(c);
+      if (kept.holds(c)) return;  // the beam found it
       if (read) ++read->chunks;
-      if (kept == wanted && !beats(s, c, scores[kept - 1], out[kept - 1])) return;
-      std::size_t at = kept < wanted ? kept++ : kept - 1;
-      for (; at > 0 && beats(s, c, scores[at - 1], out[at - 1]); --at) {
-        out[at] = out[at - 1];
-        scores[at] = scores[at - 1];
-      }
-      out[at] = static_cast<std::int32_t>(c);
-      scores[at] = s;
+      kept.offer(c, score_of(c));
     };
     auto& frontier = scratch.frontier_;
     frontier.clear();
@@ -381,10 +418,10 @@ struct certified_search {
     for (std::int64_t b = 0; b < (top_level == 0 ? tree.chunks() : tree.boxes(top_level)); ++b) push(top_level, b);
     while (!frontier.empty()) {
       const entry best = frontier.front();
-      if (kept == wanted) {
-        const float kth = scores[kept - 1];
+      if (kept.full()) {
+        const float kth = kept.kth_score();
         // The certificate: no chunk left can beat the k-th (epsilon 0: not even by the tie to a lower id).
-        const bool settled = epsilon > 0.0f ? best.bound <= kth + epsilon : best.bound < kth || (best.bound == kth && best.first > out[kept - 1]);
+        const bool settled = epsilon > 0.0f ? best.bound <= kth + epsilon : best.bound < kth || (best.bound == kth && best.first > kept.kth());
         if (settled) break;
       }
       std::pop_heap(frontier.begin(), frontier.end(), worse);
@@ -393,135 +430,8 @@ struct certified_search {
       for (std::int64_t child = best.index * tree.fanout(); child < std::min(children, (best.index + 1) * tree.fanout()); ++child)
         push(best.level - 1, child);
     }
-    return kept;
+    return kept.count();
   }
 };
-
-/// Selection index policy: score every full chunk (the reference, and the default).
-struct flat_scan {
-  static constexpr bool indexed = false;  ///< selection reads scores of every chunk
-  /// Chunks per box of the cache's index: none.
-  int fanout() const noexcept { return 0; }
-};
-
-/// Selection index policy: the cache keeps a bound_tree per kv head and each query's chunks are
-/// found by bound_search, exactly the flat scan's choice. Only for the Quest pair
-/// (key_bounds_encoder + bound_scorer, sink_local_topk_selector, per-head selection), which the
-/// attention checks when it is compiled.
-struct bound_tree_index {
-  static constexpr bool indexed = true;  ///< selection searches the cache's trees
-  static constexpr bool exact = true;    ///< the flat scan's chunks, always
-  int branching = 16;                    ///< chunks (or boxes) per box, >= 2
-  /// Chunks per box of the cache's index.
-  int fanout() const noexcept { return branching; }
-  /// @throws config_error if branching < 2.
-  void validate() const {
-    if (branching < 2) detail::fail<config_error>("bound_tree_index: branching must be >= 2, got " + std::to_string(branching));
-  }
-  /// The `wanted` best chunks of [first, end) for the rotated query `q` (bound_search::top).
-  std::size_t search(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
-                     std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
-                     bound_search::stats* read = nullptr) const noexcept {
-    return bound_search::top(tree, summaries, q, first, end, wanted, out, scratch, read);
-  }
-};
-
-/// Selection index policy: the same trees searched by beam_search, O(beam F log_F n) summaries
-/// per query however long the context, for contexts where the flat scan's O(n) per query is the
-/// cost. Exact (the flat scan's chunks, tested) while a query has at most `exact_below`
-/// candidate chunks: the beam is then widened to hold every box. Beyond, it may miss a chunk
-/// whose box does not rank in its level's beam (docs/results.md gives how often, and the
-/// passkey answers beside the flat scan's). The defaults were chosen on passkey-256 at 16k-1M
-/// tokens (docs/results.md): boxes of 32 chunks, 4 opened per level.
-struct bound_tree_beam {
-  static constexpr bool indexed = true;  ///< selection searches the cache's trees
-  static constexpr bool exact = false;   ///< may miss a chunk past exact_below (see above)
-  int branching = 32;                    ///< chunks (or boxes) per box, >= 2
-  int beam = 4;                          ///< boxes opened per level, >= 1
-  int exact_below = 1024;                ///< up to this many candidate chunks the search is exact, >= 0
-  /// Up to this many candidate chunks the attention takes the flat scan's choice instead of
-  /// searching, >= 0: the same chunks while it is <= exact_below, found faster (a block of
-  /// queries scored at once); 0 makes every query search (tests of the widened beam).
-  int scan_below = 1024;
-  /// Chunks per box of the cache's index.
-  int fanout() const noexcept { return branching; }
-  /// Candidates up to which queries choose by the flat scan (scan_below).
-  std::int64_t flat_below() const noexcept { return scan_below; }
-  /// The widest beam a search uses (scratch is sized for it).
-  int widest_beam() const noexcept { return std::max(beam, exact_below); }
-  /// @throws config_error if branching < 2, beam < 1, exact_below < 0 or scan_below < 0.
-  void validate() const {
-    if (branching < 2 || beam < 1 || exact_below < 0 || scan_below < 0)
-      detail::fail<config_error>("bound_tree_beam: branching must be >= 2, beam >= 1, exact_below >= 0 and scan_below >= 0, got branching " +
-                                 std::to_string(branching) + ", beam " + std::to_string(beam) + ", exact_below " +
-                                 std::to_string(exact_below) + ", scan_below " + std::to_string(scan_below));
-  }
-  /// The `wanted` best chunks of [first, end) the beam reaches for the rotated query `q`
-  /// (beam_search::top; exact up to exact_below candidates).
-  std::size_t search(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
-                     std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
-                     bound_search::stats* read = nullptr) const noexcept {
-    // A beam as wide as the candidates holds every box of every level: the flat scan's choice.
-    const int width = end - first <= exact_below ? widest_beam() : beam;
-    return beam_search::top(tree, summaries, q, first, end, wanted, width, out, scratch, read);
-  }
-};
-
-/// Selection index policy: the certified search (certified_search) over the same trees: the
-/// beam's choice, widened until a bound proves that every chunk left out scores at most the
-/// k-th kept plus `epsilon`. epsilon 0 gives exactly the flat scan's chunks (tested `==`);
-/// epsilon > 0 trades that for reads, which depend on how the scores spread (docs/results.md:
-/// on passkey-256 at 1M tokens, epsilon 0 reads 71% of the chunks at the median, epsilon 5
-/// 5.1% (p90 22%) for attention-mass recall 1.000 / 0.957 against the flat scan (median / p10);
-/// on iid keys everything). Its frontier can grow to the tree's size: the scratch is
-/// reserved for the context (no allocation per token within it).
-struct bound_tree_certified {
-  static constexpr bool indexed = true;  ///< selection searches the cache's trees
-  static constexpr bool exact = false;   ///< exact only with epsilon 0 (a run-time value)
-  static constexpr bool widens = true;   ///< searches best-first past its beam: needs the frontier
-  int branching = 32;                    ///< chunks (or boxes) per box, >= 2
-  int beam = 4;                          ///< the beam that seeds the search, >= 1
-  float epsilon = 0.0f;                  ///< the certificate's slack, >= 0 (0: the flat scan's choice)
-  /// Chunks per box of the cache's index.
-  int fanout() const noexcept { return branching; }
-  /// The seeding beam's width (scratch is sized for it).
-  int widest_beam() const noexcept { return beam; }
-  /// @throws config_error if branching < 2, beam < 1 or epsilon is negative or not finite.
-  void validate() const {
-    if (branching < 2 || beam < 1 || !(epsilon >= 0.0f) || !std::isfinite(epsilon))
-      detail::fail<config_error>("bound_tree_certified: branching must be >= 2, beam >= 1 and epsilon finite and >= 0, got branching " +
-                                 std::to_string(branching) + ", beam " + std::to_string(beam) + ", epsilon " + std::to_string(epsilon));
-  }
-  /// The `wanted` best chunks of [first, end) for the rotated query `q`, certified within epsilon
-  /// (certified_search::top).
-  std::size_t search(const bound_tree& tree, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
-                     std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
-                     bound_search::stats* read = nullptr) const noexcept {
-    return certified_search::top(tree, summaries, q, first, end, wanted, beam, epsilon, out, scratch, read);
-  }
-};
-
-/// Whether index policy `Index` searches best-first (bound_tree_index, bound_tree_certified):
-/// its frontier grows with the context, so its scratch is reserved for the context.
-template <class Index>
-inline constexpr bool searches_best_first =
-    Index::indexed && (!requires(const Index& i) { i.widest_beam(); } || requires { Index::widens; });
-
-/// Room in `scratch` for index policy `index`'s searches over up to `chunks` chunks: a beam's
-/// bounded levels, a best-first search's frontier (which grows with the context), or both.
-template <class Index>
-void reserve_search_scratch(const Index& index, bound_search_scratch& scratch, std::int64_t chunks) {
-  if constexpr (requires { index.widest_beam(); }) scratch.reserve_beam(index.widest_beam(), index.fanout());
-  if constexpr (searches_best_first<Index>) scratch.reserve(chunks, index.fanout());
-}
-
-/// A selection index policy: `indexed`, and the fan-out of the trees it keeps in the cache.
-template <class I>
-concept selection_index = requires(const I& i) {
-  { I::indexed } -> std::convertible_to<bool>;
-  { i.fanout() } -> std::convertible_to<int>;
-};
-static_assert(selection_index<flat_scan> && selection_index<bound_tree_index> && selection_index<bound_tree_beam> &&
-              selection_index<bound_tree_certified>);
 
 }  // namespace longheads

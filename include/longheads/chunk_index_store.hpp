@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "chunk_index.hpp"
+#include "chunk_index_state.hpp"
 #include "errors.hpp"
 #include "kv_cache.hpp"
 #include "views.hpp"
@@ -36,11 +36,11 @@ class chunk_index_store {
   /// representations the [lo | hi] of the Quest pair the index searches).
   /// @throws shape_error if the shape keeps no index.
   explicit chunk_index_store(const cache_shape& shape) : shape_(shape) {
-    if (shape.index_fanout < 2 || shape.representation_floats != 2 * static_cast<std::size_t>(shape.head_dim))
-      detail::fail<shape_error>("chunk_index_store: the shape keeps no index (index_fanout >= 2 over [lo | hi] representations of 2 * head_dim floats), got " +
+    if (!shape.indexing().any() || !shape.indexing().problem(shape.head_dim, shape.representation_floats).empty())
+      detail::fail<shape_error>("chunk_index_store: the shape keeps no index (a valid index layout over [lo | hi] representations of 2 * head_dim floats), got " +
                                 to_string(shape));
     rows_.resize(static_cast<std::size_t>(shape.summary_heads()));
-    trees_.assign(static_cast<std::size_t>(shape.summary_heads()), bound_tree(shape.head_dim, shape.index_fanout));
+    indexes_.assign(static_cast<std::size_t>(shape.summary_heads()), chunk_index_state(shape.head_dim, shape.indexing()));
   }
 
   /// The shape it indexes chunks of.
@@ -53,7 +53,7 @@ class chunk_index_store {
   /// Room for `chunks` chunks: appends up to that many never allocate.
   void reserve(std::int64_t chunks) {
     for (auto& head : rows_) head.reserve(static_cast<std::size_t>(chunks) * shape_.representation_floats);
-    for (bound_tree& tree : trees_) tree.reserve(chunks);
+    for (chunk_index_state& index : indexes_) index.reserve(chunks);
   }
 
   /// Appends the sequence's next chunks, chunks() .. chunks() + n - 1: `rows` holds n chunks,
@@ -73,7 +73,7 @@ class chunk_index_store {
       for (std::size_t h = 0; h < rows_.size(); ++h) {
         const float* row = rows.data() + static_cast<std::size_t>(c) * per_chunk + h * r;
         rows_[h].insert(rows_[h].end(), row, row + r);
-        trees_[h].append(row);
+        indexes_[h].append({rows_[h].data(), chunks_ + c + 1, static_cast<std::ptrdiff_t>(r), static_cast<std::ptrdiff_t>(r)});
       }
     chunks_ += n;
   }
@@ -86,7 +86,7 @@ class chunk_index_store {
     for (std::size_t h = 0; h < rows_.size(); ++h) {
       std::fill(rows_[h].begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(chunks) * r), rows_[h].end(), 0.0f);
       rows_[h].resize(static_cast<std::size_t>(chunks) * r);
-      trees_[h].truncate(chunks, {rows_[h].data(), chunks, static_cast<std::ptrdiff_t>(r), static_cast<std::ptrdiff_t>(r)});
+      indexes_[h].truncate(chunks, {rows_[h].data(), chunks, static_cast<std::ptrdiff_t>(r), static_cast<std::ptrdiff_t>(r)});
     }
     chunks_ = chunks;
   }
@@ -101,13 +101,13 @@ class chunk_index_store {
     return {rows_[static_cast<std::size_t>(representation_head(q_head))].data(), chunks_, r, r};
   }
   /// The index query head `q_head` searches (as kv_cache::index).
-  const bound_tree& index(int q_head) const noexcept { return trees_[static_cast<std::size_t>(representation_head(q_head))]; }
+  const chunk_index_state& index(int q_head) const noexcept { return indexes_[static_cast<std::size_t>(representation_head(q_head))]; }
 
  private:
   cache_shape shape_;
   std::int64_t chunks_ = 0;
   std::vector<std::vector<float>> rows_;  // per summary head: [chunks, r]
-  std::vector<bound_tree> trees_;         // per summary head
+  std::vector<chunk_index_state> indexes_;  // per summary head
 };
 
 /// Chunks [from, to) of `cache`'s representations (its own chunk ids; summarised chunks only) in

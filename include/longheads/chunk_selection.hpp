@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "attention_config.hpp"
-#include "chunk_index.hpp"
+#include "index_policies.hpp"
 #include "detail/grow.hpp"
 #include "chunk_scorer.hpp"
 #include "group_selection.hpp"
@@ -47,10 +47,11 @@ struct selection_scratch {
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
                std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0, bool index_frontier = false,
                std::size_t flat_chunks = static_cast<std::size_t>(-1)) {
-    if (selects && index_fanout > 0) {
+    if (selects && (index_fanout > 0 || index_frontier)) {
       // A beam's levels are bounded whatever the context; a best-first frontier grows with it.
       if (index_beam > 0) search.reserve_beam(index_beam, index_fanout);
-      if (index_beam == 0 || index_frontier) search.reserve(static_cast<std::int64_t>(chunks), index_fanout);
+      if (index_beam == 0 || index_frontier) search.reserve(static_cast<std::int64_t>(chunks), std::max(2, index_fanout));
+      search.reserve_kept(segments);
       detail::grow(rotated_query, static_cast<std::size_t>(config.head_dim));
     }
     chunks = std::min(chunks, flat_chunks);

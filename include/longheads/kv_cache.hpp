@@ -31,7 +31,7 @@
 #include <utility>
 #include <vector>
 
-#include "chunk_index.hpp"
+#include "chunk_index_state.hpp"
 #include "errors.hpp"
 #include "kv_storage.hpp"
 #include "rope.hpp"
@@ -51,7 +51,8 @@ struct cache_shape {
   /// Heads with representations of their own: n_q_heads (0 means that), or n_kv_heads when the
   /// encoder reads keys only, so every query head of a kv group has the same representation.
   int representation_heads = 0;
-  /// Chunks per box of the selection index kept per representation head (bound_tree), 0 for none.
+  /// Chunks per box of the selection index's tree kept per representation head (bound_tree), 0
+  /// for none (index_layout::fanout; the index_* fields are the index policy's layout()).
   int index_fanout = 0;
   /// Whether the cache keeps the open chunk's rotated queries until the chunk is encoded: only
   /// an encoder that reads queries needs them (keys-only encoders and the baselines do not).
@@ -65,6 +66,21 @@ struct cache_shape {
   /// Full chunks whose queries are kept beyond what encoding needs, so that truncate() can go
   /// back into them (attention_config::rollback_chunks; only with keeps_open_queries).
   int rollback_chunks = 0;
+  ///@{
+  /// The key-space clusters of the selection index (index_layout: key_cluster_index), 0 for none.
+  int index_segment_chunks = 0;
+  int index_clusters = 0;
+  int index_cluster_iterations = 0;
+  ///@}
+  /// What the cache keeps per representation head for the selection index.
+  index_layout indexing() const noexcept { return {index_fanout, index_segment_chunks, index_clusters, index_cluster_iterations}; }
+  /// Sets the index_* fields from an index policy's layout.
+  void set_index(const index_layout& layout) noexcept {
+    index_fanout = layout.fanout;
+    index_segment_chunks = layout.segment_chunks;
+    index_clusters = layout.clusters;
+    index_cluster_iterations = layout.iterations;
+  }
   /// representation_heads, 0 resolved.
   int summary_heads() const noexcept { return representation_heads > 0 ? representation_heads : n_q_heads; }
   /// Whether the last full chunk's encoding is spread over the open chunk's tokens.
@@ -80,7 +96,8 @@ inline std::string to_string(const cache_shape& s) {
   return "{q_heads " + std::to_string(s.n_q_heads) + ", kv_heads " + std::to_string(s.n_kv_heads) + ", head_dim " +
          std::to_string(s.head_dim) + ", chunk_size " + std::to_string(s.chunk_size) + ", representation " +
          std::to_string(s.representation_floats) + " x " + std::to_string(s.summary_heads()) + " heads, index fanout " +
-         std::to_string(s.index_fanout) + ", open queries " + (s.keeps_open_queries ? "kept" : "none") + ", spread pieces " +
+         std::to_string(s.index_fanout) + ", index clusters " + std::to_string(s.index_clusters) + " per " +
+         std::to_string(s.index_segment_chunks) + " chunks x " + std::to_string(s.index_cluster_iterations) + " iterations, open queries " + (s.keeps_open_queries ? "kept" : "none") + ", spread pieces " +
          std::to_string(s.spread_pieces) + " x " + std::to_string(s.spread_state_floats) + " floats, rollback chunks " +
          std::to_string(s.rollback_chunks) + ", kv " + to_string(s.precision) + "}";
 }
@@ -127,9 +144,8 @@ class kv_cache {
       detail::fail<shape_error>("kv_cache: every dimension must be > 0 and n_kv_heads divide n_q_heads, got " + to_string(shape));
     if (shape.representation_heads != 0 && shape.representation_heads != shape.n_q_heads && shape.representation_heads != shape.n_kv_heads)
       detail::fail<shape_error>("kv_cache: representation_heads must be 0, n_q_heads or n_kv_heads, got " + to_string(shape));
-    if (shape.index_fanout != 0 && (shape.index_fanout < 2 || shape.representation_floats != 2 * static_cast<std::size_t>(shape.head_dim)))
-      detail::fail<shape_error>("kv_cache: an index needs index_fanout >= 2 over [lo | hi] representations of 2 * head_dim floats, got " +
-                                to_string(shape));
+    if (const std::string problem = shape.indexing().problem(shape.head_dim, shape.representation_floats); !problem.empty())
+      detail::fail<shape_error>("kv_cache: " + problem + ", got " + to_string(shape));
     if (shape.spread_pieces < 0 || (shape.spread_pieces > 0 && (!shape.keeps_open_queries || shape.representation_floats == 0)))
       detail::fail<shape_error>("kv_cache: spreading the encoding needs spread_pieces >= 0, the open chunk's queries and representations, got " +
                                 to_string(shape));
@@ -139,7 +155,8 @@ class kv_cache {
     open_queries_.resize(static_cast<std::size_t>(shape.query_chunks()) * query_buffer_floats());
     held_.assign(static_cast<std::size_t>(shape.query_chunks()), held_rows{});
     spread_state_.resize(shape.spreads_encoding() ? static_cast<std::size_t>(shape.summary_heads()) * shape.spread_state_floats : 0);
-    if (shape.index_fanout != 0) trees_.assign(static_cast<std::size_t>(shape.summary_heads()), bound_tree(shape.head_dim, shape.index_fanout));
+    if (shape.indexing().any())
+      indexes_.assign(static_cast<std::size_t>(shape.summary_heads()), chunk_index_state(shape.head_dim, shape.indexing()));
     selection_counts_.assign(static_cast<std::size_t>(shape.n_q_heads), 0);
   }
 
@@ -171,7 +188,7 @@ class kv_cache {
                                   " do not fit in addressable memory");
       grow(std::max(chunks, capacity_chunks_ + capacity_chunks_ / 2));
     }
-    for (bound_tree& tree : trees_) tree.reserve(std::max(chunks, capacity_chunks_));
+    for (chunk_index_state& index : indexes_) index.reserve(std::max(chunks, capacity_chunks_));
     // The last selection of every head: at most one entry per chunk (dense attention reads
     // them all), so a reserved cache never grows it while decoding. (Capacity, not content: a
     // failure here after the growth above leaves the cache equal to before.)
@@ -417,15 +434,16 @@ class kv_cache {
   std::span<float> representation_slot(std::int64_t chunk, int head) noexcept {
     return {representations_.data() + representation_offset(chunk, head), shape_.representation_floats};
   }
-  /// The selection index query head `q_head` searches (shape().index_fanout > 0): a tree over
-  /// its representation head's full chunks.
-  const bound_tree& index(int q_head) const noexcept { return trees_[static_cast<std::size_t>(representation_head(q_head))]; }
+  /// The selection index query head `q_head` searches (shape().indexing().any()): its
+  /// representation head's, over the summarised chunks.
+  const chunk_index_state& index(int q_head) const noexcept { return indexes_[static_cast<std::size_t>(representation_head(q_head))]; }
   /// Brings every head's index up to the full chunks (after their representations are written),
   /// in chunk order. No allocation within the reserved length.
   void index_full_chunks(std::int64_t full) noexcept {
-    for (std::size_t h = 0; h < trees_.size(); ++h)
-      for (std::int64_t c = trees_[h].chunks(); c < full; ++c)
-        trees_[h].append(representations_.data() + representation_offset(c, static_cast<int>(h)));
+    const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
+    for (std::size_t h = 0; h < indexes_.size(); ++h)
+      for (std::int64_t c = indexes_[h].chunks(); c < full; ++c)
+        indexes_[h].append({representations_.data() + representation_offset(0, static_cast<int>(h)), c + 1, r, r});
   }
   /// Ends an append: the cache now holds `tokens` tokens, stored above, its index covers their
   /// summarised chunks, and no last selection until a computing call records one (ingest
@@ -468,9 +486,9 @@ class kv_cache {
       held.rows = std::clamp<std::int64_t>(tokens - held.chunk * shape_.chunk_size, 0, held.rows);
     std::fill(selection_counts_.begin(), selection_counts_.end(), 0);
     const auto r = static_cast<std::ptrdiff_t>(shape_.representation_floats);
-    for (std::size_t h = 0; h < trees_.size(); ++h)
-      if (trees_[h].chunks() > full_chunks())
-        trees_[h].truncate(full_chunks(), {representations_.data() + representation_offset(0, static_cast<int>(h)), full_chunks(), r, r});
+    for (std::size_t h = 0; h < indexes_.size(); ++h)
+      if (indexes_[h].chunks() > full_chunks())
+        indexes_[h].truncate(full_chunks(), {representations_.data() + representation_offset(0, static_cast<int>(h)), full_chunks(), r, r});
   }
   // What a cache forgets leaves no trace: everything stored for positions from `tokens` on (key
   // and value rows, queries, summaries of chunks no longer full, a spread encoding's state) is
@@ -514,7 +532,7 @@ class kv_cache {
   }
   std::size_t index_floats() const noexcept {
     std::size_t n = 0;
-    for (const bound_tree& tree : trees_) n += tree.floats();
+    for (const chunk_index_state& index : indexes_) n += index.floats();
     return n;
   }
   std::size_t representation_floats_per_chunk() const noexcept {
@@ -624,7 +642,7 @@ class kv_cache {
     else return fp32.data() + offset;
   }
   std::vector<std::int32_t> selections_, selection_counts_;
-  std::vector<bound_tree> trees_;  // per representation head, when shape_.index_fanout > 0
+  std::vector<chunk_index_state> indexes_;  // per representation head, when shape_.indexing().any()
   std::size_t selection_stride_ = 0;
 };
 

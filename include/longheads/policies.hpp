@@ -6,7 +6,7 @@
 
 #include "attention_kernel.hpp"
 #include "chunk_encoder.hpp"
-#include "chunk_index.hpp"
+#include "index_policies.hpp"
 #include "chunk_scorer.hpp"
 #include "executor.hpp"
 #include "group_selection.hpp"
@@ -62,7 +62,7 @@ struct policy_bundle {
   static_assert(executor<executor_type>, "Policies::executor must model longheads::executor (executor.hpp)");
   static_assert(group_selection<group_selection_type>,
                 "Policies::group_selection must model longheads::group_selection (group_selection.hpp)");
-  static_assert(selection_index<index_type>, "Policies::index must model longheads::selection_index (chunk_index.hpp)");
+  static_assert(selection_index<index_type>, "Policies::index must model longheads::selection_index (index_policies.hpp)");
   static_assert(!index_type::indexed || (std::same_as<scorer_type, bound_scorer> && std::derived_from<encoder_type, key_bounds_encoder> &&
                                          encodes_keys_only<encoder_type> && std::same_as<selector_type, sink_local_topk_selector> &&
                                          !group_selection_type::shared),

@@ -46,7 +46,7 @@
 #include "attention.hpp"
 #include "attention_config.hpp"
 #include "attention_kernel.hpp"
-#include "chunk_index.hpp"
+#include "index_policies.hpp"
 #include "chunk_index_store.hpp"
 #include "chunk_scorer.hpp"
 #include "detail/grow.hpp"
@@ -260,7 +260,7 @@ struct shard_scratch {
     for (shard_lane_scratch& lane : lanes) {
       detail::grow(lane.rotated, static_cast<std::size_t>(layer.config().head_dim));
       detail::grow(lane.found, offered_per_head(layer.config()));
-      reserve_search_scratch(policies.index, lane.search, chunks);
+      reserve_search_scratch(policies.index, lane.search, chunks, offered_per_head(layer.config()));
     }
   }
 
@@ -287,7 +287,7 @@ struct shard_scratch {
       detail::grow(lane.slot_starts, static_cast<std::size_t>(config.budget_chunks));
       using index_type = std::remove_cvref_t<decltype(policies.index)>;
       if constexpr (index_type::indexed) {
-        reserve_search_scratch(policies.index, lane.search, chunks);
+        reserve_search_scratch(policies.index, lane.search, chunks, offered_per_head(config));
       }
     }
   }

@@ -20,7 +20,7 @@
 #include <utility>
 
 #include "attention_config.hpp"
-#include "chunk_index.hpp"
+#include "index_policies.hpp"
 #include "errors.hpp"
 #include "kv_cache.hpp"
 #include "rope.hpp"

@@ -51,7 +51,7 @@ struct workspace_needs {
     return {context, tokens, static_cast<std::size_t>(segments), work_partition::tile_queries(config), selects, selects && shared_selection,
             policies.encoder.scratch_floats(config),
             policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(work_partition::query_block(tokens))),
-            policies.kernel.scratch_floats(config.chunk_size, config.head_dim), selects ? policies.index.fanout() : 0, beam_of(policies.index),
+            policies.kernel.scratch_floats(config.chunk_size, config.head_dim), selects ? policies.index.layout().fanout : 0, beam_of(policies.index),
             searches_best_first<std::remove_cvref_t<decltype(policies.index)>>, flat_scan_chunks(policies.index, config)};
   }
   /// The widest beam of an index policy that has one (bound_tree_beam), else 0.

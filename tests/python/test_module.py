@@ -357,3 +357,25 @@ def test_the_certified_policy_is_the_flat_scan_past_the_beams_exact_range():
     assert not np.array_equal(beam_sel, sel)  # the case is one the beam gets wrong
     with pytest.raises(lh.ConfigError, match="epsilon finite and >= 0"):
         lh.Attention(config, rope, policy="quest-certified", epsilon=-1.0)
+
+
+def test_the_key_cluster_policy_gives_the_same_bits_in_one_prefill_and_token_by_token():
+    # 1,100 chunks of 4 tokens: past exact_below (1024 candidates) and past the first segment of
+    # 1024 chunks, so the last queries search the clusters. One prefill and a prefill followed by
+    # single-token steps give the same selections and outputs bit for bit.
+    n = 4400
+    q, k, v = sequence(n, seed=23)
+    config = lh.AttentionConfig(n_q_heads=HQ, n_kv_heads=HKV, head_dim=D, chunk_size=4, budget_chunks=8)
+    rope = lh.Rope(D, 10000.0, "half")
+    assert "quest-clusters" in lh.policies()
+    clusters = lh.Attention(config, rope, policy="quest-clusters")
+    whole = clusters.make_cache()
+    out, sel = clusters.prefill(whole, q, k, v, selections=True)
+    stepped = clusters.make_cache()
+    clusters.prefill(stepped, q[:n - 6], k[:n - 6], v[:n - 6])
+    for t in range(n - 6, n):
+        step_out, step_sel = clusters.prefill(stepped, q[t:t + 1], k[t:t + 1], v[t:t + 1], selections=True)
+        assert np.array_equal(step_out[0], out[t]) and np.array_equal(step_sel[0], sel[t])
+    flat = lh.Attention(config, rope, policy="quest")
+    _, flat_sel = flat.prefill(flat.make_cache(), q, k, v, selections=True)
+    assert np.array_equal(flat_sel[:4000], sel[:4000])  # up to 1024 candidates: the flat scan's choice

@@ -1,0 +1,330 @@
+// SPDX-License-Identifier: MIT
+// Key-space clusters: chunks grouped by what their keys look like, not by when they came.
+//
+// The beam's boxes (chunk_index.hpp) cover consecutive chunks, and neighbours in time are not
+// neighbours in key space: on real caches a box's bound reaches past the k-th score almost
+// everywhere. Here the chunks are cut into segments of S consecutive chunks; when a segment is
+// full, k-means over its chunks' [lo | hi] representations splits it into C clusters, each kept
+// as its members (ascending chunk ids) and a box (their min lo, max hi) that bounds every
+// member's score from above (detail::bound_dot is monotone in lo and hi).
+//
+// Causal and the same in every split: a segment is clustered once, from its own chunks only, by
+// a fixed computation (centres seeded from evenly spaced members, a fixed number of Lloyd
+// iterations, sums in a fixed order), so its clusters are the same bits whether the chunks came
+// in one prefill or one token at a time. A query whose candidates end at chunk `end` uses only
+// the segments that end at or before `end` and scores the chunks after them one by one: its
+// choice depends only on the chunks before `end`, as the flat scan's does.
+//
+// Levels: a query whose `end` falls inside a segment would score up to S - 1 chunks one by one.
+// The index therefore keeps levels of segments S, S / 8, S / 64, ... (clusters C, C / 8, ...: the
+// same members per cluster), each clustered on its own; a query covers [0, end) with the largest
+// segments that fit, then the next level's, and scores only what is left (fewer than the
+// smallest segment). key_cluster_levels() says which levels a layout keeps.
+//
+// The search (cluster_search) scores the tail, bounds every usable cluster by its box, and
+// opens clusters best bound first until either the k-th chunk found beats every box left (then
+// the choice is the flat scan's, certified) or it has read its probe budget of chunks (then it
+// is approximate, by what docs/results.md measures).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "chunk_index.hpp"
+#include "detail/simd.hpp"
+#include "errors.hpp"
+#include "views.hpp"
+
+namespace longheads {
+
+/// One head's segments of clustered chunks (see the file comment).
+class key_clusters {
+ public:
+  /// @param head_dim d: representations are [lo | hi], 2d floats
+  /// @param segment_chunks S >= 2, chunks clustered together
+  /// @param clusters C in [1, S], clusters per segment
+  /// @param iterations Lloyd iterations of the k-means, >= 0
+  key_clusters(int head_dim, int segment_chunks, int clusters, int iterations)
+      : d_(head_dim), segment_(segment_chunks), clusters_(clusters), iterations_(iterations), groups_(std::max(1, clusters / 8)) {
+    const auto r = static_cast<std::size_t>(2 * d_);
+    centres_.resize(static_cast<std::size_t>(clusters_) * r);
+    sums_.resize(static_cast<std::size_t>(clusters_) * r);
+    counts_.resize(static_cast<std::size_t>(clusters_));
+    owner_.resize(static_cast<std::size_t>(segment_));
+    cluster_order_.resize(static_cast<std::size_t>(clusters_));
+  }
+
+  /// Chunks appended (sealed in segments or not yet).
+  std::int64_t chunks() const noexcept { return chunks_; }
+  /// Segments clustered: chunks [0, segments() S) are in clusters.
+  std::int64_t segments() const noexcept { return chunks_ / segment_; }
+  /// S.
+  int segment_chunks() const noexcept { return segment_; }
+  /// C.
+  int clusters_per_segment() const noexcept { return clusters_; }
+  /// Box of cluster g (segment g / C): [lo | hi], 2d floats.
+  const float* box(std::int64_t g) const noexcept { return boxes_.data() + g * 2 * d_; }
+  /// Members of cluster g, ascending chunk ids (empty for a cluster k-means left empty).
+  std::span<const std::int32_t> members(std::int64_t g) const noexcept {
+    const auto from = static_cast<std::size_t>(offsets_[static_cast<std::size_t>(g)]);
+    return {members_.data() + from, static_cast<std::size_t>(offsets_[static_cast<std::size_t>(g) + 1]) - from};
+  }
+  /// Groups per segment: G = max(1, C / 8) (fewer in a segment with fewer non-empty clusters).
+  int groups_per_segment() const noexcept { return groups_; }
+  /// Box of group e (segment e / G): the [lo | hi] over its clusters' boxes.
+  const float* group_box(std::int64_t e) const noexcept { return group_boxes_.data() + e * 2 * d_; }
+  /// Clusters (ids, ascending) of group e; empty for a group the segment did not need.
+  std::span<const std::int32_t> group(std::int64_t e) const noexcept {
+    const auto from = static_cast<std::size_t>(group_offsets_[static_cast<std::size_t>(e)]);
+    return {group_clusters_.data() + from, static_cast<std::size_t>(group_offsets_[static_cast<std::size_t>(e) + 1]) - from};
+  }
+  /// Floats and ints held (capacity), counted as 4-byte words.
+  std::size_t floats() const noexcept {
+    return boxes_.capacity() + members_.capacity() + offsets_.capacity() + group_boxes_.capacity() + group_clusters_.capacity() +
+           group_offsets_.capacity() + cluster_order_.capacity() + centres_.capacity() + 2 * sums_.capacity() + counts_.capacity() + owner_.capacity();
+  }
+
+  /// Room for `chunks` chunks: appends up to that many never allocate.
+  void reserve(std::int64_t chunks) {
+    const auto segments = static_cast<std::size_t>(chunks / segment_);
+    boxes_.reserve(segments * static_cast<std::size_t>(clusters_) * 2 * static_cast<std::size_t>(d_));
+    members_.reserve(segments * static_cast<std::size_t>(segment_));
+    offsets_.reserve(segments * static_cast<std::size_t>(clusters_) + 1);
+    group_boxes_.reserve(segments * static_cast<std::size_t>(groups_) * 2 * static_cast<std::size_t>(d_));
+    group_clusters_.reserve(segments * static_cast<std::size_t>(clusters_));
+    group_offsets_.reserve(segments * static_cast<std::size_t>(groups_) + 1);
+  }
+
+  /// Takes the next chunk, whose representation is row chunks() of `summaries` (rows of [lo |
+  /// hi], at least chunks() + 1 of them); clusters its segment when it completes one.
+  void append(matrix_view<const float> summaries) {
+    ++chunks_;
+    if (chunks_ % segment_ == 0) seal(summaries, chunks_ / segment_ - 1);
+  }
+
+  /// Forgets every chunk from `chunks` on (a cache truncated back): the segments they were in
+  /// are dropped, their clusters' boxes and members zeroed first (nothing of them stays).
+  void truncate(std::int64_t chunks) noexcept {
+    chunks = std::clamp<std::int64_t>(chunks, 0, chunks_);
+    const auto keep = static_cast<std::size_t>(chunks / segment_);
+    const std::size_t kept_clusters = keep * static_cast<std::size_t>(clusters_);
+    std::fill(boxes_.begin() + static_cast<std::ptrdiff_t>(kept_clusters * 2 * static_cast<std::size_t>(d_)), boxes_.end(), 0.0f);
+    boxes_.resize(kept_clusters * 2 * static_cast<std::size_t>(d_));
+    std::fill(members_.begin() + static_cast<std::ptrdiff_t>(keep * static_cast<std::size_t>(segment_)), members_.end(), 0);
+    members_.resize(keep * static_cast<std::size_t>(segment_));
+    offsets_.resize(keep == 0 ? 0 : kept_clusters + 1);
+    const std::size_t kept_groups = keep * static_cast<std::size_t>(groups_);
+    std::fill(group_boxes_.begin() + static_cast<std::ptrdiff_t>(kept_groups * 2 * static_cast<std::size_t>(d_)), group_boxes_.end(), 0.0f);
+    group_boxes_.resize(kept_groups * 2 * static_cast<std::size_t>(d_));
+    const std::size_t kept_listed = keep == 0 ? 0 : static_cast<std::size_t>(group_offsets_[kept_groups]);
+    std::fill(group_clusters_.begin() + static_cast<std::ptrdiff_t>(kept_listed), group_clusters_.end(), 0);
+    group_clusters_.resize(kept_listed);
+    group_offsets_.resize(keep == 0 ? 0 : kept_groups + 1);
+    chunks_ = chunks;
+  }
+
+ private:
+  // k-means of `n` points (row(i): 2d floats) into `k` clusters, owner_[i] their cluster: seeds
+  // at points i k / ... evenly spaced, `iterations_` rounds of assign-then-average (sums in
+  // double, in point order; an empty cluster keeps its centre), a last assignment. Within the
+  // object's own scratch: no allocation.
+  template <class Row>
+  void kmeans(int n, int k, Row row) {
+    const std::ptrdiff_t r = 2 * d_;
+    for (int c = 0; c < k; ++c) std::copy_n(row(static_cast<int>(std::int64_t{c} * n / k)), r, centres_.data() + c * r);
+    for (int it = 0;; ++it) {
+      for (int i = 0; i < n; ++i) owner_[static_cast<std::size_t>(i)] = nearest(row(i), k);
+      if (it == iterations_) break;
+      std::fill_n(sums_.begin(), k * r, 0.0);
+      std::fill_n(counts_.begin(), k, 0);
+      for (int i = 0; i < n; ++i) {
+        const int c = owner_[static_cast<std::size_t>(i)];
+        ++counts_[static_cast<std::size_t>(c)];
+        const float* x = row(i);
+        for (std::ptrdiff_t j = 0; j < r; ++j) sums_[static_cast<std::size_t>(c * r + j)] += x[j];
+      }
+      for (int c = 0; c < k; ++c)
+        if (counts_[static_cast<std::size_t>(c)] > 0)
+          for (std::ptrdiff_t j = 0; j < r; ++j)
+            centres_[static_cast<std::size_t>(c * r + j)] =
+                static_cast<float>(sums_[static_cast<std::size_t>(c * r + j)] / static_cast<double>(counts_[static_cast<std::size_t>(c)]));
+    }
+  }
+
+  // Segment s's chunks clustered (kmeans), their members and boxes appended; then its non-empty
+  // clusters grouped the same way (kmeans over their boxes) into groups_per_segment() groups,
+  // each a box over its clusters' boxes.
+  void seal(matrix_view<const float> summaries, std::int64_t s) {
+    const std::ptrdiff_t r = 2 * d_;
+    const std::int64_t base = s * segment_;
+    kmeans(segment_, clusters_, [&](int i) { return summaries.row(base + i); });
+    // Members grouped by cluster, ascending within each (a counting sort over the chunk order).
+    std::fill(counts_.begin(), counts_.end(), 0);
+    for (int i = 0; i < segment_; ++i) ++counts_[static_cast<std::size_t>(owner_[static_cast<std::size_t>(i)])];
+    if (offsets_.empty()) offsets_.push_back(0);
+    for (int c = 0; c < clusters_; ++c) offsets_.push_back(offsets_.back() + counts_[static_cast<std::size_t>(c)]);
+    members_.resize(members_.size() + static_cast<std::size_t>(segment_));
+    const std::size_t first_cluster = offsets_.size() - 1 - static_cast<std::size_t>(clusters_);
+    for (int c = 0; c < clusters_; ++c) counts_[static_cast<std::size_t>(c)] = offsets_[first_cluster + static_cast<std::size_t>(c)];
+    for (int i = 0; i < segment_; ++i)
+      members_[static_cast<std::size_t>(counts_[static_cast<std::size_t>(owner_[static_cast<std::size_t>(i)])]++)] =
+          static_cast<std::int32_t>(base + i);
+    boxes_.resize(boxes_.size() + static_cast<std::size_t>(clusters_) * static_cast<std::size_t>(r));
+    int used = 0;  // non-empty clusters, listed in owner_ for the grouping
+    for (int c = 0; c < clusters_; ++c) {
+      float* box = boxes_.data() + (static_cast<std::ptrdiff_t>(first_cluster) + c) * r;
+      std::fill_n(box, d_, std::numeric_limits<float>::infinity());
+      std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
+      for (std::int32_t m = offsets_[first_cluster + static_cast<std::size_t>(c)]; m < offsets_[first_cluster + static_cast<std::size_t>(c) + 1]; ++m)
+        widen(box, summaries.row(members_[static_cast<std::size_t>(m)]));
+      if (offsets_[first_cluster + static_cast<std::size_t>(c) + 1] > offsets_[first_cluster + static_cast<std::size_t>(c)]) counts_[static_cast<std::size_t>(used++)] = c;
+    }
+    // Groups: kmeans over the used clusters' boxes; a group lists its clusters ascending.
+    const int groups = std::min(groups_, used);
+    std::copy_n(counts_.begin(), used, cluster_order_.begin());  // counts_ is k-means scratch below
+    kmeans(used, groups, [&](int i) { return boxes_.data() + (static_cast<std::ptrdiff_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)]) * r; });
+    if (group_offsets_.empty()) group_offsets_.push_back(0);
+    group_boxes_.resize(group_boxes_.size() + static_cast<std::size_t>(groups_) * static_cast<std::size_t>(r));
+    for (int g = 0; g < groups_; ++g) {
+      float* box = group_boxes_.data() + (s * groups_ + g) * r;
+      std::fill_n(box, d_, std::numeric_limits<float>::infinity());
+      std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
+      for (int i = 0; i < used; ++i)
+        if (g < groups && owner_[static_cast<std::size_t>(i)] == g) {
+          const std::int64_t cluster = static_cast<std::int64_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)];
+          group_clusters_.push_back(static_cast<std::int32_t>(cluster));
+          widen(box, boxes_.data() + cluster * r);
+        }
+      group_offsets_.push_back(static_cast<std::int32_t>(group_clusters_.size()));
+    }
+  }
+  void widen(float* box, const float* x) const noexcept {
+    for (std::ptrdiff_t j = 0; j < d_; ++j) {
+      box[j] = std::min(box[j], x[j]);
+      box[d_ + j] = std::max(box[d_ + j], x[d_ + j]);
+    }
+  }
+  // The centre nearest to x among the first k (squared distance in double; ties to the lower).
+  int nearest(const float* x, int k) const noexcept {
+    const std::ptrdiff_t r = 2 * d_;
+    int best = 0;
+    double best_distance = std::numeric_limits<double>::infinity();
+    for (int c = 0; c < k; ++c) {
+      const float* y = centres_.data() + c * r;
+      double distance = 0;
+      for (std::ptrdiff_t j = 0; j < r; ++j) {
+        const double t = static_cast<double>(x[j]) - static_cast<double>(y[j]);
+        distance += t * t;
+      }
+      if (distance < best_distance) best_distance = distance, best = c;
+    }
+    return best;
+  }
+
+  std::ptrdiff_t d_;
+  int segment_, clusters_, iterations_;
+  std::int64_t chunks_ = 0;
+  std::vector<float> boxes_;           // [segments C][lo | hi]
+  std::vector<std::int32_t> members_;  // [segments S]: cluster by cluster, ascending within each
+  std::vector<std::int32_t> offsets_;  // [segments C + 1]: cluster g's members at [offsets_[g], offsets_[g + 1])
+  int groups_;                               // G
+  std::vector<float> group_boxes_;           // [segments G][lo | hi]
+  std::vector<std::int32_t> group_clusters_;  // the groups' clusters (ids), group by group, ascending within each
+  std::vector<std::int32_t> group_offsets_;   // [segments G + 1]
+  std::vector<std::int32_t> cluster_order_;   // scratch [C]: the non-empty clusters of the segment being sealed
+  std::vector<float> centres_;         // k-means scratch: [C][2d]
+  std::vector<double> sums_;           // [C][2d]
+  std::vector<std::int32_t> counts_;   // [C]
+  std::vector<std::int32_t> owner_;    // [S]
+};
+
+/// The levels of key_clusters a layout of segments of `segment_chunks` chunks in `clusters`
+/// clusters keeps (see the file comment): (S, C), (S / 8, C / 8), ... while the segment holds
+/// at least 2 chunks and 1 cluster; calls f(size, clusters) for each, largest first.
+template <class F>
+void for_each_cluster_level(int segment_chunks, int clusters, F f) {
+  for (int size = segment_chunks, count = clusters; size >= 2 && count >= 1; size /= 8, count /= 8) {
+    f(size, count);
+    if (size % 8 != 0) break;  // a level must tile the one above it
+  }
+}
+
+/// The search over key_clusters (see the file comment).
+struct cluster_search {
+  /// The `wanted` best chunks of [first, end) for the rotated query `q` (score
+  /// detail::bound_dot(q, lo, hi) descending, ties to the lower chunk, NaN last), best first into
+  /// `out`, reading at most `probe` chunks from clusters besides the tail and the boxes (the
+  /// flat scan's choice whenever the k-th found beats every box left before the budget ends).
+  /// `levels`: largest segments first, each level's segment size a multiple of the next's, all
+  /// fed the same chunks. Returns how many. `summaries` holds the chunks' rows (at least
+  /// levels[0].chunks()). Never allocates once `scratch` is reserved for the chunks and `wanted`.
+  static std::size_t top(std::span<const key_clusters> levels, matrix_view<const float> summaries, const float* q, std::int64_t first,
+                         std::int64_t end, std::size_t wanted, std::int64_t probe, std::span<std::int32_t> out, bound_search_scratch& scratch,
+                         bound_search::stats* read = nullptr) noexcept {
+    using entry = bound_search_scratch::entry;
+    if (levels.empty()) return 0;
+    end = std::min(end, levels.front().chunks());
+    if (first >= end || wanted == 0) return 0;
+    const std::ptrdiff_t d = summaries.cols() / 2;
+    detail::ranked_chunks kept(out, scratch.kept_scores(wanted), wanted);
+    auto keep = [&](std::int64_t c) {
+      const float s = detail::bound_dot(q, summaries.row(c), summaries.row(c) + d, d);
+      kept.offer(c, std::isnan(s) ? -std::numeric_limits<float>::infinity() : s);
+      if (read) ++read->chunks;
+    };
+    // [0, end) covered by the largest segments wholly before `end`, then the next level's, ...;
+    // the chunks after the smallest are scored one by one. The covering segments' groups go
+    // on the heap; a group popped puts its clusters there (its bound bounds theirs, and it is
+    // popped before a cluster of the same bound), so clusters come off the heap in the order
+    // of their own bounds, as if every cluster had been bounded: only the reads differ.
+    auto& clusters = scratch.frontier_;
+    clusters.clear();
+    auto worse = [](const entry& a, const entry& b) {  // ties: groups first, then the larger segments, then the lower id
+      if (a.bound != b.bound) return a.bound < b.bound;
+      if (a.first != b.first) return a.first > b.first;
+      return a.level > b.level || (a.level == b.level && a.index > b.index);
+    };
+    auto push = [&](std::size_t l, std::int64_t id, const float* box, bool group) {
+      float bound = detail::bound_dot(q, box, box + d, d);
+      if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
+      clusters.push_back({bound, group ? -1 : 0, static_cast<std::int32_t>(l), id});  // first: -1 marks a group
+      std::push_heap(clusters.begin(), clusters.end(), worse);
+      if (read) ++read->boxes;
+    };
+    std::int64_t covered = 0;
+    for (std::size_t l = 0; l < levels.size(); ++l) {
+      const key_clusters& level = levels[l];
+      const std::int64_t from = covered / level.segment_chunks(), to = std::min(level.segments(), end / level.segment_chunks());
+      for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e)
+        if (!level.group(e).empty()) push(l, e, level.group_box(e), true);
+      covered = std::max(covered, to * level.segment_chunks());
+    }
+    for (std::int64_t c = std::max(first, covered); c < end; ++c) keep(c);
+    std::int64_t probed = 0;
+    while (!clusters.empty() && probed < probe) {
+      const entry best = clusters.front();
+      if (kept.full() && best.bound < kept.kth_score()) break;  // certified: no member left can reach the k-th
+      std::pop_heap(clusters.begin(), clusters.end(), worse);
+      clusters.pop_back();
+      const key_clusters& level = levels[static_cast<std::size_t>(best.level)];
+      if (best.first < 0) {  // a group: its clusters with a member >= first
+        for (const std::int32_t g : level.group(best.index)) {
+          const auto members = level.members(g);
+          if (!members.empty() && members.back() >= first) push(static_cast<std::size_t>(best.level), g, level.box(g), false);
+        }
+        continue;
+      }
+      for (const std::int32_t c : level.members(best.index))
+        if (c >= first) keep(c), ++probed;
+    }
+    return kept.count();
+  }
+};
+
+}  // namespace longheads
