@@ -65,6 +65,10 @@ def parse():
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true", help="go on from --out/checkpoint.pt")
+    ap.add_argument("--grow-from", default="",
+                    help="stage 2: start from this checkpoint.pt (fewer layers), the added layers appended with zero "
+                         "output weights so the model computes exactly what it did; rows at full length from the start")
+    ap.add_argument("--hop-weight", type=float, default=1.0, help="factor on the loss weight of the alias question's answer")
     return ap.parse_args()
 
 
@@ -87,14 +91,14 @@ def build_row(rng: random.Random, length: int, hop_share: float):
     keys = rng.sample(range(10000, 100000), n)
     digits = [[T[c] for c in str(k)] for k in keys]
     pieces = [R.needle_ids(names[j], digits[j]) for j in range(n)]
-    questions = []  # (name asked, answer digits)
+    questions = []  # (name asked, answer digits, weight factor)
     if hop:
         alias, target = names[n], rng.randrange(n)  # alias -> names[target]
         pieces.append(R.alias_ids(alias, names[target]))
-        questions.append((alias, digits[target]))
+        questions.append((alias, digits[target], args.hop_weight))
     direct = list(range(n))
     rng.shuffle(direct)
-    questions += [(names[j], digits[j]) for j in direct]
+    questions += [(names[j], digits[j], 1.0) for j in direct]
     rng.shuffle(pieces)
     fixed = len(HEAD) + sum(len(p) for p in pieces)
     room = length + 1 - fixed
@@ -114,11 +118,11 @@ def build_row(rng: random.Random, length: int, hop_share: float):
         at = cut
     tokens += fill[at:]
     weights = [args.other_weight] * len(tokens)
-    for name, answer in asked:
+    for name, answer, factor in asked:
         tokens += R.question_ids(name)
         weights += [args.other_weight] * QUESTION_LEN
         tokens += answer
-        weights += [2.0] + [1.0] * 4  # the first digit is where the name is matched
+        weights += [2.0 * factor] + [1.0 * factor] * 4  # the first digit is where the name is matched
     assert len(tokens) == length + 1, (len(tokens), length)
     return tokens, weights[1:]
 
@@ -154,7 +158,10 @@ def batch(rng: random.Random, size: int, length: int, induction_share: float):
 
 
 def row_length(step: int) -> int:
-    """128 tokens for the first 20% of the schedule, 192 to 40%, then the trained 256."""
+    """128 tokens for the first 20% of the schedule, 192 to 40%, then the trained 256 (a grown
+    model: 256 throughout)."""
+    if args.grow_from:
+        return 256
     f = step / max(1, args.steps)
     return 128 if f < 0.2 else 192 if f < 0.4 else 256
 
@@ -187,6 +194,20 @@ def accuracy(model, prompts, answers) -> float:
     return (logits.argmax(-1) == answers).all(dim=1).float().mean().item()
 
 
+def grow(model, smaller: dict):
+    """Loads a checkpoint with fewer layers into `model`; the layers it lacks are appended with
+    their attention and feed-forward output weights zero, so each adds nothing to the residual
+    stream and the grown model's logits are the smaller one's until training moves them."""
+    own = model.state_dict()
+    for name, value in smaller.items():
+        own[name].copy_(value)
+    depth = 1 + max(int(name.split(".")[1]) for name in smaller if name.startswith("layers."))
+    for index in range(depth, len(model.layers)):
+        own[f"layers.{index}.wo.weight"].zero_()
+        own[f"layers.{index}.w2.weight"].zero_()
+    print(f"grown from {depth} to {len(model.layers)} layers", flush=True)
+
+
 def main():
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -206,6 +227,8 @@ def main():
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         print(f"resumed at step {step}", flush=True)
+    elif args.grow_from:
+        grow(model, torch.load(args.grow_from)["model"])
     tests = {task: held_out(task) for task in ("mk", "hop")}
     log = open(log_path, "a")
 
