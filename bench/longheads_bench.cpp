@@ -26,6 +26,8 @@
 #include <map>
 #include <memory_resource>
 #include <memory>
+#include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -79,6 +81,10 @@ struct threaded_quest : threaded {
 };
 struct threaded_quest_beam : threaded_quest {
   using index = bound_tree_beam;
+};
+/// ... and through the cache's key-space clusters (key_cluster_index, its defaults).
+struct threaded_quest_clusters : threaded_quest {
+  using index = key_cluster_index;
 };
 
 /// A pool of random floats; blocks are windows into it at varying offsets (cheap "random" data).
@@ -205,13 +211,20 @@ void report_fidelity(benchmark::State& state, const attention<Policies>& a, cons
   const auto wanted = static_cast<std::size_t>(c.budget_chunks - c.sink_chunks - c.local_chunks);
   std::vector<double> recall, mass, difference;
   std::vector<float> rotated(static_cast<std::size_t>(c.head_dim));
-  std::vector<std::int32_t> flat(wanted);
-  bound_search_scratch scratch;
-  scratch.reserve(cache.full_chunks(), a.policies().index.fanout());
+  std::vector<std::int32_t> flat;
   for (int h = 0; h < c.n_q_heads; h += 4) {
     const float* query = q + static_cast<std::ptrdiff_t>(h) * c.head_dim;
     a.rotary().rotate(query, rotated.data(), position % c.chunk_size + c.chunk_size);  // as bound_scorer places it
-    const std::size_t n = bound_search::top(cache.index(h).tree(), cache.representations(h), rotated.data(), first, end, wanted, flat, scratch);
+    // The flat scan: every candidate's bound score, best first, ties to the lower chunk, NaN last.
+    const auto summaries = cache.representations(h);
+    auto score = [&](std::int32_t chunk) {
+      const float x = detail::bound_dot(rotated.data(), summaries.row(chunk), summaries.row(chunk) + c.head_dim, c.head_dim);
+      return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;
+    };
+    flat.resize(static_cast<std::size_t>(end - first));
+    std::iota(flat.begin(), flat.end(), static_cast<std::int32_t>(first));
+    std::stable_sort(flat.begin(), flat.end(), [&](std::int32_t x, std::int32_t y) { return score(x) > score(y); });
+    const std::size_t n = std::min(wanted, flat.size());
     std::vector<std::int32_t> chosen;
     for (std::int32_t chunk : cache.last_selection(h))
       if (chunk >= first && chunk < end) chosen.push_back(chunk);
@@ -656,6 +669,10 @@ void register_all() {
                       kv_precision::bf16);
       register_decode("longheads-quest-beam-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest_beam, 64, 64>, attention_method::longheads,
                       kv_precision::bf16);
+      register_decode("longheads-quest-clusters-bf16", llama3_8b, ctx, 1, decode<threaded_quest_clusters>, attention_method::longheads,
+                      kv_precision::bf16);
+      register_decode("longheads-quest-clusters-bf16-w64k64", llama3_8b, ctx, 1, decode<threaded_quest_clusters, 64, 64>,
+                      attention_method::longheads, kv_precision::bf16);
     });
   // A rank's step through the shard block functions beside attention::decode on the same cache.
   const std::int64_t shard_context = smoke ? 2048 : 131072;

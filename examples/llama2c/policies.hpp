@@ -75,9 +75,9 @@ struct quest_certified : quest {
   using index = longheads::bound_tree_certified;
 };
 
-/// Quest with its chunks found among key-space clusters (key_cluster_index): segments of 1024
-/// chunks split by k-means into 8 clusters each, opened best box bound first until certified or
-/// 3% of the candidates are read (docs/results.md measures reads and loss).
+/// Quest with its chunks found among key-space clusters (key_cluster_index): segments of 2048
+/// chunks split by k-means into 64 clusters each, opened best box bound first until certified or
+/// 2% of the candidates are read (docs/results.md measures reads and loss).
 struct quest_clusters : quest {
   using index = longheads::key_cluster_index;
 };

@@ -301,8 +301,15 @@ struct cluster_search {
     for (std::size_t l = 0; l < levels.size(); ++l) {
       const key_clusters& level = levels[l];
       const std::int64_t from = covered / level.segment_chunks(), to = std::min(level.segments(), end / level.segment_chunks());
-      for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e)
-        if (!level.group(e).empty()) push(l, e, level.group_box(e), true);
+      for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e) {
+        const auto group = level.group(e);
+        if (group.size() == 1) {  // a group of one cluster: its box is the cluster's
+          const auto members = level.members(group[0]);
+          if (members.back() >= first) push(l, group[0], level.box(group[0]), false);
+        } else if (!group.empty()) {
+          push(l, e, level.group_box(e), true);
+        }
+      }
       covered = std::max(covered, to * level.segment_chunks());
     }
     for (std::int64_t c = std::max(first, covered); c < end; ++c) keep(c);

@@ -360,9 +360,10 @@ def test_the_certified_policy_is_the_flat_scan_past_the_beams_exact_range():
 
 
 def test_the_key_cluster_policy_gives_the_same_bits_in_one_prefill_and_token_by_token():
-    # 1,100 chunks of 4 tokens: past exact_below (1024 candidates) and past the first segment of
-    # 1024 chunks, so the last queries search the clusters. One prefill and a prefill followed by
-    # single-token steps give the same selections and outputs bit for bit.
+    # 1,100 chunks of 4 tokens: past exact_below (1024 candidates), where the segments of 256
+    # and 32 chunks (the levels below the default's 2048) are clustered, so the last queries search
+    # clusters. One prefill and a prefill followed by single-token steps give the same selections
+    # and outputs bit for bit.
     n = 4400
     q, k, v = sequence(n, seed=23)
     config = lh.AttentionConfig(n_q_heads=HQ, n_kv_heads=HKV, head_dim=D, chunk_size=4, budget_chunks=8)
