@@ -56,6 +56,7 @@ struct options {
   int depths = 5;
   int trials = 1;
   std::string prompt_set;
+  std::string task;  // --prompt-set of a retrieval set: only this task's prompts
   int prompts_per_length = 0;
   std::vector<std::string> methods = {"dense", "sink-window", "longheads"};
   std::string csv, plot, heatmap;
@@ -198,6 +199,7 @@ struct length_stats {
   int correct = 0, total = 0;
   double seconds = 0;  // over its prompts, prefill and answer
   llama2c::selection_report selection;
+  llama2c::selection_report alias, distractors;  // retrieval sets: the alias needle's, every distractor's (hits over layer-heads x needles)
 };
 
 struct method_result {
@@ -251,6 +253,14 @@ method_result evaluate(const llama2c::checkpoint& ckpt, const options& o, const 
       stats.selection.heads += r.heads;
       stats.selection.hits += r.hits;
       stats.selection.ranks.insert(stats.selection.ranks.end(), r.ranks.begin(), r.ranks.end());
+      auto add = [&](llama2c::selection_report& to, std::pair<std::int64_t, std::int64_t> span) {
+        const auto o = llama2c::inspect_selection(model, llama2c::needle_chunks{span.first / w, (span.second - 1) / w}, scratch);
+        to.heads += o.heads;
+        to.hits += o.hits;
+        to.ranks.insert(to.ranks.end(), o.ranks.begin(), o.ranks.end());
+      };
+      if (p.alias_span) add(stats.alias, *p.alias_span);
+      for (const auto& span : p.distractor_spans) add(stats.distractors, span);
     }
     std::vector<std::int32_t> answer;
     for (int i = 0; i < llama2c::passkey_task::answer_tokens; ++i) {
@@ -341,7 +351,8 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   std::vector<llama2c::passkey_prompt> prompts;
   if (!o.prompt_set.empty()) {
     prompts = llama2c::load_prompt_set(o.prompt_set, o.lengths, ckpt.config().vocab_size);
-    if (prompts.empty()) throw std::runtime_error(o.prompt_set + ": no prompts of the requested lengths");
+    if (!o.task.empty()) std::erase_if(prompts, [&](const llama2c::passkey_prompt& p) { return p.task != o.task; });
+    if (prompts.empty()) throw std::runtime_error(o.prompt_set + ": no prompts of the requested lengths" + (o.task.empty() ? "" : " and task " + o.task));
     if (o.prompts_per_length > 0) prompts = evenly_per_length(std::move(prompts), o.prompts_per_length);
   } else {
     if (o.vocab.empty()) throw std::runtime_error("--passkey needs the model's vocabulary: --vocab V.txt (or a prompt set)");
@@ -412,6 +423,26 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
       }
       std::printf("\n");
     }
+    bool any_other = false;
+    for (const auto& r : results)
+      for (std::int64_t L : lengths) any_other |= r.by_length.at(L).distractors.heads > 0 || r.by_length.at(L).alias.heads > 0;
+    if (any_other) {
+      std::printf("\nother needles (retrieval sets): alias-needle hit rate / distractor-needle hit rate (layer-heads that selected a chunk of it)\n");
+      std::printf("%-20s", "method");
+      for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
+      std::printf("\n");
+      for (const auto& r : results) {
+        if (r.representation_floats == 0) continue;
+        std::printf("%-20s", r.name.c_str());
+        for (std::int64_t L : lengths) {
+          const auto& s = r.by_length.at(L);
+          const auto rate = [](const llama2c::selection_report& x) { return x.heads > 0 ? 100.0 * x.hits / x.heads : 0.0; };
+          if (s.alias.heads > 0) std::printf("  %3.0f%% / %3.0f%%", rate(s.alias), rate(s.distractors));
+          else std::printf("    - / %3.0f%%", rate(s.distractors));
+        }
+        std::printf("\n");
+      }
+    }
     std::printf("\nselection cost per query and head (scoring all full chunks) vs attending to the %d selected tokens (%.0f flops)\n",
                 cfg.chunk_size * cfg.budget_chunks, attend_flops);
     std::printf("%-20s %14s %16s", "method", "floats/chunk", "flops/chunk");
@@ -429,7 +460,7 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   if (!o.csv.empty()) {
     std::ofstream f(o.csv);
     f << "method,length,correct,total,accuracy,needle_hit_rate,needle_median_rank,representation_floats,score_flops_per_token_head,"
-         "attend_flops_per_token_head,tokens_per_s\n";
+         "attend_flops_per_token_head,tokens_per_s,seconds_per_prompt,alias_hit_rate,distractor_hit_rate\n";
     for (const auto& r : results)
       for (std::int64_t L : lengths) {
         const length_stats& c = r.by_length.at(L);
@@ -438,7 +469,11 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
         f << ',';
         if (!c.selection.ranks.empty()) f << c.selection.median_rank();
         f << ',' << r.representation_floats << ',' << static_cast<double>(L / cfg.chunk_size) * r.score_flops_per_chunk << ','
-          << (r.representation_floats ? attend_flops : 0.0) << ',' << static_cast<double>(r.tokens) / r.seconds << '\n';
+          << (r.representation_floats ? attend_flops : 0.0) << ',' << static_cast<double>(r.tokens) / r.seconds << ',' << c.seconds / c.total << ',';
+        if (c.alias.heads > 0) f << static_cast<double>(c.alias.hits) / c.alias.heads;
+        f << ',';
+        if (c.distractors.heads > 0) f << static_cast<double>(c.distractors.hits) / c.distractors.heads;
+        f << '\n';
       }
     if (!f) throw std::runtime_error(o.csv + ": cannot write");
   }
@@ -505,6 +540,7 @@ int main(int argc, char** argv) {
   app.add_option("--lengths", o.lengths, "--passkey: prompt + answer lengths, e.g. 256,1024,4096")->delimiter(',');
   app.add_option("--depths", o.depths, "--passkey: needle depths per length, spread evenly")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--trials", o.trials, "--passkey: prompts per length and depth")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--task", o.task, "--prompt-set of a retrieval set (make_retrieval_prompts.py): only this task's prompts (mk, hop)");
   app.add_option("--prompt-set", o.prompt_set, "--passkey: a fixed prompt set (manifest.jsonl + .bin) instead of generated prompts")
       ->check(CLI::ExistingDirectory);
   app.add_option("--prompts-per-length", o.prompts_per_length, "--prompt-set: use at most N prompts per length, spread over the depths")

@@ -16,9 +16,11 @@
 #include <map>
 #include <random>
 #include <span>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checkpoint.hpp"
@@ -89,6 +91,11 @@ struct passkey_prompt {
   std::int64_t length = 0;            // prompt + answer
   std::int64_t needle_start = 0;      // [start, end) of the needle sentence in the prompt
   std::int64_t needle_end = 0;
+  /// A retrieval set's other needles ([start, end) each): the alias needle (two-hop), if any,
+  /// and the distractors, whose selection the host reports beside the target's.
+  std::optional<std::pair<std::int64_t, std::int64_t>> alias_span;
+  std::vector<std::pair<std::int64_t, std::int64_t>> distractor_spans;
+  std::string task;  ///< a retrieval set's task ("mk", "hop"); empty for passkey
   double depth = 0;
 };
 
@@ -223,6 +230,15 @@ inline std::vector<passkey_prompt> load_prompt_set(const std::filesystem::path& 
         if (span.size() != 2) throw std::runtime_error(where + ": target_span must be [start, end)");
         p.needle_start = span[0];
         p.needle_end = span[1];
+        if (j.contains("task")) p.task = j.at("task").get<std::string>();
+        auto read_span = [&](const nlohmann::json& x, const char* what) {
+          const auto s = x.get<std::vector<std::int64_t>>();
+          if (s.size() != 2 || s[0] < 0 || s[0] >= s[1]) throw std::runtime_error(where + ": " + what + " must be [start, end) with start < end");
+          return std::pair{s[0], s[1]};
+        };
+        if (j.contains("alias_span") && !j.at("alias_span").is_null()) p.alias_span = read_span(j.at("alias_span"), "alias_span");
+        if (j.contains("distractor_spans"))
+          for (const auto& x : j.at("distractor_spans")) p.distractor_spans.push_back(read_span(x, "a distractor span"));
       } else {
         p.needle_start = j.at("needle_start").get<std::int64_t>();
         p.needle_end = j.at("needle_end").get<std::int64_t>();
