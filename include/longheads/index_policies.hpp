@@ -159,7 +159,7 @@ struct key_cluster_index {
   int clusters = 64;                     ///< clusters per segment, in [1, segment_chunks] (32 chunks a cluster)
   int iterations = 8;                    ///< k-means iterations per segment, >= 0
   float probe_share = 0.02f;             ///< chunks scored in clusters per query, share of the candidates
-  int probe_min = 256;                   ///< ... and at least this many, >= 0
+  int probe_min = 512;                   ///< ... and at least this many, >= 0
   int exact_below = 1024;                ///< up to this many candidates the search is exact (and the flat scan used), >= 0
   /// Chunks per box of a tree: none (it keeps no tree).
   int fanout() const noexcept { return 0; }
