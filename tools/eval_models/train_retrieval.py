@@ -50,6 +50,7 @@ def parse():
     ap.add_argument("--shared-models", default="", help="directory holding make_retrieval_prompts.py (default ../shared/models)")
     ap.add_argument("--steps", type=int, default=8000, help="the schedule's length (learning rate, curriculum)")
     ap.add_argument("--minutes", type=float, default=0, help="stop (with a checkpoint) after this long; 0: run to --steps")
+    ap.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step, inside the --steps schedule; 0: run to --steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
@@ -241,6 +242,8 @@ def main():
     recent = []
     while step < args.steps:
         if args.minutes and time.time() - start > 60 * args.minutes:
+            break
+        if args.stop_at and step >= args.stop_at:
             break
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(step)
