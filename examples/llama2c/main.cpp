@@ -406,11 +406,13 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
   }
   bool any_selection = false;
   for (const auto& r : results) any_selection |= r.representation_floats > 0;
-  if (any_selection) {
-    std::printf("\nneedle-chunk hit rate for the first answer token (layer-heads that selected a needle chunk) / median rank of the needle chunk among the scored candidates\n");
-    std::printf("%-20s", "method");
+  auto by_length_header = [&](const char* title) {  // a table's title, then "method" and the lengths
+    std::printf("\n%s\n%-20s", title, "method");
     for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
     std::printf("\n");
+  };
+  if (any_selection) {
+    by_length_header("needle-chunk hit rate for the first answer token (layer-heads that selected a needle chunk) / median rank of the needle chunk among the scored candidates");
     for (const auto& r : results) {
       if (r.representation_floats == 0) continue;
       std::printf("%-20s", r.name.c_str());
@@ -427,10 +429,7 @@ int run_passkey(const llama2c::checkpoint& ckpt, const options& o) {
     for (const auto& r : results)
       for (std::int64_t L : lengths) any_other |= r.by_length.at(L).distractors.heads > 0 || r.by_length.at(L).alias.heads > 0;
     if (any_other) {
-      std::printf("\nother needles (retrieval sets): alias-needle hit rate / distractor-needle hit rate (layer-heads that selected a chunk of it)\n");
-      std::printf("%-20s", "method");
-      for (std::int64_t L : lengths) std::printf(" %12lld", static_cast<long long>(L));
-      std::printf("\n");
+      by_length_header("other needles (retrieval sets): alias-needle hit rate / distractor-needle hit rate (layer-heads that selected a chunk of it)");
       for (const auto& r : results) {
         if (r.representation_floats == 0) continue;
         std::printf("%-20s", r.name.c_str());
