@@ -87,8 +87,8 @@ class attention {
   cache_shape shape() const noexcept {
     const bool s = selects();
     cache_shape shape{config_.n_q_heads, config_.n_kv_heads, config_.head_dim, config_.chunk_size, s ? policies_.encoder.representation_floats(config_) : 0,
-                      config_.kv_storage, representation_heads<encoder_type>(config_), s ? policies_.index.layout().fanout : 0, s && !encodes_keys_only<encoder_type>};
-    if (s) shape.set_index(policies_.index.layout());
+                      config_.kv_storage, representation_heads<encoder_type>(config_), 0, s && !encodes_keys_only<encoder_type>};
+    if (s) shape.set_index(policies_.index.layout());  // the index_* fields, fan-out included
     if (s && !encodes_keys_only<encoder_type>) shape.rollback_chunks = config_.rollback_chunks;
     if constexpr (piecewise_chunk_encoder<encoder_type>)
       if (s && config_.spread_encoding && config_.local_chunks >= 2) {
