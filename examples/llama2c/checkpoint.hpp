@@ -25,6 +25,7 @@ struct model_config {
   int vocab_size = 0;
   int seq_len = 0;     // the trained context
   bool shared_classifier = true;
+  double norm_eps = 1e-5;  // RMSNorm epsilon (llama2.c's; GGUF files state theirs)
 
   int head_dim() const noexcept { return dim / n_heads; }
   int kv_dim() const noexcept { return n_kv_heads * head_dim(); }
@@ -40,6 +41,9 @@ struct layer_weights {
   const float* w1;             // [hidden, dim]
   const float* w2;             // [dim, hidden]
   const float* w3;             // [hidden, dim]
+  const float* bq = nullptr;   // [dim] q/k/v biases (Qwen2); none in llama2.c
+  const float* bk = nullptr;   // [kv_dim]
+  const float* bv = nullptr;   // [kv_dim]
 };
 
 class checkpoint {
@@ -67,6 +71,14 @@ class checkpoint {
       throw std::runtime_error(name + ": read failed");
     map_tensors();
   }
+
+  /// Weights already in memory (a GGUF file's, dequantised): `storage` owns every tensor the
+  /// pointers name (moving a vector keeps its buffer, so they stay valid).
+  checkpoint(const model_config& config, std::vector<float> storage, std::vector<layer_weights> layers, const float* token_embedding,
+             const float* rms_final, const float* classifier)
+      : config_(config), weights_(std::move(storage)), layers_(std::move(layers)), token_embedding_(token_embedding),
+        rms_final_(rms_final), classifier_(classifier) {}
+  checkpoint(checkpoint&&) noexcept = default;
 
   const model_config& config() const noexcept { return config_; }
   const layer_weights& layer(int l) const { return layers_.at(static_cast<std::size_t>(l)); }

@@ -56,10 +56,13 @@ class transformer {
 
   transformer(const checkpoint& model, const longheads::attention_config& knobs,
               typename attention_type::policy_set policies = {})
-      : model_(model),
-        config_(model.config()),
-        attention_(attention_config_for(config_, knobs),
-                   longheads::rope(config_.head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c_float_frequencies{}), std::move(policies)) {
+      : transformer(model, knobs, longheads::rope(model.config().head_dim(), 10000.0, longheads::rope_layout::interleaved, llama2c_float_frequencies{}),
+                    std::move(policies)) {}
+
+  /// A model whose RoPE is not llama2.c's (a GGUF file's base, layout and scaling).
+  transformer(const checkpoint& model, const longheads::attention_config& knobs, const longheads::rope& rope,
+              typename attention_type::policy_set policies = {})
+      : model_(model), config_(model.config()), attention_(attention_config_for(config_, knobs), rope, std::move(policies)) {
     // Caches on huge pages: a million-token context spans gigabytes, which on 4 KB pages is a
     // TLB miss at nearly every chunk a head reads (examples/common/huge_pages.hpp).
     for (int l = 0; l < config_.n_layers; ++l) caches_.push_back(attention_.make_cache(0, &tools::huge_pages()));
@@ -139,18 +142,21 @@ class transformer {
       const layer_weights& w = model_.layer(l);
       auto xn = xn_.topRows(T);
       auto q = q_.topRows(T), k = k_.topRows(T), v = v_.topRows(T), att = att_.topRows(T);
-      rms_norm(x, w.rms_attention, xn);
+      rms_norm(x, w.rms_attention, config_.norm_eps, xn);
       project(xn, w.wq, dim, q);
-      std::copy_n(q.row(T - 1).data(), dim, last_queries_.data() + l * dim);
       project(xn, w.wk, kv_dim, k);
       project(xn, w.wv, kv_dim, v);
+      add_bias(q, w.bq);
+      add_bias(k, w.bk);
+      add_bias(v, w.bv);
+      std::copy_n(q.row(T - 1).data(), dim, last_queries_.data() + l * dim);
       attend(l, longheads::tensor_view<const float>(q.data(), T, config_.n_heads, hd), longheads::tensor_view<const float>(k.data(), T, config_.n_kv_heads, hd),
              longheads::tensor_view<const float>(v.data(), T, config_.n_kv_heads, hd), longheads::tensor_view<float>(att.data(), T, config_.n_heads, hd));
       auto delta = delta_.topRows(T);
       project(att, w.wo, dim, delta);
       x += delta;
 
-      rms_norm(x, w.rms_ffn, xn);
+      rms_norm(x, w.rms_ffn, config_.norm_eps, xn);
       auto gate = gate_.topRows(T), up = up_.topRows(T);
       project(xn, w.w1, hidden, gate);
       project(xn, w.w3, hidden, up);
@@ -163,7 +169,7 @@ class transformer {
     const bool all_rows = logits.size() == static_cast<std::size_t>(T * vocab);
     const std::ptrdiff_t first = all_rows ? 0 : T - 1, rows = T - first;
     auto xn = xn_.middleRows(first, rows);
-    rms_norm(x.middleRows(first, rows), model_.rms_final(), xn);
+    rms_norm(x.middleRows(first, rows), model_.rms_final(), config_.norm_eps, xn);
     Eigen::Map<row_matrix> out(logits.data(), rows, vocab);
     project(xn, model_.classifier(), vocab, out);
   }
@@ -188,17 +194,24 @@ class transformer {
     attention_.policies().executor.parallel_for(lanes, longheads::index_task(part));
   }
 
-  // llama2.c's rmsnorm: w * x / sqrt(mean(x^2) + 1e-5), per token. Plain loops, summed in
+  // llama2.c's rmsnorm: w * x / sqrt(mean(x^2) + eps), eps 1e-5 there, per token. Plain loops, summed in
   // double: Eigen's vectorised reductions peel by address alignment, which would make a token's
   // bits depend on its row in the block.
   template <class In, class Out>
-  static void rms_norm(const In& x, const float* weight, Out&& out) {
+  static void rms_norm(const In& x, const float* weight, double eps, Out&& out) {
     for (Eigen::Index t = 0; t < x.rows(); ++t) {
       double squares = 0;
       for (Eigen::Index i = 0; i < x.cols(); ++i) squares += double(x(t, i)) * double(x(t, i));
-      const double inv = 1.0 / std::sqrt(squares / static_cast<double>(x.cols()) + 1e-5);
+      const double inv = 1.0 / std::sqrt(squares / static_cast<double>(x.cols()) + eps);
       for (Eigen::Index i = 0; i < x.cols(); ++i) out(t, i) = static_cast<float>(double(weight[i]) * double(x(t, i)) * inv);
     }
+  }
+
+  template <class Rows>
+  static void add_bias(Rows& rows, const float* bias) {
+    if (!bias) return;
+    for (Eigen::Index t = 0; t < rows.rows(); ++t)
+      for (Eigen::Index i = 0; i < rows.cols(); ++i) rows(t, i) += bias[i];
   }
 
   // gate = silu(gate) * up, element by element with std::exp (a vectorised exp would take a
