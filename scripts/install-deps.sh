@@ -2,7 +2,7 @@
 # Makes sure the Debian packages longheads builds with are installed: installs the missing
 # ones with apt-get when run as root, otherwise names them and the command to run.
 set -euo pipefail
-packages=(cmake g++ make libeigen3-dev libxsimd-dev doctest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev gnuplot-nox python3-numpy doxygen
+packages=(cmake g++ make libeigen3-dev libxsimd-dev doctest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libicu-dev gnuplot-nox python3-numpy doxygen
           pybind11-dev python3-pybind11 python3-pytest python3-venv python3-pip
           libopenmpi-dev openmpi-bin)
 missing=()

@@ -8,6 +8,7 @@
 #include "../examples/gguf/blocks.hpp"
 #include "../examples/gguf/gguf_file.hpp"
 #include "../examples/gguf/gguf_model.hpp"
+#include "../examples/gguf/tokenizer.hpp"
 #include "../examples/llama2c/checkpoint.hpp"
 #include "../examples/llama2c/transformer.hpp"
 #include "tool_run.hpp"
@@ -688,3 +689,135 @@ TEST_CASE("GGUF models: a missing tensor, a wrong shape, another architecture, a
   CHECK(error_of(model("qwen2", 0, 64, true)) == gguf::error_kind::missing_tensor);  // no q/k/v biases
 }
 
+// ---- the tokenizer ----------------------------------------------------------------------------------
+
+namespace {
+
+// A GGUF image holding only a "llama" vocabulary: <unk> <s> </s>, optionally the 256 byte
+// tokens, then `pieces` with their scores.
+std::string vocabulary_file(const std::vector<std::pair<std::string, float>>& pieces, bool byte_tokens) {
+  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>"};
+  std::vector<std::int32_t> kinds = {2, 3, 3};
+  std::vector<float> scores = {0, 0, 0};
+  if (byte_tokens)
+    for (int b = 0; b < 256; ++b) {
+      char name[8];
+      std::snprintf(name, sizeof name, "<0x%02X>", b);
+      tokens.push_back(name), kinds.push_back(6), scores.push_back(0);
+    }
+  for (const auto& [p, s] : pieces) tokens.push_back(p), kinds.push_back(1), scores.push_back(s);
+  gguf_builder b;
+  b.header(3, 0, 4).str("tokenizer.ggml.model").u32(8).str("llama");
+  b.str("tokenizer.ggml.tokens").u32(9).u32(8).u64(tokens.size());
+  for (const auto& t : tokens) b.str(t);
+  b.str("tokenizer.ggml.scores").u32(9).u32(6).u64(scores.size());
+  for (float s : scores) b.raw(&s, 4);
+  b.str("tokenizer.ggml.token_type").u32(9).u32(5).u64(kinds.size());
+  for (auto k : kinds) b.raw(&k, 4);
+  return b.bytes;
+}
+
+}  // namespace
+
+TEST_CASE("tokenizer (llama / SentencePiece BPE): splits worked out by hand, byte fallback, round trips") {
+  const std::string u = "\xE2\x96\x81";  // "▁"
+  const std::vector<std::pair<std::string, float>> pieces = {{u, -5}, {"a", -6}, {"b", -6}, {"c", -6}, {u + "a", -1}, {"ab", -2},
+                                                             {u + "ab", -0.5f}, {u + "c", -3}, {"bc", -0.1f}, {"aa", 0}};
+  const std::string image = vocabulary_file(pieces, true);
+  const auto c = gguf::parse(std::as_bytes(std::span(image.data(), image.size())));
+  const gguf::tokenizer tok(c, 3 + 256 + static_cast<int>(pieces.size()));
+  auto id = [&](const std::string& p) { return *tok.find(p); };
+  // "ab c" -> ▁ a b ▁ c: ▁a (-1) first, then ▁a+b = ▁ab (-0.5), then ▁c (-3); bc never meets.
+  CHECK(tok.encode("ab c") == std::vector<std::int32_t>{1, id(u + "ab"), id(u + "c")});
+  // "abc": ▁a (-1) beats bc? no: bc (-0.1) is higher: ▁ a bc, then ▁a (-1): ▁a bc; ▁a+bc is no token.
+  CHECK(tok.encode("abc", false) == std::vector<std::int32_t>{id(u + "a"), id("bc")});
+  // "aaa": aa (0) at two places, the leftmost merges: ▁ aa a; ▁aa and aaa are no tokens.
+  CHECK(tok.encode("aaa", false) == std::vector<std::int32_t>{id(u), id("aa"), id("a")});
+  // "é" is no token: its two bytes; a lone 0xFF (invalid UTF-8) its byte.
+  CHECK(tok.encode("\xC3\xA9", false) == std::vector<std::int32_t>{id(u), id("<0xC3>"), id("<0xA9>")});
+  CHECK(tok.encode("a\xFF", false) == std::vector<std::int32_t>{id(u + "a"), id("<0xFF>")});
+  for (std::string text : {"ab c", "abc", "aaa", "\xC3\xA9 a", "a\xFF", "c  b", "ab cab bc", " a"}) {
+    CAPTURE(text);
+    CHECK(tok.decode(tok.encode(text)) == text);
+  }
+  CHECK(tok.decode(std::vector<std::int32_t>{1, id(u + "ab"), 2}) == "ab");  // control tokens print nothing
+  // Without byte tokens, a character the vocabulary lacks is one unknown token.
+  const std::string no_bytes = vocabulary_file(pieces, false);
+  const auto c2 = gguf::parse(std::as_bytes(std::span(no_bytes.data(), no_bytes.size())));
+  const gguf::tokenizer tok2(c2, 3 + static_cast<int>(pieces.size()));
+  CHECK(tok2.encode("\xC3\xA9", false) == std::vector<std::int32_t>{*tok2.find(u), 0});
+  // A vocabulary of another size than the embedding, another tokenizer model: named errors.
+  try {
+    gguf::tokenizer bad(c, 10);
+    FAIL("built");
+  } catch (const gguf::format_error& e) {
+    CHECK(e.kind() == gguf::error_kind::wrong_tensor_shape);
+  }
+}
+
+namespace {
+
+// A byte-level BPE vocabulary: the 256 byte characters (ids in byte order), then `extra`
+// tokens, `merges` in rank order, tokenizer.ggml.pre = `pre`.
+std::string byte_level_file(const std::vector<std::string>& extra, const std::vector<std::string>& merges, const std::string& pre) {
+  std::vector<std::string> tokens;
+  int next = 256;
+  for (int b = 0; b < 256; ++b) {  // GPT-2's bytes_to_unicode, written out here independently
+    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    const char32_t c = printable ? static_cast<char32_t>(b) : static_cast<char32_t>(next++);
+    std::string s;
+    if (c < 0x80) s += static_cast<char>(c);
+    else s += static_cast<char>(0xC0 | (c >> 6)), s += static_cast<char>(0x80 | (c & 0x3F));
+    tokens.push_back(s);
+  }
+  tokens.insert(tokens.end(), extra.begin(), extra.end());
+  tokens.push_back("<|end|>");
+  gguf_builder b;
+  b.header(3, 0, 6).str("tokenizer.ggml.model").u32(8).str("gpt2").str("tokenizer.ggml.pre").u32(8).str(pre);
+  b.str("tokenizer.ggml.tokens").u32(9).u32(8).u64(tokens.size());
+  for (const auto& t : tokens) b.str(t);
+  b.str("tokenizer.ggml.merges").u32(9).u32(8).u64(merges.size());
+  for (const auto& m : merges) b.str(m);
+  const std::int32_t end = static_cast<std::int32_t>(tokens.size()) - 1;
+  b.str("tokenizer.ggml.token_type").u32(9).u32(5).u64(tokens.size());
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    const std::int32_t kind = static_cast<std::int32_t>(i) == end ? 3 : 1;
+    b.raw(&kind, 4);
+  }
+  b.kv_u32("tokenizer.ggml.bos_token_id", static_cast<std::uint32_t>(end));
+  return b.bytes;
+}
+
+}  // namespace
+
+TEST_CASE("tokenizer (gpt2 / byte-level BPE): pre-tokenizers of GPT-2, Llama 3 and Qwen2, merges by rank, round trips") {
+  const std::string G = "\xC4\xA0";  // U+0120 'Ġ', the space byte's character
+  const std::vector<std::string> extra = {G + "t", "he", G + "the"};
+  const std::vector<std::string> merges = {G + " t", "h e", G + "t he"};
+  auto make = [&](const std::string& pre, std::string& image) {
+    image = byte_level_file(extra, merges, pre);
+    return gguf::parse(std::as_bytes(std::span(image.data(), image.size())));
+  };
+  std::string i1, i2, i3;
+  const auto gpt2_file = make("gpt-2", i1), llama3_file = make("llama-bpe", i2), qwen2_file = make("qwen2", i3);
+  const gguf::tokenizer gpt2(gpt2_file, 260), llama3(llama3_file, 260), qwen2(qwen2_file, 260);
+  using words = std::vector<std::string>;
+  CHECK(gpt2.pre_tokenize("Hello world's 123  x\n") == words{"Hello", " world", "'s", " 123", " ", " x", "\n"});
+  CHECK(llama3.pre_tokenize("Hello world's 12345\n\nx") == words{"Hello", " world", "'s", " ", "123", "45", "\n\n", "x"});
+  CHECK(qwen2.pre_tokenize("Hello world's 12345\n\nx") == words{"Hello", " world", "'s", " ", "1", "2", "3", "4", "5", "\n\n", "x"});
+  CHECK(gpt2.pre_tokenize("a,b I'M x,(y") == words{"a", ",", "b", " I", "'", "M", " x", ",(", "y"});
+  // Llama 3: one non-letter joins the letters after it; 'M is a contraction (case-insensitive).
+  CHECK(llama3.pre_tokenize("a,b I'M x,(y") == words{"a", ",b", " I", "'M", " x", ",(", "y"});
+  CHECK(llama3.pre_tokenize("caf\xC3\xA9 \xE2\x82\xAC" "5") == words{"caf\xC3\xA9", " \xE2\x82\xAC", "5"});  // é a letter, € a symbol
+  // "the the": words "the" and " the"; "the" -> t he (h e, rank 1; "t he" is no merge); " the" -> Ġ t h e -> Ġt h e -> Ġt he -> Ġthe.
+  CHECK(gpt2.encode("the the") == std::vector<std::int32_t>{259, 't', 257, 258});  // BOS (the control token 259) first
+  CHECK(gpt2.encode("\xC3\xA9", false) == std::vector<std::int32_t>{0xC3, 0xA9});  // no merges: its bytes' characters
+  for (std::string text : {"the the", "Hello world's 12345\n\nx", "caf\xC3\xA9 \xE2\x82\xAC" "5", "a\xFF b", "  spaces  "}) {
+    CAPTURE(text);
+    CHECK(gpt2.decode(gpt2.encode(text)) == text);
+    CHECK(llama3.decode(llama3.encode(text)) == text);
+    CHECK(qwen2.decode(qwen2.encode(text)) == text);
+  }
+  std::string unknown_pre;
+  CHECK_THROWS_AS(gguf::tokenizer(make("something-else", unknown_pre), 260), gguf::format_error);
+}

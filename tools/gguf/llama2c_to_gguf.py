@@ -20,8 +20,12 @@ what the tests need is valid blocks whose dequantised values the C++ reader must
 and a stated error.
 
 The vocabulary: tokenizer.ggml.model "llama" with tokens, scores and token types. With
---vocab (id<TAB>string lines, as ../shared/models/passkey-256.vocab.txt) the strings are those;
-without, placeholders "<tok_N>" (stories260K's tokenizer.bin is not in ../shared).
+--vocab (id<TAB>string lines, as ../shared/models/passkey-256.vocab.txt, one word per token)
+each word is written as SentencePiece writes a word, "\u2581word", so the GGUF host prints
+" the pass key is ..." (ids 0-2, <unk> <s> </s>, stay as they are, control tokens); such a
+word-level vocabulary has no pieces smaller than words, so text cannot be encoded into it by
+SentencePiece's merges: feed it token ids (longheads_chat --prompt-ids). Without --vocab,
+placeholders "<tok_N>" (stories260K's tokenizer.bin is not in ../shared).
 """
 import argparse
 import struct
@@ -289,12 +293,12 @@ def main():
             for line in f:
                 if "\t" in line:
                     i, s = line.rstrip("\n").split("\t", 1)
-                    if int(i) < len(tokens):
-                        tokens[int(i)] = s
+                    if 3 <= int(i) < len(tokens):
+                        tokens[int(i)] = "\u2581" + s
     w.add("tokenizer.ggml.model", STRING, "llama")
     w.add("tokenizer.ggml.tokens", ARRAY, tokens, STRING)
     w.add("tokenizer.ggml.scores", ARRAY, [0.0] * len(tokens), F32)
-    w.add("tokenizer.ggml.token_type", ARRAY, [3 if i < 3 else 1 for i in range(len(tokens))], I32)
+    w.add("tokenizer.ggml.token_type", ARRAY, [2 if i == 0 else 3 if i < 3 else 1 for i in range(len(tokens))], I32)
     w.add("tokenizer.ggml.bos_token_id", U32, 1)
     w.add("tokenizer.ggml.eos_token_id", U32, 2)
 
