@@ -13,11 +13,14 @@
 #include "../examples/llama2c/transformer.hpp"
 #include "tool_run.hpp"
 
+#include <algorithm>
 #include <bit>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <string>
@@ -404,7 +407,9 @@ fs::path work_dir() { return test::work_dir("gguf_test"); }
 
 // Converts a llama2.c checkpoint to GGUF with tools/gguf/llama2c_to_gguf.py.
 fs::path convert(const fs::path& model, const std::string& type, const std::string& extra = "") {
-  const fs::path out = work_dir() / (model.stem().string() + "-" + type + ".gguf");
+  std::string tag = extra;
+  std::replace_if(tag.begin(), tag.end(), [](char c) { return !std::isalnum(static_cast<unsigned char>(c)); }, '_');
+  const fs::path out = work_dir() / (model.stem().string() + "-" + type + tag + ".gguf");
   if (fs::exists(out)) return out;
   const auto run = test::run_tool(work_dir(), LONGHEADS_PYTHON3, (fs::path(LONGHEADS_SOURCE_DIR) / "tools/gguf/llama2c_to_gguf.py").string() + " " +
                                                              model.string() + " " + out.string() + " --type " + type + " " + extra);
@@ -554,6 +559,23 @@ TEST_CASE("GGUF F32 of stories260K and passkey-256: 200 greedy tokens and every 
   }
 }
 
+TEST_CASE("GGUF qwen2: the same model with Hugging Face's q/k rows (rotated as halves) and zero q/k/v biases answers as the llama file") {
+  // Catches a wrong layout either way: rotating HF rows as adjacent pairs (or Meta's as halves)
+  // mixes dimensions of different frequencies and the logits move by whole units.
+  const fs::path model = shared_dir() / "models" / "passkey-256.bin";
+  if (!fs::exists(model)) {
+    MESSAGE("skipped: " << model << " is absent (set LONGHEADS_SHARED)");
+    return;
+  }
+  // Dense: under LongHeads a rounding difference can flip a near-tie between two chunks.
+  const auto llama = run_gguf(convert(model, "f32"), 200, {}, longheads::attention_method::dense);
+  const auto qwen2 = run_gguf(convert(model, "f32", "--arch qwen2"), 200, {}, longheads::attention_method::dense);
+  CHECK(qwen2.ids == llama.ids);
+  const double worst = worst_difference(qwen2.logits, llama.logits);
+  MESSAGE("qwen2 layout: max |logit - llama file's| over 200 greedy steps = " << worst);
+  CHECK(worst <= 1e-4);  // the same arithmetic in another order of summation
+}
+
 TEST_CASE("GGUF F16 and BF16: logits == the llama2.c host's on the same weights rounded; Q8_0 and Q4_0 within stated bounds of F32") {
   for (const char* name : {"stories260K.bin", "passkey-256.bin"}) {
     const fs::path model = shared_dir() / "models" / name;
@@ -641,10 +663,117 @@ TEST_CASE("GGUF K-quants (Q4_K, Q5_K, Q6_K) on a model with 256-wide rows: every
   }
 }
 
+namespace {
+
+// A one-layer model image, dim 64, 2 heads, vocab 4, every tensor F32 unless a case changes
+// it; `metadata` appends key/values (with their count).
+std::string small_model(const std::string& arch, std::uint32_t q_type, std::uint64_t q_rows, bool with_output_norm,
+                        const std::function<void(gguf_builder&)>& metadata = {}, int extra_kv = 0, bool frequency_factors = false) {
+  gguf_builder b;
+  std::vector<std::tuple<std::string, std::vector<std::uint64_t>, std::uint32_t>> t = {
+      {"token_embd.weight", {64, 4}, 0}, {"blk.0.attn_norm.weight", {64}, 0}, {"blk.0.attn_q.weight", {64, q_rows}, q_type},
+      {"blk.0.attn_k.weight", {64, 64}, 0}, {"blk.0.attn_v.weight", {64, 64}, 0}, {"blk.0.attn_output.weight", {64, 64}, 0},
+      {"blk.0.ffn_norm.weight", {64}, 0}, {"blk.0.ffn_gate.weight", {64, 128}, 0}, {"blk.0.ffn_down.weight", {128, 64}, 0},
+      {"blk.0.ffn_up.weight", {64, 128}, 0}};
+  if (with_output_norm) t.push_back({"output_norm.weight", {64}, 0});
+  if (frequency_factors) t.push_back({"rope_freqs.weight", {16}, 0});
+  b.header(3, t.size(), 6 + static_cast<std::uint64_t>(extra_kv)).str("general.architecture").u32(8).str(arch);
+  b.kv_u32(arch + ".embedding_length", 64).kv_u32(arch + ".block_count", 1).kv_u32(arch + ".feed_forward_length", 128);
+  b.kv_u32(arch + ".attention.head_count", 2).kv_u32(arch + ".context_length", 256);
+  if (metadata) metadata(b);
+  std::uint64_t offset = 0;
+  std::vector<std::uint64_t> offsets;
+  for (auto& [name, ne, type] : t) {
+    std::uint64_t n = 1;
+    for (auto d : ne) n *= d;
+    const std::uint64_t bytes = type == 0 ? n * 4 : n / 32 * gguf::layout_of(static_cast<gguf::tensor_type>(type)).block_bytes;
+    b.tensor(name, ne, type, offset);
+    offsets.push_back(offset);
+    offset += (bytes + 31) / 32 * 32;
+  }
+  b.pad();
+  const std::size_t data = b.bytes.size();
+  b.zeros(offset);
+  if (frequency_factors)  // the factors 1, 2, ..., 16
+    for (int i = 0; i < 16; ++i) {
+      const float f = static_cast<float>(i + 1);
+      std::memcpy(b.bytes.data() + data + offsets.back() + 4 * i, &f, 4);
+    }
+  return b.bytes;
+}
+
+gguf::model_description describe_image(const std::string& image) {
+  return gguf::describe(gguf::parse(std::as_bytes(std::span(image.data(), image.size()))));
+}
+
+}  // namespace
+
+TEST_CASE("GGUF RoPE from the metadata: base, linear scaling, Llama 3.1's frequency factors, YaRN, and the layout by architecture") {
+  const int d = 32;
+  auto float_frequencies = [&](double base) {
+    std::vector<double> f(d / 2);
+    for (int i = 0; i < d / 2; ++i) f[i] = 1.0f / std::pow(static_cast<float>(base), static_cast<float>(2 * i) / static_cast<float>(d));
+    return f;
+  };
+  auto same = [](std::span<const double> a, const std::vector<double>& b) {
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < b.size(); ++i) CHECK(a[i] == b[i]);
+  };
+  auto f32 = [](gguf_builder& b, const std::string& key, float v) { b.str(key).u32(6).raw(&v, 4); };
+  {  // no scaling, the default base 10000: llama2.c's float frequencies exactly
+    const auto m = describe_image(small_model("llama", 0, 64, true));
+    CHECK(m.rope_layout == longheads::rope_layout::interleaved);
+    same(m.make_rope().inverse_frequencies(), float_frequencies(10000));
+  }
+  {  // base 500000, linear factor 4
+    const auto m = describe_image(small_model("llama", 0, 64, true, [&](gguf_builder& b) {
+      f32(b, "llama.rope.freq_base", 500000.0f);
+      b.str("llama.rope.scaling.type").u32(8).str("linear");
+      f32(b, "llama.rope.scaling.factor", 4.0f);
+    }, 3));
+    auto expected = float_frequencies(500000);
+    for (auto& f : expected) f /= 4;
+    same(m.make_rope().inverse_frequencies(), expected);
+  }
+  {  // Llama 3.1: rope_freqs.weight divides frequency i by factor i + 1
+    const auto m = describe_image(small_model("llama", 0, 64, true, {}, 0, true));
+    auto expected = float_frequencies(10000);
+    for (int i = 0; i < d / 2; ++i) expected[i] /= i + 1;
+    same(m.make_rope().inverse_frequencies(), expected);
+  }
+  {  // YaRN factor 8 over an original context of 64: longheads::yarn_scaling on the float frequencies
+    const auto m = describe_image(small_model("llama", 0, 64, true, [&](gguf_builder& b) {
+      b.str("llama.rope.scaling.type").u32(8).str("yarn");
+      f32(b, "llama.rope.scaling.factor", 8.0f);
+      b.kv_u32("llama.rope.scaling.original_context_length", 64);
+    }, 3));
+    auto expected = float_frequencies(10000);
+    longheads::yarn_scaling y;
+    y.factor = 8;
+    y.original_context = 64;
+    y.rescale(expected, d, 10000);
+    const auto rope = m.make_rope();
+    same(rope.inverse_frequencies(), expected);
+    CHECK(rope.magnitude() == y.magnitude());
+  }
+  {  // an epsilon stored as float32 is read as the decimal it was written from
+    const auto m = describe_image(small_model("llama", 0, 64, true, [&](gguf_builder& b) { f32(b, "llama.attention.layer_norm_rms_epsilon", 1e-6f); }, 1));
+    CHECK(m.config.norm_eps == 1e-6);
+  }
+  // qwen2 rotates halves (Hugging Face's layout, which its GGUF keeps)
+  CHECK(describe_image(small_model("qwen2", 0, 64, true)).rope_layout == longheads::rope_layout::half);
+  try {
+    describe_image(small_model("llama", 0, 64, true, [](gguf_builder& b) { b.str("llama.rope.scaling.type").u32(8).str("longrope"); }, 1));
+    FAIL("described");
+  } catch (const gguf::format_error& e) {
+    CHECK(e.kind() == gguf::error_kind::unsupported);
+  }
+}
+
 TEST_CASE("GGUF models: a missing tensor, a wrong shape, another architecture, an unread type: each a named error") {
-  auto error_of = [](const gguf_builder& b) {
+  auto error_of = [](const std::string& image) {
     try {
-      const auto c = gguf::parse(std::as_bytes(std::span(b.bytes.data(), b.bytes.size())));
+      const auto c = gguf::parse(std::as_bytes(std::span(image.data(), image.size())));
       gguf::load_weights(c, gguf::describe(c));
     } catch (const gguf::format_error& e) {
       MESSAGE(std::string(e.what()));
@@ -653,40 +782,11 @@ TEST_CASE("GGUF models: a missing tensor, a wrong shape, another architecture, a
     FAIL("loaded");
     return gguf::error_kind::unsupported;
   };
-  // A one-layer llama, dim 64, 2 heads, vocab 4, every tensor F32 except where a case changes it.
-  auto model = [](const std::string& arch, std::uint32_t q_type, std::uint64_t q_rows, bool with_output_norm) {
-    gguf_builder b;
-    std::vector<std::tuple<std::string, std::vector<std::uint64_t>, std::uint32_t>> t = {
-        {"token_embd.weight", {64, 4}, 0}, {"blk.0.attn_norm.weight", {64}, 0}, {"blk.0.attn_q.weight", {64, q_rows}, q_type},
-        {"blk.0.attn_k.weight", {64, 64}, 0}, {"blk.0.attn_v.weight", {64, 64}, 0}, {"blk.0.attn_output.weight", {64, 64}, 0},
-        {"blk.0.ffn_norm.weight", {64}, 0}, {"blk.0.ffn_gate.weight", {64, 128}, 0}, {"blk.0.ffn_down.weight", {128, 64}, 0},
-        {"blk.0.ffn_up.weight", {64, 128}, 0}};
-    if (with_output_norm) t.push_back({"output_norm.weight", {64}, 0});
-    b.header(3, t.size(), 6).str("general.architecture").u32(8).str(arch);
-    b.kv_u32(arch + ".embedding_length", 64).kv_u32(arch + ".block_count", 1).kv_u32(arch + ".feed_forward_length", 128);
-    b.kv_u32(arch + ".attention.head_count", 2).kv_u32(arch + ".context_length", 256);
-    std::uint64_t offset = 0;
-    std::vector<std::uint64_t> sizes;
-    for (auto& [name, ne, type] : t) {
-      std::uint64_t n = 1;
-      for (auto d : ne) n *= d;
-      const std::uint64_t bytes = type == 0 ? n * 4 : n / 32 * gguf::layout_of(static_cast<gguf::tensor_type>(type)).block_bytes;
-      b.tensor(name, ne, type, offset);
-      offset += (bytes + 31) / 32 * 32;
-    }
-    b.pad();
-    return b.zeros(offset);
-  };
-  {
-    const std::string valid = model("llama", 0, 64, true).bytes;
-    const auto c = gguf::parse(std::as_bytes(std::span(valid.data(), valid.size())));
-    CHECK_NOTHROW(gguf::load_weights(c, gguf::describe(c)));
-  }
-  CHECK(error_of(model("llama", 0, 64, false)) == gguf::error_kind::missing_tensor);
-  CHECK(error_of(model("llama", 0, 32, true)) == gguf::error_kind::wrong_tensor_shape);
-  CHECK(error_of(model("gpt2", 0, 64, true)) == gguf::error_kind::unsupported);
-  CHECK(error_of(model("llama", 3, 64, true)) == gguf::error_kind::unsupported);  // Q4_1
-  CHECK(error_of(model("qwen2", 0, 64, true)) == gguf::error_kind::missing_tensor);  // no q/k/v biases
+  CHECK(error_of(small_model("llama", 0, 64, false)) == gguf::error_kind::missing_tensor);
+  CHECK(error_of(small_model("llama", 0, 32, true)) == gguf::error_kind::wrong_tensor_shape);
+  CHECK(error_of(small_model("gpt2", 0, 64, true)) == gguf::error_kind::unsupported);
+  CHECK(error_of(small_model("llama", 3, 64, true)) == gguf::error_kind::unsupported);  // Q4_1
+  CHECK(error_of(small_model("qwen2", 0, 64, true)) == gguf::error_kind::missing_tensor);  // no q/k/v biases
 }
 
 // ---- the tokenizer ----------------------------------------------------------------------------------

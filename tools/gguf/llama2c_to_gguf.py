@@ -3,7 +3,7 @@
 can be tested on our own models without a download (examples/gguf, tests/gguf_test.cpp).
 
     llama2c_to_gguf.py MODEL.bin OUT.gguf [--type f32|f16|bf16|q8_0|q4_0|q4_k|q5_k|q6_k]
-                       [--vocab VOCAB.txt] [--version 2|3]
+                       [--vocab VOCAB.txt] [--version 2|3] [--arch llama|qwen2]
 
 Layout, as llama.cpp's writer makes it: header, metadata, tensor infos, padding to
 general.alignment (32), then each tensor's data at an offset that is a multiple of 32.
@@ -11,6 +11,11 @@ ggml lists a tensor's dimensions innermost first, so a [rows, cols] row-major ma
 ne = [cols, rows]. q/k rows are written as llama2.c holds them: llama2.c, like Meta's Llama,
 rotates adjacent pairs, which is the layout llama.cpp expects of the llama architecture (its
 own converter un-permutes Hugging Face checkpoints back to it), so no permutation is applied.
+
+--arch qwen2 writes the same model as llama.cpp's qwen2 architecture holds one: q/k rows in
+Hugging Face's layout (each head's rotated pairs split into halves, HF's permute of Meta's
+rows), which llama.cpp rotates as halves (NEOX), and q/k/v biases (zero here); the GGUF host
+must then answer as it does for the llama file (tests/gguf_test.cpp).
 
 Quantisation (--type) applies to the 2-D weights; norms stay F32 as in llama.cpp's files. A
 K-quant needs rows of a multiple of 256 values: a matrix whose rows are shorter or ragged is
@@ -262,6 +267,12 @@ class writer:
             f.write(out)
 
 
+def permute_to_halves(w, n_head):
+    """Meta's rows (pairs 2i, 2i+1 of each head) to Hugging Face's (i, i + d/2)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -270,22 +281,33 @@ def main():
     ap.add_argument("--vocab", help="id<TAB>string lines (passkey-256.vocab.txt)")
     ap.add_argument("--version", type=int, default=3, choices=[2, 3])
     ap.add_argument("--name", default=None)
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
     args = ap.parse_args()
 
     c, tensors = read_llama2c(args.model)
+    arch = args.arch
+    if arch == "qwen2":
+        kv = c["kv_heads"] * (c["dim"] // c["heads"])
+        for l in range(c["layers"]):
+            p = f"blk.{l}."
+            tensors[p + "attn_q.weight"] = permute_to_halves(tensors[p + "attn_q.weight"], c["heads"])
+            tensors[p + "attn_k.weight"] = permute_to_halves(tensors[p + "attn_k.weight"], c["kv_heads"])
+            tensors[p + "attn_q.bias"] = np.zeros(c["dim"], dtype=np.float32)
+            tensors[p + "attn_k.bias"] = np.zeros(kv, dtype=np.float32)
+            tensors[p + "attn_v.bias"] = np.zeros(kv, dtype=np.float32)
     w = writer()
-    w.add("general.architecture", STRING, "llama")
+    w.add("general.architecture", STRING, arch)
     w.add("general.name", STRING, args.name or args.model.rsplit("/", 1)[-1])
     w.add("general.alignment", U32, ALIGNMENT)
-    w.add("llama.context_length", U32, c["seq_len"])
-    w.add("llama.embedding_length", U32, c["dim"])
-    w.add("llama.block_count", U32, c["layers"])
-    w.add("llama.feed_forward_length", U32, c["hidden"])
-    w.add("llama.attention.head_count", U32, c["heads"])
-    w.add("llama.attention.head_count_kv", U32, c["kv_heads"])
-    w.add("llama.rope.dimension_count", U32, c["dim"] // c["heads"])
-    w.add("llama.attention.layer_norm_rms_epsilon", F32, 1e-5)
-    w.add("llama.rope.freq_base", F32, 10000.0)
+    w.add(f"{arch}.context_length", U32, c["seq_len"])
+    w.add(f"{arch}.embedding_length", U32, c["dim"])
+    w.add(f"{arch}.block_count", U32, c["layers"])
+    w.add(f"{arch}.feed_forward_length", U32, c["hidden"])
+    w.add(f"{arch}.attention.head_count", U32, c["heads"])
+    w.add(f"{arch}.attention.head_count_kv", U32, c["kv_heads"])
+    w.add(f"{arch}.rope.dimension_count", U32, c["dim"] // c["heads"])
+    w.add(f"{arch}.attention.layer_norm_rms_epsilon", F32, 1e-5)
+    w.add(f"{arch}.rope.freq_base", F32, 10000.0)
 
     tokens = [f"<tok_{i}>" for i in range(c["vocab"])]
     if args.vocab:
