@@ -207,6 +207,23 @@ TEST_CASE("dequantize: blocks whose values are known by construction") {
     const auto v = dequantized(gguf::tensor_type::q4_k, b);
     for (int i = 0; i < 256; ++i) CHECK(v[i] == float(5 * (i / 32 + 1) - i / 32));
   }
+  {  // Q5_K, d = 1, dmin = 0, sub-block scales 1: low nibbles 0x3 / high 0x5 and every fifth bit set: 19 and 21
+    std::vector<std::uint8_t> b(176);
+    b[0] = one_lo, b[1] = one_hi;
+    for (int s = 0; s < 4; ++s) b[4 + s] = 1;
+    for (int s = 4; s < 8; ++s) b[12 + s - 4] = 1;
+    for (int l = 0; l < 32; ++l) b[16 + l] = 0xFF;
+    for (int l = 0; l < 128; ++l) b[48 + l] = 0x53;
+    const auto v = dequantized(gguf::tensor_type::q5_k, b);
+    for (int i = 0; i < 256; ++i) CHECK(v[i] == (i % 64 < 32 ? 19.0f : 21.0f));
+  }
+  {  // F16 and BF16: 1.5, -2 and the smallest half subnormal 2^-24
+    const std::vector<std::uint8_t> h1 = {0x00, 0x3e}, h2 = {0x00, 0xc0}, h3 = {0x01, 0x00}, b1 = {0xc0, 0x3f};
+    CHECK(dequantized(gguf::tensor_type::f16, h1)[0] == 1.5f);
+    CHECK(dequantized(gguf::tensor_type::f16, h2)[0] == -2.0f);
+    CHECK(dequantized(gguf::tensor_type::f16, h3)[0] == std::ldexp(1.0f, -24));
+    CHECK(dequantized(gguf::tensor_type::bf16, b1)[0] == 1.5f);
+  }
   {  // Q6_K, d = 1, scales 1, ql 0 and qh 0xAA (each pair 2): every quant 32 - 32 = 0, then ql 0x0F: 15
     std::vector<std::uint8_t> b(210);
     for (int s = 0; s < 16; ++s) b[192 + s] = 1;
@@ -615,14 +632,14 @@ TEST_CASE("GGUF F16 and BF16: logits == the llama2.c host's on the same weights 
   }
 }
 
-TEST_CASE("GGUF K-quants (Q4_K, Q5_K, Q6_K) on a model with 256-wide rows: every tensor of the type, logits within bounds") {
+TEST_CASE("GGUF K-quants (Q4_K, Q5_K, Q6_K) on a model with 256-wide rows and its own classifier: every tensor of the type, logits within bounds") {
   // A random llama2.c model whose rows fit 256-value blocks (stories260K's and passkey-256's do not).
   const int dim = 256, hidden = 512, layers = 2, heads = 4, kv_heads = 2, vocab = 64, seq_len = 128;
   const fs::path path = work_dir() / "random256.bin";
   {
     std::mt19937 rng(3);
     std::ofstream out(path, std::ios::binary);
-    const std::int32_t header[7] = {dim, hidden, layers, heads, kv_heads, vocab, seq_len};
+    const std::int32_t header[7] = {dim, hidden, layers, heads, kv_heads, -vocab, seq_len};  // its own classifier: output.weight
     out.write(reinterpret_cast<const char*>(header), sizeof header);
     auto write = [&](std::size_t n, float scale, bool ones) {  // llama2.c order: embedding, then per kind over layers
       std::normal_distribution<float> normal(0.0f, scale);
@@ -644,10 +661,16 @@ TEST_CASE("GGUF K-quants (Q4_K, Q5_K, Q6_K) on a model with 256-wide rows: every
     write(L * h * d, s, false);     // w3
     write(d, 0, true);              // rms_final
     write(std::size_t(seq_len) * (dim / heads), 0, true);  // freq_cis (unused)
+    write(vocab * d, s, false);     // the classifier
   }
   const auto reference = run_llama2c(path, 64, longheads::attention_method::dense);
-  for (auto [type, id, bound] : {std::tuple{"q6_k", gguf::tensor_type::q6_k, 0.06}, {"q5_k", gguf::tensor_type::q5_k, 0.1},
-                                 {"q4_k", gguf::tensor_type::q4_k, 0.25}}) {
+  {  // F32: output.weight read as the classifier, every logit == the llama2.c host's
+    const fs::path converted = convert(path, "f32");
+    CHECK(gguf::file(converted)->find_tensor("output.weight") != nullptr);
+    CHECK(run_gguf(converted, 64, {}, longheads::attention_method::dense).logits == reference.logits);
+  }
+  for (auto [type, id, bound] : {std::tuple{"q6_k", gguf::tensor_type::q6_k, 0.1}, {"q5_k", gguf::tensor_type::q5_k, 0.2},
+                                 {"q4_k", gguf::tensor_type::q4_k, 0.4}}) {
     const std::string type_name = type;
     CAPTURE(type_name);
     const fs::path converted = convert(path, type);
