@@ -21,6 +21,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <fstream>
 #include <random>
 #include <string>
@@ -422,6 +423,14 @@ fs::path shared_dir() {
 
 fs::path work_dir() { return test::work_dir("gguf_test"); }
 
+// ../shared/models/<name>, or nullopt with a message saying the case is skipped.
+std::optional<fs::path> shared_model(const std::string& name) {
+  const fs::path model = shared_dir() / "models" / name;
+  if (fs::exists(model)) return model;
+  MESSAGE("skipped: " << model << " is absent (set LONGHEADS_SHARED)");
+  return std::nullopt;
+}
+
 // Converts a llama2.c checkpoint to GGUF with tools/gguf/llama2c_to_gguf.py.
 fs::path convert(const fs::path& model, const std::string& type, const std::string& extra = "") {
   std::string tag = extra;
@@ -553,11 +562,9 @@ double worst_difference(const std::vector<float>& a, const std::vector<float>& b
 
 TEST_CASE("GGUF F32 of stories260K and passkey-256: 200 greedy tokens and every logit == the llama2.c host's, GGUF v2 and v3") {
   for (const char* name : {"stories260K.bin", "passkey-256.bin"}) {
-    const fs::path model = shared_dir() / "models" / name;
-    if (!fs::exists(model)) {
-      MESSAGE("skipped: " << model << " is absent (set LONGHEADS_SHARED)");
-      continue;
-    }
+    const auto found = shared_model(name);
+    if (!found) continue;
+    const fs::path& model = *found;
     const std::string model_name = name;
     CAPTURE(model_name);
     const auto reference = run_llama2c(model, 200);
@@ -579,11 +586,9 @@ TEST_CASE("GGUF F32 of stories260K and passkey-256: 200 greedy tokens and every 
 TEST_CASE("GGUF qwen2: the same model with Hugging Face's q/k rows (rotated as halves) and zero q/k/v biases answers as the llama file") {
   // Catches a wrong layout either way: rotating HF rows as adjacent pairs (or Meta's as halves)
   // mixes dimensions of different frequencies and the logits move by whole units.
-  const fs::path model = shared_dir() / "models" / "passkey-256.bin";
-  if (!fs::exists(model)) {
-    MESSAGE("skipped: " << model << " is absent (set LONGHEADS_SHARED)");
-    return;
-  }
+  const auto found = shared_model("passkey-256.bin");
+  if (!found) return;
+  const fs::path& model = *found;
   // Dense: under LongHeads a rounding difference can flip a near-tie between two chunks.
   const auto llama = run_gguf(convert(model, "f32"), 200, {}, longheads::attention_method::dense);
   const auto qwen2 = run_gguf(convert(model, "f32", "--arch qwen2"), 200, {}, longheads::attention_method::dense);
@@ -595,11 +600,9 @@ TEST_CASE("GGUF qwen2: the same model with Hugging Face's q/k rows (rotated as h
 
 TEST_CASE("GGUF F16 and BF16: logits == the llama2.c host's on the same weights rounded; Q8_0 and Q4_0 within stated bounds of F32") {
   for (const char* name : {"stories260K.bin", "passkey-256.bin"}) {
-    const fs::path model = shared_dir() / "models" / name;
-    if (!fs::exists(model)) {
-      MESSAGE("skipped: " << model << " is absent (set LONGHEADS_SHARED)");
-      continue;
-    }
+    const auto found = shared_model(name);
+    if (!found) continue;
+    const fs::path& model = *found;
     const std::string model_name = name;
     CAPTURE(model_name);
     const auto reference = run_llama2c(model, 200);

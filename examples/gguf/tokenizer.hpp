@@ -111,11 +111,6 @@ class tokenizer {
       if (c == ' ') normal += "\xE2\x96\x81";
       else normal += c;
     }
-    // Symbols as a linked list over `normal`, merged by a queue of candidate pairs.
-    struct symbol {
-      std::size_t begin, length;
-      int previous, next;
-    };
     std::vector<symbol> symbols;
     for (std::size_t i = 0; i < normal.size();) {
       const std::size_t n = utf8_length(normal, i);
@@ -123,36 +118,12 @@ class tokenizer {
       i += n;
     }
     symbols.back().next = -1;
-    struct candidate {
-      float score;
-      int left;
-      std::size_t length;  // the merged length when queued: a stale entry no longer matches
-      bool operator<(const candidate& o) const { return score < o.score || (score == o.score && left > o.left); }
-    };
-    std::priority_queue<candidate> queue;
-    auto propose = [&](int left) {
-      if (left < 0 || symbols[static_cast<std::size_t>(left)].next < 0) return;
-      const symbol& a = symbols[static_cast<std::size_t>(left)];
-      const symbol& b = symbols[static_cast<std::size_t>(a.next)];
+    // A pair merges when its concatenation is a token; the token's score is its priority.
+    merge_pairs(symbols, [&](const symbol& a, const symbol& b) -> std::optional<double> {
       const auto it = ids_.find(normal.substr(a.begin, a.length + b.length));
-      if (it == ids_.end()) return;
-      queue.push({scores_[static_cast<std::size_t>(it->second)], left, a.length + b.length});
-    };
-    for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) propose(i);
-    while (!queue.empty()) {
-      const candidate c = queue.top();
-      queue.pop();
-      symbol& a = symbols[static_cast<std::size_t>(c.left)];
-      if (a.length == 0 || a.next < 0) continue;
-      symbol& b = symbols[static_cast<std::size_t>(a.next)];
-      if (a.length + b.length != c.length) continue;  // one of the two merged since
-      a.length += b.length;
-      b.length = 0;
-      a.next = b.next;
-      if (a.next >= 0) symbols[static_cast<std::size_t>(a.next)].previous = c.left;
-      propose(a.previous);
-      propose(c.left);
-    }
+      if (it == ids_.end()) return std::nullopt;
+      return scores_[static_cast<std::size_t>(it->second)];
+    });
     for (int i = 0; i >= 0; i = symbols[static_cast<std::size_t>(i)].next) {
       const symbol& s = symbols[static_cast<std::size_t>(i)];
       const auto it = ids_.find(normal.substr(s.begin, s.length));
@@ -225,6 +196,46 @@ class tokenizer {
   }
 
  private:
+  // A run of text as a linked list of symbols (byte ranges of the text being encoded).
+  struct symbol {
+    std::size_t begin, length;
+    int previous, next;
+  };
+
+  // Both BPEs: repeatedly merges the adjacent pair of highest priority (ties: the leftmost),
+  // `priority(left, right)` giving a pair's priority or nullopt for a pair that never merges.
+  template <class Priority>
+  static void merge_pairs(std::vector<symbol>& symbols, Priority&& priority) {
+    struct candidate {
+      double priority;
+      int left;
+      std::size_t length;  // the merged length when queued: a stale entry no longer matches
+      bool operator<(const candidate& o) const { return priority < o.priority || (priority == o.priority && left > o.left); }
+    };
+    std::priority_queue<candidate> queue;
+    auto propose = [&](int left) {
+      if (left < 0 || symbols[static_cast<std::size_t>(left)].next < 0) return;
+      const symbol& a = symbols[static_cast<std::size_t>(left)];
+      const symbol& b = symbols[static_cast<std::size_t>(a.next)];
+      if (const auto p = priority(a, b)) queue.push({*p, left, a.length + b.length});
+    };
+    for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) propose(i);
+    while (!queue.empty()) {
+      const candidate c = queue.top();
+      queue.pop();
+      symbol& a = symbols[static_cast<std::size_t>(c.left)];
+      if (a.length == 0 || a.next < 0) continue;
+      symbol& b = symbols[static_cast<std::size_t>(a.next)];
+      if (a.length + b.length != c.length) continue;  // one of the two merged since (lengths only grow)
+      a.length += b.length;
+      b.length = 0;
+      a.next = b.next;
+      if (a.next >= 0) symbols[static_cast<std::size_t>(a.next)].previous = c.left;
+      propose(a.previous);
+      propose(c.left);
+    }
+  }
+
   // ---- byte-level BPE ------------------------------------------------------------------------
 
   enum class pre_tokenizer { gpt2, llama3, qwen2 };
@@ -372,27 +383,6 @@ class tokenizer {
           add(pos);
           continue;
         }
-        std::size_t spaces = 0, last_newline_end = 0;
-        while (fl(pos + spaces).whitespace) {
-          const char32_t w = cpt(pos + spaces);
-          if (w == '\r' || w == '\n') last_newline_end = pos + spaces + 1;
-          ++spaces;
-        }
-        if (last_newline_end > 0) {  // \s*[\r\n]+
-          pos = last_newline_end;
-          add(pos);
-          continue;
-        }
-        if (spaces > 1 && cpt(pos + spaces) != none) {  // \s+(?!\S)
-          pos += spaces - 1;
-          add(pos);
-          continue;
-        }
-        if (spaces > 0) {  // \s+
-          pos += spaces;
-          add(pos);
-          continue;
-        }
       } else {
         flags f2 = c == ' ' ? fl(pos + 1) : f;
         if (f2.letter || f2.number) {  // ' ?\p{L}+' | ' ?\p{N}+'
@@ -408,18 +398,28 @@ class tokenizer {
           add(pos);
           continue;
         }
-        std::size_t spaces = 0;
-        while (fl(pos + spaces).whitespace) ++spaces;
-        if (spaces > 1 && cpt(pos + spaces) != none) {  // \s+(?!\S)
-          pos += spaces - 1;
-          add(pos);
-          continue;
-        }
-        if (spaces > 0) {  // \s+
-          pos += spaces;
-          add(pos);
-          continue;
-        }
+      }
+      // Whitespace, both: Llama 3's \s*[\r\n]+ first, then \s+(?!\S) and \s+.
+      std::size_t spaces = 0, last_newline_end = 0;
+      while (fl(pos + spaces).whitespace) {
+        const char32_t w = cpt(pos + spaces);
+        if (llama3 && (w == '\r' || w == '\n')) last_newline_end = pos + spaces + 1;
+        ++spaces;
+      }
+      if (last_newline_end > 0) {
+        pos = last_newline_end;
+        add(pos);
+        continue;
+      }
+      if (spaces > 1 && cpt(pos + spaces) != none) {  // \s+(?!\S): all but the last
+        pos += spaces - 1;
+        add(pos);
+        continue;
+      }
+      if (spaces > 0) {
+        pos += spaces;
+        add(pos);
+        continue;
       }
       add(++pos);  // no match: the code point alone
     }
@@ -441,44 +441,17 @@ class tokenizer {
           continue;
         }
       }
-      struct symbol {
-        std::size_t begin, length;
-        int previous, next;
-      };
       std::vector<symbol> symbols;
       for (std::size_t i = 0; i < starts.size(); ++i) {
         const std::size_t end = i + 1 < starts.size() ? starts[i + 1] : word.size();
         symbols.push_back({starts[i], end - starts[i], static_cast<int>(i) - 1, i + 1 < starts.size() ? static_cast<int>(i) + 1 : -1});
       }
-      struct candidate {
-        int rank, left;
-        std::size_t length;
-        bool operator<(const candidate& o) const { return rank > o.rank || (rank == o.rank && left > o.left); }
-      };
-      std::priority_queue<candidate> queue;
-      auto propose = [&](int left) {
-        if (left < 0 || symbols[static_cast<std::size_t>(left)].next < 0) return;
-        const symbol& a = symbols[static_cast<std::size_t>(left)];
-        const symbol& b = symbols[static_cast<std::size_t>(a.next)];
+      // A pair merges when "left right" is a merge rule; the lower its rank, the sooner.
+      merge_pairs(symbols, [&](const symbol& a, const symbol& b) -> std::optional<double> {
         const auto it = merge_ranks_.find(word.substr(a.begin, a.length) + " " + word.substr(b.begin, b.length));
-        if (it == merge_ranks_.end()) return;
-        queue.push({it->second, left, a.length + b.length});
-      };
-      for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) propose(i);
-      while (!queue.empty()) {
-        const candidate c = queue.top();
-        queue.pop();
-        symbol& a = symbols[static_cast<std::size_t>(c.left)];
-        if (a.length == 0 || a.next < 0) continue;
-        symbol& b = symbols[static_cast<std::size_t>(a.next)];
-        if (a.length + b.length != c.length) continue;  // one of the two merged since
-        a.length += b.length;
-        b.length = 0;
-        a.next = b.next;
-        if (a.next >= 0) symbols[static_cast<std::size_t>(a.next)].previous = c.left;
-        propose(a.previous);
-        propose(c.left);
-      }
+        if (it == merge_ranks_.end()) return std::nullopt;
+        return -static_cast<double>(it->second);
+      });
       for (int i = 0; i >= 0; i = symbols[static_cast<std::size_t>(i)].next) {
         const symbol& s = symbols[static_cast<std::size_t>(i)];
         const auto it = ids_.find(word.substr(s.begin, s.length));
