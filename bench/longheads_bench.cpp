@@ -345,6 +345,36 @@ void report_step_latency(benchmark::State& state, std::vector<double>& step_us) 
   state.counters["step_max_us"] = step_us.empty() ? 0.0 : step_us.back();
 }
 
+/// One kv head's key clusters at the default layout (S 2048, C 64, 8 iterations, d 128) fed
+/// S + S / 8 chunks of random summaries, each append timed: `delay` 0 clusters the segment in
+/// the append that completes it (the spike), -1 over the S / 8 appends after it (the default).
+void component_key_clusters(benchmark::State& state, int delay) {
+  constexpr int d = 128, segment = 2048, clusters = 64;
+  const std::int64_t chunks = segment + segment / 8;
+  std::vector<float> summaries(static_cast<std::size_t>(chunks * 2 * d));
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  for (std::int64_t c = 0; c < chunks; ++c)
+    for (int i = 0; i < d; ++i) {
+      const float a = normal(rng), b = normal(rng);
+      summaries[static_cast<std::size_t>(c * 2 * d + i)] = std::min(a, b);
+      summaries[static_cast<std::size_t>(c * 2 * d + d + i)] = std::max(a, b);
+    }
+  std::vector<double> append_us;
+  for (auto _ : state) {
+    key_clusters index(d, segment, clusters, 8, delay);
+    index.reserve(chunks);
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      const auto start = std::chrono::steady_clock::now();
+      index.append({summaries.data(), c + 1, 2 * d});
+      append_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
+    }
+    benchmark::DoNotOptimize(index.segments());
+    if (index.segments() != 1) state.SkipWithError("the segment was not clustered");
+  }
+  report_step_latency(state, append_us);
+}
+
 // ------------------------------------------------------------------------------ batch decode
 /// The engine shape of the batch rows: a small model's layer, many sequences at once.
 constexpr model_shape batch_shape{"h8_kv8_d64", 8, 8, 64};
@@ -719,6 +749,10 @@ void register_all() {
     benchmark::RegisterBenchmark("component/encode/key_bounds/w256_d128", component_encode<key_bounds_encoder>, 256, 128);
     benchmark::RegisterBenchmark("component/score/q64_d128/512", component_score, 64, 512, 128);
     benchmark::RegisterBenchmark("component/select/k16/512", component_select, 512, 16);
+    // A 2048-chunk segment's k-means at once (0) or spread over the next 256 chunks (-1): the
+    // append's p50 / p99 / max (docs/performance.md).
+    benchmark::RegisterBenchmark("component/key_clusters/at_once/S2048_C64_d128", component_key_clusters, 0)->Iterations(2)->UseRealTime();
+    benchmark::RegisterBenchmark("component/key_clusters/spread/S2048_C64_d128", component_key_clusters, -1)->Iterations(2)->UseRealTime();
     benchmark::RegisterBenchmark("component/kernel/xsimd/k16_w256_d128", component_kernel<online_softmax_kernel>, 16, 256, 128);
     benchmark::RegisterBenchmark("component/kernel/scalar/k16_w256_d128", component_kernel<scalar_online_softmax_kernel>, 16, 256, 128);
   });

@@ -476,8 +476,8 @@ std::vector<key_clusters> levels_of(const std::vector<float>& summaries, int d, 
   return levels;
 }
 
-/// The probe rule stated directly: [0, end) covered by the largest segments wholly before end,
-/// then the next level's from there, ...; the tail after them scored; the covering segments'
+/// The probe rule stated directly: [0, end) covered by the largest segments wholly before
+/// end - S / 8 (clustered by then), then the next level's from there, ...; the tail after them scored; the covering segments'
 /// clusters with a member >= first in order of box bound (NaN as +inf; ties to the larger
 /// segments, then the lower cluster), each opened unless the best `wanted` found so far are
 /// complete and the k-th beats its bound, or `probe` chunks were scored in clusters; the answer
@@ -499,7 +499,7 @@ std::vector<std::int32_t> naive_cluster_top(const std::vector<float>& summaries,
   std::int64_t covered = 0;
   for (const key_clusters& level : levels) {
     const std::int64_t size = level.segment_chunks();
-    const std::int64_t from = covered / size, to = std::min(level.segments(), end / size);
+    const std::int64_t from = covered / size, to = std::min(level.segments(), std::max<std::int64_t>(0, end - size / 8) / size);
     for (std::int64_t g = from * level.clusters_per_segment(); g < to * level.clusters_per_segment(); ++g) {
       const auto m = level.members(g);
       if (m.empty() || m.back() < first) continue;
@@ -527,7 +527,7 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
       for (int iterations : {0, 1, 6}) {
         if (clusters > segment) continue;
         const int d = 6;
-        const std::int64_t n = 4 * segment + 3;
+        const std::int64_t n = 4 * segment + segment / 8 + 3;  // 4 segments, the last clustered over the S / 8 after it
         const auto summaries = random_summaries(n, d, static_cast<std::uint32_t>(segment * 100 + clusters * 10 + iterations));
         CAPTURE(segment);
         CAPTURE(clusters);
@@ -577,6 +577,21 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
         CHECK(same_clusters(rewound, clusters_of(summaries, d, 2 * segment - 1, segment, clusters, iterations), d));
         for (std::int64_t c = rewound.chunks(); c < n; ++c) rewound.append({summaries.data(), c + 1, 2 * d});
         CHECK(same_clusters(rewound, index, d));
+        // Spread over the S / 8 chunks after it: a segment is clustered on the last of them, not
+        // before; truncated back into those chunks it is clustered again, to the same bits.
+        const std::int64_t delay = index.clustering_delay();
+        CHECK(delay == segment / 8);
+        for (std::int64_t at : {std::int64_t{2} * segment, 2 * segment + delay - 1, 2 * segment + delay}) {
+          CAPTURE(at);
+          const key_clusters fed = clusters_of(summaries, d, at, segment, clusters, iterations);
+          CHECK(fed.segments() == (at - delay) / segment);
+          key_clusters back = index;
+          back.truncate(at);
+          CHECK(back.segments() == fed.segments());
+          CHECK(same_clusters(back, fed, d));
+          for (std::int64_t c = back.chunks(); c < n; ++c) back.append({summaries.data(), c + 1, 2 * d});
+          CHECK(same_clusters(back, index, d));
+        }
       }
 }
 

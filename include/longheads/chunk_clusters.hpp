@@ -15,11 +15,20 @@
 // the segments that end at or before `end` and scores the chunks after them one by one: its
 // choice depends only on the chunks before `end`, as the flat scan's does.
 //
+// Spread over the next chunks: a segment's k-means (0.2 s per kv head at S 2048, d 128) is not
+// run in the step that completes the segment but a slice at a time over the next S / 8 chunks
+// appended, each slice its share of the point assignments left; the segment is usable from the
+// append that finishes it, S + S / 8 chunks after its first. The work is the same computation
+// in the same order, so the clusters are the same bits as clustering at once. A query whose
+// candidates end at chunk `end` uses the segments clustered by the time `end` chunks had come
+// (those ending at or before end - S / 8), whatever was fed since: its choice still depends on
+// `end` alone, so every split agrees.
+//
 // Levels: a query whose `end` falls inside a segment would score up to S - 1 chunks one by one.
 // The index therefore keeps levels of segments S, S / 8, S / 64, ... (clusters C, C / 8, ...: the
 // same members per cluster), each clustered on its own; a query covers [0, end) with the largest
-// segments that fit, then the next level's, and scores only what is left (fewer than the
-// smallest segment). key_cluster_levels() says which levels a layout keeps.
+// usable segments, then the next level's, and scores only what is left (fewer than the smallest
+// segment and its delay). key_cluster_levels() says which levels a layout keeps.
 //
 // The search (cluster_search) scores the tail, bounds every usable cluster by its box, and
 // opens clusters best bound first until either the k-th chunk found beats every box left (then
@@ -50,8 +59,11 @@ class key_clusters {
   /// @param segment_chunks S >= 2, chunks clustered together
   /// @param clusters C in [1, S], clusters per segment
   /// @param iterations Lloyd iterations of the k-means, >= 0
-  key_clusters(int head_dim, int segment_chunks, int clusters, int iterations)
-      : d_(head_dim), segment_(segment_chunks), clusters_(clusters), iterations_(iterations), groups_(std::max(1, clusters / 8)) {
+  /// @param clustering_delay chunks over which a segment is clustered after its last, in
+  ///        [0, S); -1: S / 8 (what the cache keeps; 0 clusters it in the append that completes it)
+  key_clusters(int head_dim, int segment_chunks, int clusters, int iterations, int clustering_delay = -1)
+      : d_(head_dim), segment_(segment_chunks), clusters_(clusters), iterations_(iterations),
+        delay_(clustering_delay < 0 ? segment_chunks / 8 : std::min(clustering_delay, segment_chunks - 1)), groups_(std::max(1, clusters / 8)) {
     const auto r = static_cast<std::size_t>(2 * d_);
     centres_.resize(static_cast<std::size_t>(clusters_) * r);
     sums_.resize(static_cast<std::size_t>(clusters_) * r);
@@ -62,8 +74,11 @@ class key_clusters {
 
   /// Chunks appended (sealed in segments or not yet).
   std::int64_t chunks() const noexcept { return chunks_; }
-  /// Segments clustered: chunks [0, segments() S) are in clusters.
-  std::int64_t segments() const noexcept { return chunks_ / segment_; }
+  /// Segments clustered: chunks [0, segments() S) are in clusters. A segment is clustered over
+  /// the clustering_delay() chunks after it, so this is (chunks() - delay) / S.
+  std::int64_t segments() const noexcept { return ready_; }
+  /// Chunks appended after a segment's last before it is clustered: S / 8 by default (0: at once).
+  int clustering_delay() const noexcept { return delay_; }
   /// S.
   int segment_chunks() const noexcept { return segment_; }
   /// C.
@@ -102,17 +117,33 @@ class key_clusters {
   }
 
   /// Takes the next chunk, whose representation is row chunks() of `summaries` (rows of [lo |
-  /// hi], at least chunks() + 1 of them); clusters its segment when it completes one.
+  /// hi], at least chunks() + 1 of them); does a slice of the pending segment's clustering, and
+  /// starts clustering its own segment when it completes one (all of it when the delay is 0).
   void append(matrix_view<const float> summaries) {
     ++chunks_;
-    if (chunks_ % segment_ == 0) seal(summaries, chunks_ / segment_ - 1);
+    if (job_.segment >= 0) advance(summaries);
+    if (chunks_ % segment_ == 0) {
+      start(chunks_ / segment_ - 1);
+      if (delay_ == 0) advance(summaries);
+    }
   }
 
   /// Forgets every chunk from `chunks` on (a cache truncated back): the segments they were in
   /// are dropped, their clusters' boxes and members zeroed first (nothing of them stays).
   void truncate(std::int64_t chunks) noexcept {
     chunks = std::clamp<std::int64_t>(chunks, 0, chunks_);
-    const auto keep = static_cast<std::size_t>(chunks / segment_);
+    // As if fed `chunks` chunks: the segments clustered by then stay, a pending clustering of
+    // a segment whose chunks stay goes on (its work so far depends on that segment only), and a
+    // segment whose clustering finished in the chunks removed is clustered again over the
+    // appends it has left. Scratch of a segment dropped is cleared.
+    const std::int64_t ready = std::max<std::int64_t>(0, chunks - delay_) / segment_;
+    if (job_.segment >= 0 && (job_.segment + 1) * segment_ > chunks) {
+      job_ = {};
+      clear_scratch();
+    }
+    if (ready < ready_ && (ready + 1) * segment_ <= chunks) start(ready);  // finished in the removed chunks: again
+    ready_ = std::min(ready_, ready);
+    const auto keep = static_cast<std::size_t>(ready_);
     const std::size_t kept_clusters = keep * static_cast<std::size_t>(clusters_);
     std::fill(boxes_.begin() + static_cast<std::ptrdiff_t>(kept_clusters * 2 * static_cast<std::size_t>(d_)), boxes_.end(), 0.0f);
     boxes_.resize(kept_clusters * 2 * static_cast<std::size_t>(d_));
@@ -141,29 +172,87 @@ class key_clusters {
     for (int it = 0;; ++it) {
       for (int i = 0; i < n; ++i) owner_[static_cast<std::size_t>(i)] = nearest(row(i), k);
       if (it == iterations_) break;
-      std::fill_n(sums_.begin(), k * r, 0.0);
-      std::fill_n(counts_.begin(), k, 0);
-      for (int i = 0; i < n; ++i) {
-        const int c = owner_[static_cast<std::size_t>(i)];
-        ++counts_[static_cast<std::size_t>(c)];
-        const float* x = row(i);
-        for (std::ptrdiff_t j = 0; j < r; ++j) sums_[static_cast<std::size_t>(c * r + j)] += x[j];
-      }
-      for (int c = 0; c < k; ++c)
-        if (counts_[static_cast<std::size_t>(c)] > 0)
-          for (std::ptrdiff_t j = 0; j < r; ++j)
-            centres_[static_cast<std::size_t>(c * r + j)] =
-                static_cast<float>(sums_[static_cast<std::size_t>(c * r + j)] / static_cast<double>(counts_[static_cast<std::size_t>(c)]));
+      recentre(n, k, row);
     }
   }
 
-  // Segment s's chunks clustered (kmeans), their members and boxes appended; then its non-empty
-  // clusters grouped the same way (kmeans over their boxes) into groups_per_segment() groups,
-  // each a box over its clusters' boxes.
-  void seal(matrix_view<const float> summaries, std::int64_t s) {
+  // The segment clustering in progress: `segment` (-1: none), the Lloyd iteration and next
+  // point of its assignment pass, point assignments done, whether its centres are seeded.
+  struct clustering_job {
+    std::int64_t segment = -1;
+    int iteration = 0, point = 0;
+    std::int64_t done = 0;
+    bool seeded = false;
+  };
+
+  void start(std::int64_t s) {
+    job_ = {s, 0, 0, 0, false};
+    clear_scratch();
+  }
+  void clear_scratch() noexcept {
+    std::fill(centres_.begin(), centres_.end(), 0.0f);
+    std::fill(sums_.begin(), sums_.end(), 0.0);
+    std::fill(owner_.begin(), owner_.end(), 0);
+  }
+
+  // The pending segment's k-means (as kmeans() computes it) continued by its share of the point
+  // assignments left over the appends left (the one that finishes also finishes the segment).
+  void advance(matrix_view<const float> summaries) {
+    const std::int64_t s = job_.segment, base = s * segment_;
+    auto row = [&](int i) { return summaries.row(base + i); };
+    const std::ptrdiff_t r = 2 * d_;
+    if (!job_.seeded) {
+      for (int c = 0; c < clusters_; ++c) std::copy_n(row(static_cast<int>(std::int64_t{c} * segment_ / clusters_)), r, centres_.data() + c * r);
+      job_.seeded = true;
+    }
+    const std::int64_t total = std::int64_t{iterations_ + 1} * segment_;
+    const std::int64_t appends_left = std::max<std::int64_t>(1, (s + 1) * segment_ + delay_ - chunks_ + 1);
+    std::int64_t quota = (total - job_.done + appends_left - 1) / appends_left;
+    while (quota > 0) {
+      const int n = static_cast<int>(std::min<std::int64_t>(quota, segment_ - job_.point));
+      for (int i = job_.point; i < job_.point + n; ++i) owner_[static_cast<std::size_t>(i)] = nearest(row(i), clusters_);
+      job_.point += n;
+      job_.done += n;
+      quota -= n;
+      if (job_.point < segment_) break;
+      if (job_.iteration == iterations_) {
+        finish(summaries, s);
+        job_ = {};
+        ++ready_;
+        return;
+      }
+      recentre(segment_, clusters_, row);
+      ++job_.iteration;
+      job_.point = 0;
+    }
+  }
+
+  // Centres moved to the mean of their points (sums in double, in point order; an empty
+  // cluster keeps its centre).
+  template <class Row>
+  void recentre(int n, int k, Row row) {
+    const std::ptrdiff_t r = 2 * d_;
+    std::fill_n(sums_.begin(), k * r, 0.0);
+    std::fill_n(counts_.begin(), k, 0);
+    for (int i = 0; i < n; ++i) {
+      const int c = owner_[static_cast<std::size_t>(i)];
+      ++counts_[static_cast<std::size_t>(c)];
+      const float* x = row(i);
+      for (std::ptrdiff_t j = 0; j < r; ++j) sums_[static_cast<std::size_t>(c * r + j)] += x[j];
+    }
+    for (int c = 0; c < k; ++c)
+      if (counts_[static_cast<std::size_t>(c)] > 0)
+        for (std::ptrdiff_t j = 0; j < r; ++j)
+          centres_[static_cast<std::size_t>(c * r + j)] =
+              static_cast<float>(sums_[static_cast<std::size_t>(c * r + j)] / static_cast<double>(counts_[static_cast<std::size_t>(c)]));
+  }
+
+  // Segment s, its k-means done (owner_): its members and boxes appended; then its non-empty
+  // clusters grouped the same way (kmeans over their boxes, small: at once) into
+  // groups_per_segment() groups, each a box over its clusters' boxes.
+  void finish(matrix_view<const float> summaries, std::int64_t s) {
     const std::ptrdiff_t r = 2 * d_;
     const std::int64_t base = s * segment_;
-    kmeans(segment_, clusters_, [&](int i) { return summaries.row(base + i); });
     // Members grouped by cluster, ascending within each (a counting sort over the chunk order).
     std::fill(counts_.begin(), counts_.end(), 0);
     for (int i = 0; i < segment_; ++i) ++counts_[static_cast<std::size_t>(owner_[static_cast<std::size_t>(i)])];
@@ -229,7 +318,10 @@ class key_clusters {
 
   std::ptrdiff_t d_;
   int segment_, clusters_, iterations_;
+  int delay_;                  // S / 8: chunks over which a segment is clustered
   std::int64_t chunks_ = 0;
+  std::int64_t ready_ = 0;     // segments clustered
+  clustering_job job_;
   std::vector<float> boxes_;           // [segments C][lo | hi]
   std::vector<std::int32_t> members_;  // [segments S]: cluster by cluster, ascending within each
   std::vector<std::int32_t> offsets_;  // [segments C + 1]: cluster g's members at [offsets_[g], offsets_[g + 1])
@@ -300,7 +392,10 @@ struct cluster_search {
     std::int64_t covered = 0;
     for (std::size_t l = 0; l < levels.size(); ++l) {
       const key_clusters& level = levels[l];
-      const std::int64_t from = covered / level.segment_chunks(), to = std::min(level.segments(), end / level.segment_chunks());
+      // Segments clustered by the time `end` chunks had come (clustered over the S / 8 chunks
+      // after their last): what a query at `end` may use, however many chunks were fed since.
+      const std::int64_t usable = std::max<std::int64_t>(0, end - level.clustering_delay()) / level.segment_chunks();
+      const std::int64_t from = covered / level.segment_chunks(), to = std::min(level.segments(), usable);
       for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e) {
         const auto group = level.group(e);
         if (group.size() == 1) {  // a group of one cluster: its box is the cluster's
