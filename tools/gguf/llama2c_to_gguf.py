@@ -3,7 +3,7 @@
 can be tested on our own models without a download (examples/gguf, tests/gguf_test.cpp).
 
     llama2c_to_gguf.py MODEL.bin OUT.gguf [--type f32|f16|bf16|q8_0|q4_0|q4_k|q5_k|q6_k]
-                       [--vocab VOCAB.txt] [--version 2|3] [--arch llama|qwen2]
+                       [--vocab VOCAB.txt | --byte-vocab] [--version 2|3] [--arch llama|qwen2]
 
 Layout, as llama.cpp's writer makes it: header, metadata, tensor infos, padding to
 general.alignment (32), then each tensor's data at an offset that is a multiple of 32.
@@ -29,8 +29,11 @@ The vocabulary: tokenizer.ggml.model "llama" with tokens, scores and token types
 each word is written as SentencePiece writes a word, "\u2581word", so the GGUF host prints
 " the pass key is ..." (ids 0-2, <unk> <s> </s>, stay as they are, control tokens); such a
 word-level vocabulary has no pieces smaller than words, so text cannot be encoded into it by
-SentencePiece's merges: feed it token ids (longheads_chat --prompt-ids). Without --vocab,
-placeholders "<tok_N>" (stories260K's tokenizer.bin is not in ../shared).
+SentencePiece's merges: feed it token ids (longheads_chat --prompt-ids). --byte-vocab writes a
+byte-level BPE vocabulary ("gpt2", GPT-2's pre-tokenizer, no merges: every byte its own token,
+ids 0-255, the rest placeholders, the last one BOS/EOS) so any text can be fed to a model of at
+least 257 tokens (the tool's smoke test). Without either, placeholders "<tok_N>"
+(stories260K's tokenizer.bin is not in ../shared).
 """
 import argparse
 import struct
@@ -279,6 +282,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--type", default="f32", choices=sorted(TYPES))
     ap.add_argument("--vocab", help="id<TAB>string lines (passkey-256.vocab.txt)")
+    ap.add_argument("--byte-vocab", action="store_true", help="a byte-level BPE vocabulary of the 256 bytes (text in for any model)")
     ap.add_argument("--version", type=int, default=3, choices=[2, 3])
     ap.add_argument("--name", default=None)
     ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
@@ -317,12 +321,29 @@ def main():
                     i, s = line.rstrip("\n").split("\t", 1)
                     if 3 <= int(i) < len(tokens):
                         tokens[int(i)] = "\u2581" + s
-    w.add("tokenizer.ggml.model", STRING, "llama")
-    w.add("tokenizer.ggml.tokens", ARRAY, tokens, STRING)
-    w.add("tokenizer.ggml.scores", ARRAY, [0.0] * len(tokens), F32)
-    w.add("tokenizer.ggml.token_type", ARRAY, [2 if i == 0 else 3 if i < 3 else 1 for i in range(len(tokens))], I32)
-    w.add("tokenizer.ggml.bos_token_id", U32, 1)
-    w.add("tokenizer.ggml.eos_token_id", U32, 2)
+    if args.byte_vocab:
+        if c["vocab"] < 257:
+            sys.exit("--byte-vocab needs a vocabulary of at least 257 tokens")
+        chars, extra = [], 256
+        for b in range(256):  # GPT-2's bytes_to_unicode
+            printable = 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255
+            chars.append(chr(b) if printable else chr(extra))
+            extra += 0 if printable else 1
+        tokens = chars + [f"<tok_{i}>" for i in range(256, c["vocab"] - 1)] + ["<|endoftext|>"]
+        w.add("tokenizer.ggml.model", STRING, "gpt2")
+        w.add("tokenizer.ggml.pre", STRING, "gpt-2")
+        w.add("tokenizer.ggml.tokens", ARRAY, tokens, STRING)
+        w.add("tokenizer.ggml.merges", ARRAY, [], STRING)
+        w.add("tokenizer.ggml.token_type", ARRAY, [1] * 256 + [5] * (c["vocab"] - 257) + [3], I32)
+        w.add("tokenizer.ggml.bos_token_id", U32, c["vocab"] - 1)
+        w.add("tokenizer.ggml.eos_token_id", U32, c["vocab"] - 1)
+    else:
+        w.add("tokenizer.ggml.model", STRING, "llama")
+        w.add("tokenizer.ggml.tokens", ARRAY, tokens, STRING)
+        w.add("tokenizer.ggml.scores", ARRAY, [0.0] * len(tokens), F32)
+        w.add("tokenizer.ggml.token_type", ARRAY, [2 if i == 0 else 3 if i < 3 else 1 for i in range(len(tokens))], I32)
+        w.add("tokenizer.ggml.bos_token_id", U32, 1)
+        w.add("tokenizer.ggml.eos_token_id", U32, 2)
 
     out = []
     counts = {}

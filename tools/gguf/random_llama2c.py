@@ -2,7 +2,7 @@
 """A random-weight llama2.c checkpoint of a real model's shape, for timing the GGUF host on
 2 cores without a download (docs/gguf.md); its answers mean nothing.
 
-    random_llama2c.py OUT.bin [--shape tinyllama|llama3-8b|smollm-360m] [--layers N]
+    random_llama2c.py OUT.bin [--shape tinyllama|llama3-8b|smollm-360m|tiny] [--layers N]
                       [--ids OUT_IDS.bin --tokens T]
 
 --layers cuts the model to N layers (time per token grows linearly with the layers; the
@@ -18,6 +18,7 @@ SHAPES = {  # dim, hidden, layers, heads, kv heads, vocab, context
     "tinyllama": (2048, 5632, 22, 32, 4, 32000, 2048),
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256, 8192),
     "smollm-360m": (960, 2560, 32, 15, 5, 49152, 2048),
+    "tiny": (64, 128, 2, 4, 2, 320, 256),  # for the tool's smoke test (a byte-level vocabulary fits in 320)
 }
 
 
