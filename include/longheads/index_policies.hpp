@@ -144,8 +144,9 @@ struct bound_tree_certified {
 /// Selection index policy: key-space clusters (chunk_clusters.hpp) searched by cluster_search:
 /// every segment of `segment_chunks` chunks is split by k-means into `clusters` boxes of similar
 /// chunks (and every segment of S / 8 chunks into C / 8, ..., so the chunks after the last whole
-/// segment are few); a query scores the chunks after the last whole segment of the smallest
-/// level, bounds every cluster of the segments covering the rest and
+/// segment are few), the k-means spread over the S / 8 chunks appended after the segment; a
+/// query scores the chunks after the last segment of the smallest level clustered by then,
+/// bounds every cluster of the segments covering the rest and
 /// opens clusters best bound first until the k-th chunk found beats every box left (the flat
 /// scan's choice, certified) or it has scored `probe_share` of its candidates (at least
 /// `probe_min` chunks) in clusters. Exact while a query has at most `exact_below` candidates
