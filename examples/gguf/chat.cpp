@@ -69,7 +69,7 @@ std::int32_t sample(const std::vector<float>& logits, float temperature, float t
   for (std::size_t i = 0; i < order.size(); ++i) sum += p[i] = std::exp((logits[order[i]] - top) / temperature);
   double kept = 0;
   std::size_t n = 0;
-  while (n < order.size() && kept < top_p * sum) kept += p[n++];
+  while (n < order.size() && (n == 0 || kept < top_p * sum)) kept += p[n++];  // at least the top token (top_p 0: greedy)
   double u = std::uniform_real_distribution<double>(0, kept)(rng);
   for (std::size_t i = 0; i < n; ++i)
     if ((u -= p[i]) <= 0) return order[i];
