@@ -17,6 +17,9 @@ for attention in longheads dense sink-window; do
   "$chat" --model "$work/tiny.gguf" --prompt "Hello, world" --steps 4 --attention $attention --quiet 2> "$work/err.txt" >/dev/null
   grep -q "^13 prompt tokens" "$work/err.txt" || { cat "$work/err.txt"; echo "FAILED: text in ($attention)"; exit 1; }
 done
+# sampling at its bounds: top-p 0 keeps the top token (it once kept none and read out of range)
+"$chat" --model "$work/tiny.gguf" --prompt "Hello, world" --steps 4 --temperature 1 --top-p 0 --quiet 2> "$work/err.txt" >/dev/null ||
+  { cat "$work/err.txt"; echo "FAILED: --top-p 0"; exit 1; }
 set +e
 "$chat" --model "$work/tiny.gguf" --passkey 2000 --steps 6 --quiet > "$work/out.txt" 2>/dev/null
 code=$?
