@@ -1027,6 +1027,17 @@ TEST_CASE("the key-cluster index: the same bits in prefill, decode, any split, t
       }
       attention<pooled_quest_clusters> pooled(c, r, {.executor = thread_pool_executor(3), .index = narrow_index});
       CHECK(seq.run(pooled, 1) == expected);
+      // The box order alone (cluster_probe::box_bound): the same bits in every split too.
+      key_cluster_index box_index = narrow_index;
+      box_index.probe_order = cluster_probe::box_bound;
+      attention<quest_cluster_policies> by_box(c, r, {.index = box_index});
+      std::vector<std::int32_t> box_sel;
+      const auto box_expected = seq.run(by_box, 0, &box_sel);
+      for (int split : {1, 37}) {
+        CAPTURE(split);
+        CHECK(seq.run(by_box, split, &sel) == box_expected);
+        CHECK(sel == box_sel);
+      }
       // Truncated back into a segment, then the same tokens again: the same bits.
       const int prefix = 21 * w, more = 60;
       std::vector<float> again(static_cast<std::size_t>(more) * heads.hq * d);

@@ -519,6 +519,82 @@ std::vector<std::int32_t> naive_cluster_top(const std::vector<float>& summaries,
   }
   return best_of(scored);
 }
+
+/// The box-and-centre probe order stated directly: the covering segments' groups (a group of
+/// one cluster as that cluster) live, each with its box bound and its centre's score (NaN as
+/// +inf); turn by turn, box first: stop when nothing is live, when the best `wanted` found are
+/// complete and the k-th beats the best live box bound, or when `probe` chunks were scored;
+/// else take the best live entry by the turn's key (ties: groups, then larger segments, then
+/// the lower id), a group's clusters with a member >= first becoming live, a cluster's members
+/// >= first scored. The answer: the flat scan's ranking of everything scored.
+std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, int d, const std::vector<key_clusters>& levels, const float* q,
+                                          std::int64_t first, std::int64_t end, std::size_t wanted, std::int64_t probe) {
+  auto score = [&](std::int64_t c) {
+    const float s = detail::bound_dot(q, summaries.data() + c * 2 * d, summaries.data() + c * 2 * d + d, d);
+    return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+  };
+  auto best_of = [&](std::vector<std::int32_t> ids) {
+    std::sort(ids.begin(), ids.end());
+    std::stable_sort(ids.begin(), ids.end(), [&](std::int32_t a, std::int32_t b) { return score(a) > score(b); });
+    ids.resize(std::min(wanted, ids.size()));
+    return ids;
+  };
+  auto bound = [&](const float* box) {
+    const float b = detail::bound_dot(q, box, box + d, d);
+    return std::isnan(b) ? std::numeric_limits<float>::infinity() : b;
+  };
+  struct item {
+    float box, centre;
+    bool group;
+    int level;
+    std::int64_t id;
+  };
+  std::vector<item> live;
+  auto add = [&](int l, std::int64_t id, bool group) {
+    const key_clusters& level = levels[static_cast<std::size_t>(l)];
+    live.push_back({bound(group ? level.group_box(id) : level.box(id)), bound(group ? level.group_centre(id) : level.centre(id)), group, l, id});
+  };
+  std::vector<std::int32_t> scored;
+  std::int64_t covered = 0;
+  for (int l = 0; l < static_cast<int>(levels.size()); ++l) {
+    const key_clusters& level = levels[static_cast<std::size_t>(l)];
+    const std::int64_t size = level.segment_chunks();
+    const std::int64_t from = covered / size, to = std::min(level.segments(), std::max<std::int64_t>(0, end - size / 8) / size);
+    for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e) {
+      const auto g = level.group(e);
+      if (g.size() == 1 && level.members(g[0]).back() >= first) add(l, g[0], false);
+      if (g.size() > 1) add(l, e, true);
+    }
+    covered = std::max(covered, to * size);
+  }
+  for (std::int64_t c = std::max(first, covered); c < end; ++c) scored.push_back(static_cast<std::int32_t>(c));
+  auto best_by = [&](bool by_centre) {
+    std::size_t best = 0;
+    for (std::size_t i = 1; i < live.size(); ++i) {
+      const item &a = live[i], &b = live[best];
+      const float ka = by_centre ? a.centre : a.box, kb = by_centre ? b.centre : b.box;
+      if (ka != kb ? ka > kb : a.group != b.group ? a.group : a.level != b.level ? a.level < b.level : a.id < b.id) best = i;
+    }
+    return best;
+  };
+  std::int64_t probed = 0;
+  for (bool centre_turn = false; !live.empty() && probed < probe; centre_turn = !centre_turn) {
+    const auto kept = best_of(scored);
+    if (kept.size() == wanted && live[best_by(false)].box < score(kept.back())) break;
+    const std::size_t at = best_by(centre_turn);
+    const item taken = live[at];
+    live.erase(live.begin() + static_cast<std::ptrdiff_t>(at));
+    const key_clusters& level = levels[static_cast<std::size_t>(taken.level)];
+    if (taken.group) {
+      for (std::int32_t g : level.group(taken.id))
+        if (!level.members(g).empty() && level.members(g).back() >= first) add(taken.level, g, false);
+      continue;
+    }
+    for (std::int32_t c : level.members(taken.id))
+      if (c >= first) scored.push_back(c), ++probed;
+  }
+  return best_of(scored);
+}
 }  // namespace
 
 TEST_CASE("key clusters: each segment split by its plainly written k-means, boxes bounding the members, the same bits however grown") {
@@ -544,6 +620,12 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
               if (owner[static_cast<std::size_t>(i)] == c) expected.push_back(static_cast<std::int32_t>(s * segment + i));
             CHECK(std::vector<std::int32_t>(members.begin(), members.end()) == expected);
             seen += static_cast<std::int64_t>(members.size());
+            // The centre: the members' mean, summed in double in chunk order.
+            for (int j = 0; j < 2 * d; ++j) {
+              double sum = 0;
+              for (std::int32_t m : expected) sum += summaries[static_cast<std::size_t>(m * 2 * d + j)];
+              CHECK(index.centre(s * clusters + c)[j] == (expected.empty() ? 0.0f : static_cast<float>(sum / static_cast<double>(expected.size()))));
+            }
             for (std::int32_t m : members)
               for (int i = 0; i < d; ++i) {
                 CHECK(index.box(s * clusters + c)[i] <= summaries[static_cast<std::size_t>(m * 2 * d + i)]);
@@ -556,6 +638,13 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
           for (int e = 0; e < index.groups_per_segment(); ++e) {
             const auto g = index.group(s * index.groups_per_segment() + e);
             CHECK(std::is_sorted(g.begin(), g.end()));
+            for (int j = 0; j < 2 * d; ++j) {  // the group's centre: the mean of its clusters' members
+              double sum = 0;
+              std::int64_t count = 0;
+              for (std::int32_t c : g)
+                for (std::int32_t m : index.members(c)) sum += summaries[static_cast<std::size_t>(m * 2 * d + j)], ++count;
+              CHECK(index.group_centre(s * index.groups_per_segment() + e)[j] == (count == 0 ? 0.0f : static_cast<float>(sum / static_cast<double>(count))));
+            }
             for (std::int32_t c : g) {
               grouped.push_back(c);
               for (int i = 0; i < d; ++i) {
@@ -598,7 +687,7 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
 TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, its probe rule stated directly otherwise, and causal") {
   std::mt19937 rng(29);
   auto uniform = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
-  int cases = 0, differed = 0, certified_early = 0, fewer_boxes = 0;
+  int cases = 0, differed = 0, certified_early = 0, fewer_boxes = 0, mixed_differed = 0;
   // Layouts of one level, of two ((32, 8) -> (4, 1)) and of three ((128, 16) -> (16, 2) -> (2, 0):
   // two, the third has no cluster), and one whose second level cannot tile the first ((12, 8)).
   for (auto [segment, clusters] : {std::pair{4, 1}, std::pair{32, 4}, std::pair{32, 8}, std::pair{128, 16}, std::pair{12, 8}})
@@ -609,6 +698,7 @@ TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, it
         const matrix_view<const float> rows{summaries.data(), n, 2 * d};
         bound_search_scratch scratch;
         scratch.reserve(n, 2);
+        scratch.reserve_marks(cluster_search::marks_needed(index));
         scratch.reserve_kept(12);
         std::vector<std::int32_t> out(16);
         for (int trial = 0; trial < 20; ++trial, ++cases) {
@@ -620,8 +710,9 @@ TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, it
           CAPTURE(first);
           CAPTURE(end);
           CAPTURE(wanted);
-          auto run = [&](const std::vector<key_clusters>& with, std::int64_t probe, bound_search::stats* read = nullptr) {
-            const std::size_t found = cluster_search::top(with, rows, q.data(), first, end, wanted, probe, out, scratch, read);
+          auto run = [&](const std::vector<key_clusters>& with, std::int64_t probe, bound_search::stats* read = nullptr,
+                         cluster_probe order = cluster_probe::box_bound) {
+            const std::size_t found = cluster_search::top(with, rows, q.data(), first, end, wanted, probe, out, scratch, read, order);
             return std::vector<std::int32_t>(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(found));
           };
           const auto flat = flat_top(summaries, d, q.data(), first, end, wanted);
@@ -637,13 +728,21 @@ TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, it
             // Causal: clusters of the chunks before `end` only give the same chunks.
             CHECK(run(levels_of(summaries, d, end, segment, clusters, 4), probe) == got);
             differed += got != flat;
+            // Box bound and centre score in turn: its rule stated directly, causal too.
+            const auto mixed = run(index, probe, nullptr, cluster_probe::box_and_centre);
+            CHECK(mixed == naive_mixed_top(summaries, d, index, q.data(), first, end, wanted, probe));
+            CHECK(run(levels_of(summaries, d, end, segment, clusters, 4), probe, nullptr, cluster_probe::box_and_centre) == mixed);
+            mixed_differed += mixed != got;
           }
+          // Unlimited, the mixed order certifies the flat scan's choice too.
+          CHECK(run(index, std::numeric_limits<std::int64_t>::max(), nullptr, cluster_probe::box_and_centre) == flat);
         }
       }
   CHECK(cases == 5 * 4 * 20);
   CHECK(fewer_boxes > 0);  // groups spare bounding every cluster
   CHECK(differed > 0);         // a small probe misses chunks: the test tells the rule from the flat scan
   CHECK(certified_early > 0);  // and the certificate stops before every chunk is read
+  CHECK(mixed_differed > 0);   // the centre turns open other clusters than the box order
   MESSAGE(cases << " searches; unlimited, the certificate stopped early in " << certified_early << "; a limited probe differed from the flat scan in "
                 << differed << " of " << 3 * cases);
 }

@@ -31,12 +31,15 @@
 // segment and its delay). key_cluster_levels() says which levels a layout keeps.
 //
 // The search (cluster_search) scores the tail, bounds every usable cluster by its box, and
-// opens clusters best bound first until either the k-th chunk found beats every box left (then
-// the choice is the flat scan's, certified) or it has read its probe budget of chunks (then it
-// is approximate, by what docs/results.md measures).
+// opens clusters until either the k-th chunk found beats every box left (then the choice is the
+// flat scan's, certified) or it has read its probe budget of chunks (then it is approximate, by
+// what docs/results.md measures). The order (cluster_probe): best box bound first, or that and
+// best centre score (the members' mean score) in turn. A box spanning several topics bounds
+// high without any member scoring high; a centre scores high only when its members do.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -85,6 +88,10 @@ class key_clusters {
   int clusters_per_segment() const noexcept { return clusters_; }
   /// Box of cluster g (segment g / C): [lo | hi], 2d floats.
   const float* box(std::int64_t g) const noexcept { return boxes_.data() + g * 2 * d_; }
+  /// Centre of cluster g: the mean of its members' [lo | hi] (sums in double, in chunk order;
+  /// zeros for an empty cluster). A chunk's score is linear in its row for a fixed query, so the
+  /// centre's score is the members' mean score: the probe order of an inverted-file index.
+  const float* centre(std::int64_t g) const noexcept { return cluster_centres_.data() + g * 2 * d_; }
   /// Members of cluster g, ascending chunk ids (empty for a cluster k-means left empty).
   std::span<const std::int32_t> members(std::int64_t g) const noexcept {
     const auto from = static_cast<std::size_t>(offsets_[static_cast<std::size_t>(g)]);
@@ -94,6 +101,8 @@ class key_clusters {
   int groups_per_segment() const noexcept { return groups_; }
   /// Box of group e (segment e / G): the [lo | hi] over its clusters' boxes.
   const float* group_box(std::int64_t e) const noexcept { return group_boxes_.data() + e * 2 * d_; }
+  /// Centre of group e: the mean of its clusters' members' [lo | hi] (as centre()).
+  const float* group_centre(std::int64_t e) const noexcept { return group_centres_.data() + e * 2 * d_; }
   /// Clusters (ids, ascending) of group e; empty for a group the segment did not need.
   std::span<const std::int32_t> group(std::int64_t e) const noexcept {
     const auto from = static_cast<std::size_t>(group_offsets_[static_cast<std::size_t>(e)]);
@@ -101,7 +110,7 @@ class key_clusters {
   }
   /// Floats and ints held (capacity), counted as 4-byte words.
   std::size_t floats() const noexcept {
-    return boxes_.capacity() + members_.capacity() + offsets_.capacity() + group_boxes_.capacity() + group_clusters_.capacity() +
+    return boxes_.capacity() + cluster_centres_.capacity() + group_centres_.capacity() + members_.capacity() + offsets_.capacity() + group_boxes_.capacity() + group_clusters_.capacity() +
            group_offsets_.capacity() + cluster_order_.capacity() + centres_.capacity() + 2 * sums_.capacity() + counts_.capacity() + owner_.capacity();
   }
 
@@ -109,9 +118,11 @@ class key_clusters {
   void reserve(std::int64_t chunks) {
     const auto segments = static_cast<std::size_t>(chunks / segment_);
     boxes_.reserve(segments * static_cast<std::size_t>(clusters_) * 2 * static_cast<std::size_t>(d_));
+    cluster_centres_.reserve(boxes_.capacity());
     members_.reserve(segments * static_cast<std::size_t>(segment_));
     offsets_.reserve(segments * static_cast<std::size_t>(clusters_) + 1);
     group_boxes_.reserve(segments * static_cast<std::size_t>(groups_) * 2 * static_cast<std::size_t>(d_));
+    group_centres_.reserve(group_boxes_.capacity());
     group_clusters_.reserve(segments * static_cast<std::size_t>(clusters_));
     group_offsets_.reserve(segments * static_cast<std::size_t>(groups_) + 1);
   }
@@ -147,12 +158,16 @@ class key_clusters {
     const std::size_t kept_clusters = keep * static_cast<std::size_t>(clusters_);
     std::fill(boxes_.begin() + static_cast<std::ptrdiff_t>(kept_clusters * 2 * static_cast<std::size_t>(d_)), boxes_.end(), 0.0f);
     boxes_.resize(kept_clusters * 2 * static_cast<std::size_t>(d_));
+    std::fill(cluster_centres_.begin() + static_cast<std::ptrdiff_t>(kept_clusters * 2 * static_cast<std::size_t>(d_)), cluster_centres_.end(), 0.0f);
+    cluster_centres_.resize(boxes_.size());
     std::fill(members_.begin() + static_cast<std::ptrdiff_t>(keep * static_cast<std::size_t>(segment_)), members_.end(), 0);
     members_.resize(keep * static_cast<std::size_t>(segment_));
     offsets_.resize(keep == 0 ? 0 : kept_clusters + 1);
     const std::size_t kept_groups = keep * static_cast<std::size_t>(groups_);
     std::fill(group_boxes_.begin() + static_cast<std::ptrdiff_t>(kept_groups * 2 * static_cast<std::size_t>(d_)), group_boxes_.end(), 0.0f);
     group_boxes_.resize(kept_groups * 2 * static_cast<std::size_t>(d_));
+    std::fill(group_centres_.begin() + static_cast<std::ptrdiff_t>(kept_groups * 2 * static_cast<std::size_t>(d_)), group_centres_.end(), 0.0f);
+    group_centres_.resize(group_boxes_.size());
     const std::size_t kept_listed = keep == 0 ? 0 : static_cast<std::size_t>(group_offsets_[kept_groups]);
     std::fill(group_clusters_.begin() + static_cast<std::ptrdiff_t>(kept_listed), group_clusters_.end(), 0);
     group_clusters_.resize(kept_listed);
@@ -265,13 +280,19 @@ class key_clusters {
       members_[static_cast<std::size_t>(counts_[static_cast<std::size_t>(owner_[static_cast<std::size_t>(i)])]++)] =
           static_cast<std::int32_t>(base + i);
     boxes_.resize(boxes_.size() + static_cast<std::size_t>(clusters_) * static_cast<std::size_t>(r));
+    cluster_centres_.resize(boxes_.size());
     int used = 0;  // non-empty clusters, listed in owner_ for the grouping
     for (int c = 0; c < clusters_; ++c) {
       float* box = boxes_.data() + (static_cast<std::ptrdiff_t>(first_cluster) + c) * r;
       std::fill_n(box, d_, std::numeric_limits<float>::infinity());
       std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
-      for (std::int32_t m = offsets_[first_cluster + static_cast<std::size_t>(c)]; m < offsets_[first_cluster + static_cast<std::size_t>(c) + 1]; ++m)
+      std::fill_n(sums_.begin(), r, 0.0);
+      for (std::int32_t m = offsets_[first_cluster + static_cast<std::size_t>(c)]; m < offsets_[first_cluster + static_cast<std::size_t>(c) + 1]; ++m) {
         widen(box, summaries.row(members_[static_cast<std::size_t>(m)]));
+        add_row(summaries.row(members_[static_cast<std::size_t>(m)]));
+      }
+      average_into(cluster_centres_.data() + (static_cast<std::ptrdiff_t>(first_cluster) + c) * r,
+                   offsets_[first_cluster + static_cast<std::size_t>(c) + 1] - offsets_[first_cluster + static_cast<std::size_t>(c)]);
       if (offsets_[first_cluster + static_cast<std::size_t>(c) + 1] > offsets_[first_cluster + static_cast<std::size_t>(c)]) counts_[static_cast<std::size_t>(used++)] = c;
     }
     // Groups: kmeans over the used clusters' boxes; a group lists its clusters ascending.
@@ -280,18 +301,31 @@ class key_clusters {
     kmeans(used, groups, [&](int i) { return boxes_.data() + (static_cast<std::ptrdiff_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)]) * r; });
     if (group_offsets_.empty()) group_offsets_.push_back(0);
     group_boxes_.resize(group_boxes_.size() + static_cast<std::size_t>(groups_) * static_cast<std::size_t>(r));
+    group_centres_.resize(group_boxes_.size());
     for (int g = 0; g < groups_; ++g) {
       float* box = group_boxes_.data() + (s * groups_ + g) * r;
       std::fill_n(box, d_, std::numeric_limits<float>::infinity());
       std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
+      std::fill_n(sums_.begin(), r, 0.0);
+      std::int64_t count = 0;
       for (int i = 0; i < used; ++i)
         if (g < groups && owner_[static_cast<std::size_t>(i)] == g) {
           const std::int64_t cluster = static_cast<std::int64_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)];
           group_clusters_.push_back(static_cast<std::int32_t>(cluster));
           widen(box, boxes_.data() + cluster * r);
+          for (const std::int32_t m : members(cluster)) add_row(summaries.row(m)), ++count;
         }
+      average_into(group_centres_.data() + (s * groups_ + g) * r, count);
       group_offsets_.push_back(static_cast<std::int32_t>(group_clusters_.size()));
     }
+  }
+  // sums_[0, 2d) += x (in double); average_into: out = sums_ / count (zeros for no rows).
+  void add_row(const float* x) noexcept {
+    for (std::ptrdiff_t j = 0; j < 2 * d_; ++j) sums_[static_cast<std::size_t>(j)] += x[j];
+  }
+  void average_into(float* out, std::int64_t count) const noexcept {
+    for (std::ptrdiff_t j = 0; j < 2 * d_; ++j)
+      out[j] = count == 0 ? 0.0f : static_cast<float>(sums_[static_cast<std::size_t>(j)] / static_cast<double>(count));
   }
   void widen(float* box, const float* x) const noexcept {
     for (std::ptrdiff_t j = 0; j < d_; ++j) {
@@ -323,10 +357,12 @@ class key_clusters {
   std::int64_t ready_ = 0;     // segments clustered
   clustering_job job_;
   std::vector<float> boxes_;           // [segments C][lo | hi]
+  std::vector<float> cluster_centres_;  // [segments C][2d]: members' mean
   std::vector<std::int32_t> members_;  // [segments S]: cluster by cluster, ascending within each
   std::vector<std::int32_t> offsets_;  // [segments C + 1]: cluster g's members at [offsets_[g], offsets_[g + 1])
   int groups_;                               // G
   std::vector<float> group_boxes_;           // [segments G][lo | hi]
+  std::vector<float> group_centres_;         // [segments G][2d]: members' mean
   std::vector<std::int32_t> group_clusters_;  // the groups' clusters (ids), group by group, ascending within each
   std::vector<std::int32_t> group_offsets_;   // [segments G + 1]
   std::vector<std::int32_t> cluster_order_;   // scratch [C]: the non-empty clusters of the segment being sealed
@@ -347,47 +383,102 @@ void for_each_cluster_level(int segment_chunks, int clusters, F f) {
   }
 }
 
+/// The order in which cluster_search opens clusters.
+enum class cluster_probe {
+  /// Best box bound first: the order that certifies (the k-th found beats every box left).
+  box_bound,
+  /// Best box bound and best centre score in turn, each cluster once. The centre's score is its
+  /// members' mean score (an inverted-file index's order): it finds the clusters whose members
+  /// score high together, which the box order ranks poorly where a box spans several topics;
+  /// the box turns keep the clusters whose one member stands out (docs/results.md measures
+  /// both). The certificate still holds: it is checked against the boxes left.
+  box_and_centre,
+};
+
 /// The search over key_clusters (see the file comment).
 struct cluster_search {
+  /// Marks a search over `levels` needs in its scratch (bound_search_scratch::reserve_marks)
+  /// for `chunks` chunks: one per cluster and group of every level.
+  static std::size_t marks_needed(std::span<const key_clusters> levels) noexcept {
+    std::size_t n = 0;
+    for (const key_clusters& level : levels)
+      n += static_cast<std::size_t>(level.segments()) * static_cast<std::size_t>(level.clusters_per_segment() + level.groups_per_segment());
+    return n;
+  }
+  /// The same for a layout of segments of `segment_chunks` chunks in `clusters` clusters over
+  /// up to `chunks` chunks.
+  static std::size_t marks_needed(int segment_chunks, int clusters, std::int64_t chunks) noexcept {
+    std::size_t n = 0;
+    for_each_cluster_level(segment_chunks, clusters, [&](int size, int count) {
+      n += static_cast<std::size_t>(chunks / size) * static_cast<std::size_t>(count + std::max(1, count / 8));
+    });
+    return n;
+  }
+
   /// The `wanted` best chunks of [first, end) for the rotated query `q` (score
   /// detail::bound_dot(q, lo, hi) descending, ties to the lower chunk, NaN last), best first into
   /// `out`, reading at most `probe` chunks from clusters besides the tail and the boxes (the
   /// flat scan's choice whenever the k-th found beats every box left before the budget ends).
   /// `levels`: largest segments first, each level's segment size a multiple of the next's, all
   /// fed the same chunks. Returns how many. `summaries` holds the chunks' rows (at least
-  /// levels[0].chunks()). Never allocates once `scratch` is reserved for the chunks and `wanted`.
+  /// levels[0].chunks()). Never allocates once `scratch` is reserved for the chunks, `wanted`
+  /// and (box_and_centre) the marks.
   static std::size_t top(std::span<const key_clusters> levels, matrix_view<const float> summaries, const float* q, std::int64_t first,
                          std::int64_t end, std::size_t wanted, std::int64_t probe, std::span<std::int32_t> out, bound_search_scratch& scratch,
-                         bound_search::stats* read = nullptr) noexcept {
+                         bound_search::stats* read = nullptr, cluster_probe order = cluster_probe::box_bound) noexcept {
     using entry = bound_search_scratch::entry;
     if (levels.empty()) return 0;
     end = std::min(end, levels.front().chunks());
     if (first >= end || wanted == 0) return 0;
     const std::ptrdiff_t d = summaries.cols() / 2;
+    const bool centres = order == cluster_probe::box_and_centre;
     detail::ranked_chunks kept(out, scratch.kept_scores(wanted), wanted);
     auto keep = [&](std::int64_t c) {
       const float s = detail::bound_dot(q, summaries.row(c), summaries.row(c) + d, d);
       kept.offer(c, std::isnan(s) ? -std::numeric_limits<float>::infinity() : s);
       if (read) ++read->chunks;
     };
+    // Marks (box_and_centre): a cluster opened or a group expanded by one order is skipped when
+    // the other reaches it. Level l's clusters from mark_base[l], its groups after them.
+    std::array<std::size_t, 16> mark_base{};
+    if (centres) {
+      std::size_t n = 0;
+      for (std::size_t l = 0; l < levels.size() && l < mark_base.size(); ++l) {
+        mark_base[l] = n;
+        n += static_cast<std::size_t>(levels[l].segments()) * static_cast<std::size_t>(levels[l].clusters_per_segment() + levels[l].groups_per_segment());
+      }
+      scratch.clear_marks(n);
+    }
+    auto mark = [&](std::int32_t l, std::int64_t id, bool group) -> std::uint8_t& {
+      const key_clusters& level = levels[static_cast<std::size_t>(l)];
+      return scratch.mark(mark_base[static_cast<std::size_t>(l)] + static_cast<std::size_t>(group ? level.segments() * level.clusters_per_segment() + id : id));
+    };
     // [0, end) covered by the largest segments wholly before `end`, then the next level's, ...;
     // the chunks after the smallest are scored one by one. The covering segments' groups go
     // on the heap; a group popped puts its clusters there (its bound bounds theirs, and it is
     // popped before a cluster of the same bound), so clusters come off the heap in the order
-    // of their own bounds, as if every cluster had been bounded: only the reads differ.
-    auto& clusters = scratch.frontier_;
-    clusters.clear();
+    // of their own bounds, as if every cluster had been bounded: only the reads differ. With
+    // centres, a second heap holds the same entries by centre score.
+    auto& by_box = scratch.frontier_;
+    auto& by_centre = scratch.centre_frontier_;
+    by_box.clear();
+    by_centre.clear();
     auto worse = [](const entry& a, const entry& b) {  // ties: groups first, then the larger segments, then the lower id
       if (a.bound != b.bound) return a.bound < b.bound;
       if (a.first != b.first) return a.first > b.first;
       return a.level > b.level || (a.level == b.level && a.index > b.index);
     };
-    auto push = [&](std::size_t l, std::int64_t id, const float* box, bool group) {
+    auto push_to = [&](std::vector<entry>& heap, std::size_t l, std::int64_t id, const float* box, bool group) {
       float bound = detail::bound_dot(q, box, box + d, d);
       if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
-      clusters.push_back({bound, group ? -1 : 0, static_cast<std::int32_t>(l), id});  // first: -1 marks a group
-      std::push_heap(clusters.begin(), clusters.end(), worse);
+      heap.push_back({bound, group ? -1 : 0, static_cast<std::int32_t>(l), id});  // first: -1 marks a group
+      std::push_heap(heap.begin(), heap.end(), worse);
       if (read) ++read->boxes;
+    };
+    auto push = [&](std::size_t l, std::int64_t id, bool group) {
+      const key_clusters& level = levels[l];
+      push_to(by_box, l, id, group ? level.group_box(id) : level.box(id), group);
+      if (centres) push_to(by_centre, l, id, group ? level.group_centre(id) : level.centre(id), group);
     };
     std::int64_t covered = 0;
     for (std::size_t l = 0; l < levels.size(); ++l) {
@@ -400,25 +491,39 @@ struct cluster_search {
         const auto group = level.group(e);
         if (group.size() == 1) {  // a group of one cluster: its box is the cluster's
           const auto members = level.members(group[0]);
-          if (members.back() >= first) push(l, group[0], level.box(group[0]), false);
+          if (members.back() >= first) push(l, group[0], false);
         } else if (!group.empty()) {
-          push(l, e, level.group_box(e), true);
+          push(l, e, true);
         }
       }
       covered = std::max(covered, to * level.segment_chunks());
     }
     for (std::int64_t c = std::max(first, covered); c < end; ++c) keep(c);
+    // Drops the entries at the top of `heap` the other order has dealt with already.
+    auto settle = [&](std::vector<entry>& heap) {
+      while (centres && !heap.empty() && mark(heap.front().level, heap.front().index, heap.front().first < 0) != 0) {
+        std::pop_heap(heap.begin(), heap.end(), worse);
+        heap.pop_back();
+      }
+    };
     std::int64_t probed = 0;
-    while (!clusters.empty() && probed < probe) {
-      const entry best = clusters.front();
-      if (kept.full() && best.bound < kept.kth_score()) break;  // certified: no member left can reach the k-th
-      std::pop_heap(clusters.begin(), clusters.end(), worse);
-      clusters.pop_back();
+    bool centre_turn = false;
+    while (probed < probe) {
+      settle(by_box);
+      if (by_box.empty()) break;  // every cluster opened
+      if (kept.full() && by_box.front().bound < kept.kth_score()) break;  // certified: no member left can reach the k-th
+      settle(by_centre);
+      auto& heap = centre_turn && !by_centre.empty() ? by_centre : by_box;
+      centre_turn = centres && !centre_turn;
+      const entry best = heap.front();
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      heap.pop_back();
       const key_clusters& level = levels[static_cast<std::size_t>(best.level)];
+      if (centres) mark(best.level, best.index, best.first < 0) = 1;
       if (best.first < 0) {  // a group: its clusters with a member >= first
         for (const std::int32_t g : level.group(best.index)) {
           const auto members = level.members(g);
-          if (!members.empty() && members.back() >= first) push(static_cast<std::size_t>(best.level), g, level.box(g), false);
+          if (!members.empty() && members.back() >= first) push(static_cast<std::size_t>(best.level), g, false);
         }
         continue;
       }

@@ -125,6 +125,12 @@ class bound_search_scratch {
   void reserve(std::int64_t chunks, int fanout) {
     const auto n = static_cast<std::size_t>(std::max<std::int64_t>(chunks, 1));
     frontier_.reserve(2 * n + static_cast<std::size_t>(fanout) * 64);
+    centre_frontier_.reserve(frontier_.capacity());
+  }
+  /// Room for `n` marks (cluster_search with cluster_probe::box_and_centre: one per cluster and
+  /// group, cluster_search::marks_needed).
+  void reserve_marks(std::size_t n) {
+    if (marks_.size() < n) marks_.resize(n);
   }
   /// Room for the scores of `wanted` chunks kept by a search that ranks as it goes
   /// (certified_search, cluster_search).
@@ -157,6 +163,14 @@ class bound_search_scratch {
     std::int64_t index;  // box or chunk index in its level
   };
   std::vector<entry> frontier_;
+  std::vector<entry> centre_frontier_;  // cluster_search: the same entries by centre score
+  // cluster_search: the first n marks zeroed (allocates only past what reserve_marks gave).
+  void clear_marks(std::size_t n) {
+    if (marks_.size() < n) marks_.resize(n);
+    std::fill_n(marks_.begin(), n, std::uint8_t{0});
+  }
+  std::uint8_t& mark(std::size_t i) noexcept { return marks_[i]; }
+  std::vector<std::uint8_t> marks_;
   struct beam_node {
     float bound;         // the box's bound or the chunk's score (NaN as in entry)
     std::int64_t index;  // box or chunk index in its level

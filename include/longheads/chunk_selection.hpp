@@ -43,15 +43,17 @@ struct selection_scratch {
 
   /// Room for contexts of `chunks` chunks, blocks of `block` queries, items of up to
   /// `item_heads` heads, `segments` chunks per query and `scorer_floats` of the scorer's scratch.
-  /// `flat_chunks`: the most chunks a flat scan scores (an index's flat_scan_chunks; default: all).
+  /// `flat_chunks`: the most chunks a flat scan scores (an index's flat_scan_chunks; default: all);
+  /// `index_marks`: the marks the index's search keeps (workspace_needs::index_marks).
   void reserve(const attention_config& config, bool selects, bool shared, std::size_t chunks, std::size_t block, std::size_t item_heads,
                std::size_t segments, std::size_t scorer_floats, int index_fanout = 0, int index_beam = 0, bool index_frontier = false,
-               std::size_t flat_chunks = static_cast<std::size_t>(-1)) {
+               std::size_t flat_chunks = static_cast<std::size_t>(-1), std::size_t index_marks = 0) {
     if (selects && (index_fanout > 0 || index_frontier)) {
       // A beam's levels are bounded whatever the context; a best-first frontier grows with it.
       if (index_beam > 0) search.reserve_beam(index_beam, index_fanout);
       if (index_beam == 0 || index_frontier) search.reserve(static_cast<std::int64_t>(chunks), std::max(2, index_fanout));
       search.reserve_kept(segments);
+      search.reserve_marks(index_marks);
       detail::grow(rotated_query, static_cast<std::size_t>(config.head_dim));
     }
     chunks = std::min(chunks, flat_chunks);

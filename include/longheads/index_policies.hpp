@@ -161,6 +161,9 @@ struct key_cluster_index {
   int iterations = 8;                    ///< k-means iterations per segment, >= 0
   float probe_share = 0.02f;             ///< chunks scored in clusters per query, share of the candidates
   int probe_min = 512;                   ///< ... and at least this many, >= 0
+  /// The order clusters are opened in: box bound and centre score in turn (the default), or box
+  /// bound alone (cluster_probe; docs/results.md measures both).
+  cluster_probe probe_order = cluster_probe::box_and_centre;
   int exact_below = 1024;                ///< up to this many candidates the search is exact (and the flat scan used), >= 0
   /// Chunks per box of a tree: none (it keeps no tree).
   int fanout() const noexcept { return 0; }
@@ -171,12 +174,12 @@ struct key_cluster_index {
   /// @throws config_error if a field is out of its range.
   void validate() const {
     if (segment_chunks < 2 || clusters < 1 || clusters > segment_chunks || iterations < 0 || !(probe_share >= 0.0f) || !(probe_share <= 1.0f) ||
-        probe_min < 0 || exact_below < 0)
+        probe_min < 0 || exact_below < 0 || (probe_order != cluster_probe::box_bound && probe_order != cluster_probe::box_and_centre))
       detail::fail<config_error>("key_cluster_index: segment_chunks must be >= 2, clusters in [1, segment_chunks], iterations >= 0, probe_share in "
-                                 "[0, 1], probe_min >= 0 and exact_below >= 0, got segment_chunks " + std::to_string(segment_chunks) +
+                                 "[0, 1], probe_min >= 0, exact_below >= 0 and probe_order a cluster_probe, got segment_chunks " + std::to_string(segment_chunks) +
                                  ", clusters " + std::to_string(clusters) + ", iterations " + std::to_string(iterations) + ", probe_share " +
                                  std::to_string(probe_share) + ", probe_min " + std::to_string(probe_min) + ", exact_below " +
-                                 std::to_string(exact_below));
+                                 std::to_string(exact_below) + ", probe_order " + std::to_string(static_cast<int>(probe_order)));
   }
   /// Chunks a query with `candidates` candidates may score in clusters.
   std::int64_t probe(std::int64_t candidates) const noexcept {
@@ -188,8 +191,10 @@ struct key_cluster_index {
   std::size_t search(const chunk_index_state& state, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
                      std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
                      bound_search::stats* read = nullptr) const noexcept {
-    return cluster_search::top(state.clusters(), summaries, q, first, end, wanted, probe(end - first), out, scratch, read);
+    return cluster_search::top(state.clusters(), summaries, q, first, end, wanted, probe(end - first), out, scratch, read, probe_order);
   }
+  /// Marks its searches over up to `chunks` chunks need in their scratch.
+  std::size_t marks(std::int64_t chunks) const noexcept { return cluster_search::marks_needed(segment_chunks, clusters, chunks); }
 };
 
 /// Whether index policy `Index` searches best-first (bound_tree_index, bound_tree_certified,
@@ -206,6 +211,7 @@ void reserve_search_scratch(const Index& index, bound_search_scratch& scratch, s
   if constexpr (requires { index.widest_beam(); }) scratch.reserve_beam(index.widest_beam(), index.fanout());
   if constexpr (searches_best_first<Index>) scratch.reserve(chunks, std::max(2, index.fanout()));
   if constexpr (Index::indexed) scratch.reserve_kept(wanted);
+  if constexpr (requires { index.marks(chunks); }) scratch.reserve_marks(index.marks(chunks));
 }
 
 /// A selection index policy: `indexed`, and the layout of what it keeps in the cache.

@@ -41,6 +41,7 @@ struct workspace_needs {
   int index_beam = 0;                ///< the index's beam width (0: an exact search)
   bool index_frontier = false;       ///< the index searches best-first (its frontier grows with the context)
   std::size_t flat_chunks = 0;       ///< chunks a flat scan scores at most (flat_scan_chunks)
+  std::size_t index_marks = 0;       ///< marks the index's search keeps (key_cluster_index::marks)
 
   /// The needs of a call of `tokens` tokens ending at `context`, whose queries read at most
   /// `segments` segments, for a layer with these policy values.
@@ -52,7 +53,14 @@ struct workspace_needs {
             policies.encoder.scratch_floats(config),
             policies.scorer.scratch_floats(config, static_cast<std::ptrdiff_t>(work_partition::query_block(tokens))),
             policies.kernel.scratch_floats(config.chunk_size, config.head_dim), selects ? policies.index.layout().fanout : 0, beam_of(policies.index),
-            searches_best_first<std::remove_cvref_t<decltype(policies.index)>>, flat_scan_chunks(policies.index, config)};
+            searches_best_first<std::remove_cvref_t<decltype(policies.index)>>, flat_scan_chunks(policies.index, config),
+            selects ? marks_of(policies.index, (context + config.chunk_size - 1) / config.chunk_size) : 0};
+  }
+  /// The marks an index policy's search keeps over `chunks` chunks (key_cluster_index), else 0.
+  template <class Index>
+  static std::size_t marks_of(const Index& index, std::int64_t chunks) {
+    if constexpr (requires { index.marks(chunks); }) return index.marks(chunks);
+    else return 0;
   }
   /// The widest beam of an index policy that has one (bound_tree_beam), else 0.
   template <class Index>
@@ -79,7 +87,7 @@ class workspace {
     for (lane_workspace& lane : lanes_) {
       lane.encoding.reserve(config, needs.selects, needs.tokens, needs.encoder_floats);
       lane.selection.reserve(config, needs.selects, needs.shared, chunks, block, needs.tile_queries, needs.segments, needs.scorer_floats,
-                             needs.index_fanout, needs.index_beam, needs.index_frontier, needs.flat_chunks);
+                             needs.index_fanout, needs.index_beam, needs.index_frontier, needs.flat_chunks, needs.index_marks);
       lane.tile.reserve(config, needs.tile_queries, needs.segments, needs.kernel_floats);
     }
   }
