@@ -119,23 +119,45 @@ struct cluster_boxes {
   /// score is linear in its summary for a fixed query, so the centre's score is the members'
   /// mean score) instead of their box bound; then only `budget` > 0 is meaningful (no certificate).
   std::int64_t search(longheads::matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end, std::size_t wanted,
-                      std::int64_t budget, std::vector<std::int32_t>& out, bool by_centre = false) const {
+                      std::int64_t budget, std::vector<std::int32_t>& out, bool by_centre = false, bool interleave = false) const {
     const auto c_count = static_cast<int>(members.size());
-    std::vector<std::pair<float, int>> order;
+    std::vector<std::pair<float, int>> order, second;
     for (int c = 0; c < c_count; ++c) {
       if (members[static_cast<std::size_t>(c)].empty()) continue;
       const float* box = (by_centre ? centres.data() : boxes.data()) + static_cast<std::ptrdiff_t>(c) * 2 * d;
       order.push_back({longheads::detail::bound_dot(q, box, box + d, d), c});
+      if (interleave) {
+        const float* centre = centres.data() + static_cast<std::ptrdiff_t>(c) * 2 * d;
+        second.push_back({longheads::detail::bound_dot(q, centre, centre + d, d), c});
+      }
     }
-    std::int64_t read = static_cast<std::int64_t>(order.size());
-    std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    std::int64_t read = static_cast<std::int64_t>(order.size() + second.size());
+    const auto by_score = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+    std::sort(order.begin(), order.end(), by_score);
+    if (interleave) {  // box order and centre order taken in turn, each cluster once
+      std::sort(second.begin(), second.end(), by_score);
+      std::vector<char> taken(static_cast<std::size_t>(c_count), 0);
+      std::vector<std::pair<float, int>> merged;
+      std::size_t a = 0, b = 0;
+      while (merged.size() < order.size()) {
+        auto& list = (merged.size() % 2 == 0) ? order : second;
+        std::size_t& at = (merged.size() % 2 == 0) ? a : b;
+        while (at < list.size() && taken[static_cast<std::size_t>(list[at].second)]) ++at;
+        if (at == list.size()) { auto& other = (&list == &order) ? second : order; std::size_t& o = (&list == &order) ? b : a;
+          while (taken[static_cast<std::size_t>(other[o].second)]) ++o;
+          taken[static_cast<std::size_t>(other[o].second)] = 1; merged.push_back({std::numeric_limits<float>::infinity(), other[o].second}); continue; }
+        taken[static_cast<std::size_t>(list[at].second)] = 1;
+        merged.push_back({std::numeric_limits<float>::infinity(), list[at].second});
+      }
+      order.swap(merged);
+    }
     std::vector<std::pair<float, std::int32_t>> best;  // score desc, id asc
     auto better = [](const std::pair<float, std::int32_t>& a, const std::pair<float, std::int32_t>& b) {
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
     for (const auto& [bound, c] : order) {
       if (!by_centre && best.size() == wanted && bound < best.back().first) break;  // certified: nothing left can reach the k-th
-      if (budget > 0 && read - static_cast<std::int64_t>(order.size()) >= budget) break;
+      if (budget > 0 && read - static_cast<std::int64_t>(order.size() + second.size()) >= budget) break;
       for (std::int32_t id : members[static_cast<std::size_t>(c)]) {
         if (id < first || id >= end) continue;
         const float* row = summaries.row(id);
@@ -158,7 +180,8 @@ struct cluster_boxes {
 struct row {
   samples flat, exact, beam, recall, mass, difference;
   samples cluster_exact, cluster_probe, cluster_mass, cluster_recall_exact, cluster_recall, cluster_difference;
-  samples centre_probe, centre_mass, centre_recall, centre_difference;  // clusters probed by their centre's score (IVF)
+  samples centre_probe, centre_mass, centre_recall, centre_difference;
+  samples mixed_probe, mixed_mass;  // clusters probed by their centre's score (IVF)
   samples certified, certified_loose, certified_loose_mass;  // the certified search at epsilon 0 and at `epsilon`
   float epsilon = 1.0f;
   std::int64_t chunks = 0;
@@ -245,6 +268,9 @@ struct row {
     const longheads::choice_fidelity by_centre = longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
                                                                            std::span<const std::int32_t>(flat_found).first(n), found);
     centre_mass.add(by_centre.mass_recall);
+    mixed_probe.add(static_cast<double>(boxes.search(cache.representations(head), rotated.data(), first, end, wanted, budget, found, false, true)));
+    mixed_mass.add(longheads::measure_choice(cache, rotary, config, {head, position, query, first, end, 1},
+                                             std::span<const std::int32_t>(flat_found).first(n), found).mass_recall);
     centre_recall.add(by_centre.recall);
     centre_difference.add(by_centre.output_difference);
   }
@@ -266,10 +292,11 @@ struct row {
       auto& key_recall = key[i].recall;
       auto& key_mass = key[i].mass;
       auto& key_difference = key[i].difference;
-      std::printf("%-12s key-cluster index (segments of %d chunks in %d clusters, probe %.1f%% / >= %d chunks): reads %.0f / %.0f (med / p90, "
+      std::printf("%-12s key-cluster index (segments of %d chunks in %d clusters, probe %.1f%% / >= %d chunks, %s order): reads %.0f / %.0f (med / p90, "
                   "%.2f%% / %.2f%% of the chunks), recall@k %.3f / %.3f, mass recall %.3f / %.3f (med / p10), output difference %.2g / %.2g "
                   "(med / p90)\n",
-                  "", key_index->segment_chunks, key_index->clusters, 100.0 * key_index->probe_share, key_index->probe_min, key_reads.at(0.5),
+                  "", key_index->segment_chunks, key_index->clusters, 100.0 * key_index->probe_share, key_index->probe_min,
+                  key_index->probe_order == longheads::cluster_probe::box_bound ? "box" : "box-and-centre", key_reads.at(0.5),
                   key_reads.at(0.9), 100.0 * key_reads.at(0.5) / static_cast<double>(chunks), 100.0 * key_reads.at(0.9) / static_cast<double>(chunks),
                   key_recall.at(0.5), key_recall.at(0.1), key_mass.at(0.5), key_mass.at(0.1), key_difference.at(0.5), key_difference.at(0.9));
     }
@@ -287,6 +314,9 @@ struct row {
                   "(med / p10), output difference %.2g / %.2g (med / p90)\n",
                   "", 100.0 * probe_share, centre_probe.at(0.5), centre_recall.at(0.5), centre_recall.at(0.1), centre_mass.at(0.5),
                   centre_mass.at(0.1), centre_difference.at(0.5), centre_difference.at(0.9));
+    if (cluster_count > 0)
+      std::printf("%-12s clusters probed by box bound and centre score in turn, %.0f%% of the chunks: %.0f read, mass recall %.3f / %.3f\n", "",
+                  100.0 * probe_share, mixed_probe.at(0.5), mixed_mass.at(0.5), mixed_mass.at(0.1));
     std::fflush(stdout);
   }
 };
@@ -342,17 +372,20 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   std::vector<std::string> key_specs;
   app.add_option("--key-clusters", key_specs,
-                 "also measure key_cluster_index policies, each S:C:share:min (segment chunks, clusters per segment, probe share, probe "
-                 "minimum), e.g. 1024:8:0.03:512 (the default's)")
+                 "also measure key_cluster_index policies, each S:C:share:min[:order] (segment chunks, clusters per segment, probe share, probe "
+                 "minimum, probe order: mixed (box bound and centre score in turn, the default) or box), e.g. 2048:64:0.02:512 (the default's)")
       ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
   std::vector<longheads::key_cluster_index> key_indexes;
   for (const std::string& spec_text : key_specs) {
     longheads::key_cluster_index index;
-    if (std::sscanf(spec_text.c_str(), "%d:%d:%f:%d", &index.segment_chunks, &index.clusters, &index.probe_share, &index.probe_min) != 4) {
-      std::fprintf(stderr, "index_reads: --key-clusters wants S:C:share:min, got '%s'\n", spec_text.c_str());
+    char order[16] = "mixed";
+    const int fields = std::sscanf(spec_text.c_str(), "%d:%d:%f:%d:%15s", &index.segment_chunks, &index.clusters, &index.probe_share, &index.probe_min, order);
+    if (fields < 4 || (std::string(order) != "mixed" && std::string(order) != "box")) {
+      std::fprintf(stderr, "index_reads: --key-clusters wants S:C:share:min[:box|mixed], got '%s'\n", spec_text.c_str());
       return 2;
     }
+    index.probe_order = std::string(order) == "box" ? longheads::cluster_probe::box_bound : longheads::cluster_probe::box_and_centre;
     index.validate();
     key_indexes.push_back(index);
   }

@@ -577,6 +577,11 @@ int main(int argc, char** argv) {
   app.add_option("--probe-min", o.clusters.probe_min, "quest-clusters policy: ... and at least this many chunks")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--probe-order", o.clusters.probe_order, "quest-clusters policy: the order clusters are opened in: mixed (box bound and centre "
+                                                      "score in turn) or box (box bound alone)")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, longheads::cluster_probe>{{"mixed", longheads::cluster_probe::box_and_centre},
+                                                                                        {"box", longheads::cluster_probe::box_bound}}))
+      ->default_str("mixed");
   app.add_option("--branching", o.branching, "quest-index, quest-beam policies: chunks per index box (default: the policy's)")
       ->check(CLI::Range(2, 1 << 20));
   app.add_option("--representative-keys", o.representative_keys, "representative-keys and loudest-keys policies: keys kept per chunk")->capture_default_str();
