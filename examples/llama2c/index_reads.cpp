@@ -117,7 +117,8 @@ struct cluster_boxes {
   /// approximate). Returns the summaries read, boxes included.
   /// `by_centre`: clusters in the order of their centre's score (IVF's probe order: a chunk's
   /// score is linear in its summary for a fixed query, so the centre's score is the members'
-  /// mean score) instead of their box bound; then only `budget` > 0 is meaningful (no certificate).
+  /// mean score) instead of their box bound; `interleave`: box order and centre order in turn
+  /// (key_cluster_index's default); with either, only `budget` > 0 is meaningful (no certificate).
   std::int64_t search(longheads::matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end, std::size_t wanted,
                       std::int64_t budget, std::vector<std::int32_t>& out, bool by_centre = false, bool interleave = false) const {
     const auto c_count = static_cast<int>(members.size());
@@ -134,18 +135,15 @@ struct cluster_boxes {
     std::int64_t read = static_cast<std::int64_t>(order.size() + second.size());
     const auto by_score = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
     std::sort(order.begin(), order.end(), by_score);
-    if (interleave) {  // box order and centre order taken in turn, each cluster once
+    if (interleave) {  // box order and centre order taken in turn, each cluster once (both list every cluster)
       std::sort(second.begin(), second.end(), by_score);
       std::vector<char> taken(static_cast<std::size_t>(c_count), 0);
-      std::vector<std::pair<float, int>> merged;
-      std::size_t a = 0, b = 0;
-      while (merged.size() < order.size()) {
-        auto& list = (merged.size() % 2 == 0) ? order : second;
-        std::size_t& at = (merged.size() % 2 == 0) ? a : b;
-        while (at < list.size() && taken[static_cast<std::size_t>(list[at].second)]) ++at;
-        if (at == list.size()) { auto& other = (&list == &order) ? second : order; std::size_t& o = (&list == &order) ? b : a;
-          while (taken[static_cast<std::size_t>(other[o].second)]) ++o;
-          taken[static_cast<std::size_t>(other[o].second)] = 1; merged.push_back({std::numeric_limits<float>::infinity(), other[o].second}); continue; }
+      std::vector<std::pair<float, int>> merged;  // bounds +inf: no certificate in this order
+      for (std::size_t a = 0, b = 0; merged.size() < order.size();) {
+        const bool box_turn = merged.size() % 2 == 0;
+        const auto& list = box_turn ? order : second;
+        std::size_t& at = box_turn ? a : b;
+        while (taken[static_cast<std::size_t>(list[at].second)]) ++at;  // something is left untaken in each list
         taken[static_cast<std::size_t>(list[at].second)] = 1;
         merged.push_back({std::numeric_limits<float>::infinity(), list[at].second});
       }
