@@ -76,7 +76,7 @@ struct quest_certified : quest {
 };
 
 /// Quest with its chunks found among key-space clusters (key_cluster_index): segments of 2048
-/// chunks split by k-means into 64 clusters each, opened best box bound first until certified or
+/// chunks split by k-means into 64 clusters each, opened by box bound and centre score in turn until certified or
 /// 2% of the candidates (at least 512 chunks) are read (docs/results.md measures reads and loss).
 struct quest_clusters : quest {
   using index = longheads::key_cluster_index;

@@ -397,8 +397,8 @@ enum class cluster_probe {
 
 /// The search over key_clusters (see the file comment).
 struct cluster_search {
-  /// Marks a search over `levels` needs in its scratch (bound_search_scratch::reserve_marks)
-  /// for `chunks` chunks: one per cluster and group of every level.
+  /// Marks a search over `levels` needs in its scratch (bound_search_scratch::reserve_marks):
+  /// one per cluster and group of every level.
   static std::size_t marks_needed(std::span<const key_clusters> levels) noexcept {
     std::size_t n = 0;
     for (const key_clusters& level : levels)
@@ -440,7 +440,7 @@ struct cluster_search {
     };
     // Marks (box_and_centre): a cluster opened or a group expanded by one order is skipped when
     // the other reaches it. Level l's clusters from mark_base[l], its groups after them.
-    std::array<std::size_t, 16> mark_base{};
+    std::array<std::size_t, 16> mark_base{};  // levels shrink 8x from S < 2^31: at most 11
     if (centres) {
       std::size_t n = 0;
       for (std::size_t l = 0; l < levels.size() && l < mark_base.size(); ++l) {

@@ -7,7 +7,7 @@
 // consecutive chunks best-first (exactly the flat scan's choice), bound_tree_beam searches it
 // with a beam (O(log n) per query, approximate past exact_below candidates),
 // bound_tree_certified widens the beam until a bound certifies the choice within epsilon, and
-// key_cluster_index opens k-means clusters of chunks in key space best bound first
+// key_cluster_index opens k-means clusters of chunks in key space by box bound and centre score
 // (chunk_clusters.hpp). A policy says what index it keeps through index_layout(), and searches
 // the state the cache keeps for that layout.
 #pragma once
@@ -146,12 +146,12 @@ struct bound_tree_certified {
 /// chunks (and every segment of S / 8 chunks into C / 8, ..., so the chunks after the last whole
 /// segment are few), the k-means spread over the S / 8 chunks appended after the segment; a
 /// query scores the chunks after the last segment of the smallest level clustered by then,
-/// bounds every cluster of the segments covering the rest and
-/// opens clusters best bound first until the k-th chunk found beats every box left (the flat
+/// bounds every cluster of the segments covering the rest and opens clusters by box bound and
+/// centre score in turn (probe_order) until the k-th chunk found beats every box left (the flat
 /// scan's choice, certified) or it has scored `probe_share` of its candidates (at least
 /// `probe_min` chunks) in clusters. Exact while a query has at most `exact_below` candidates
 /// (the probe is then unlimited). Reads per query: the tail (< the smallest segment), about n C /
-/// segment_chunks boxes and the probe; docs/results.md measures them and the loss.
+/// segment_chunks boxes (and as many centres) and the probe; docs/results.md measures them and the loss.
 struct key_cluster_index {
   static constexpr bool indexed = true;  ///< selection searches the cache's clusters
   static constexpr bool exact = false;   ///< may miss a chunk past exact_below (see above)
