@@ -476,6 +476,25 @@ std::vector<key_clusters> levels_of(const std::vector<float>& summaries, int d, 
   return levels;
 }
 
+/// The flat scan's ranking, written plainly: a chunk's score (NaN as -inf) and the `wanted` best
+/// of a set of chunks (score descending, ties to the lower chunk).
+struct flat_ranking {
+  const std::vector<float>& summaries;
+  int d;
+  const float* q;
+  std::size_t wanted;
+  float score(std::int64_t c) const {
+    const float s = detail::bound_dot(q, summaries.data() + c * 2 * d, summaries.data() + c * 2 * d + d, d);
+    return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+  }
+  std::vector<std::int32_t> best_of(std::vector<std::int32_t> ids) const {
+    std::sort(ids.begin(), ids.end());
+    std::stable_sort(ids.begin(), ids.end(), [&](std::int32_t a, std::int32_t b) { return score(a) > score(b); });
+    ids.resize(std::min(wanted, ids.size()));
+    return ids;
+  }
+};
+
 /// The probe rule stated directly: [0, end) covered by the largest segments wholly before
 /// end - S / 8 (clustered by then), then the next level's from there, ...; the tail after them scored; the covering segments'
 /// clusters with a member >= first in order of box bound (NaN as +inf; ties to the larger
@@ -484,16 +503,9 @@ std::vector<key_clusters> levels_of(const std::vector<float>& summaries, int d, 
 /// the flat scan's ranking of everything scored.
 std::vector<std::int32_t> naive_cluster_top(const std::vector<float>& summaries, int d, const std::vector<key_clusters>& levels, const float* q,
                                             std::int64_t first, std::int64_t end, std::size_t wanted, std::int64_t probe) {
-  auto score = [&](std::int64_t c) {
-    const float s = detail::bound_dot(q, summaries.data() + c * 2 * d, summaries.data() + c * 2 * d + d, d);
-    return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
-  };
-  auto best_of = [&](std::vector<std::int32_t> ids) {
-    std::sort(ids.begin(), ids.end());
-    std::stable_sort(ids.begin(), ids.end(), [&](std::int32_t a, std::int32_t b) { return score(a) > score(b); });
-    ids.resize(std::min(wanted, ids.size()));
-    return ids;
-  };
+  const flat_ranking ranking{summaries, d, q, wanted};
+  auto score = [&](std::int64_t c) { return ranking.score(c); };
+  auto best_of = [&](std::vector<std::int32_t> ids) { return ranking.best_of(std::move(ids)); };
   std::vector<std::int32_t> scored;
   std::vector<std::pair<float, std::span<const std::int32_t>>> order;
   std::int64_t covered = 0;
@@ -529,16 +541,9 @@ std::vector<std::int32_t> naive_cluster_top(const std::vector<float>& summaries,
 /// >= first scored. The answer: the flat scan's ranking of everything scored.
 std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, int d, const std::vector<key_clusters>& levels, const float* q,
                                           std::int64_t first, std::int64_t end, std::size_t wanted, std::int64_t probe) {
-  auto score = [&](std::int64_t c) {
-    const float s = detail::bound_dot(q, summaries.data() + c * 2 * d, summaries.data() + c * 2 * d + d, d);
-    return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
-  };
-  auto best_of = [&](std::vector<std::int32_t> ids) {
-    std::sort(ids.begin(), ids.end());
-    std::stable_sort(ids.begin(), ids.end(), [&](std::int32_t a, std::int32_t b) { return score(a) > score(b); });
-    ids.resize(std::min(wanted, ids.size()));
-    return ids;
-  };
+  const flat_ranking ranking{summaries, d, q, wanted};
+  auto score = [&](std::int64_t c) { return ranking.score(c); };
+  auto best_of = [&](std::vector<std::int32_t> ids) { return ranking.best_of(std::move(ids)); };
   auto bound = [&](const float* box) {
     const float b = detail::bound_dot(q, box, box + d, d);
     return std::isnan(b) ? std::numeric_limits<float>::infinity() : b;
