@@ -1054,6 +1054,7 @@ TEST_CASE("the key-cluster index: the same bits in prefill, decode, any split, t
   CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.segment_chunks = 1}}), config_error);
   CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.probe_share = 1.5f}}), config_error);
   CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.iterations = -1}}), config_error);
+  CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.probe_min = 8, .probe_max = 4}}), config_error);
 }
 
 TEST_CASE("spread encoding: the bits of encoding each chunk as it completes, in every split and thread count, a share of it per step") {

@@ -466,6 +466,14 @@ bool same_clusters(const key_clusters& a, const key_clusters& b, int d) {
     if (!std::equal(ma.begin(), ma.end(), mb.begin(), mb.end())) return false;
     if (!ma.empty() && std::memcmp(a.box(g), b.box(g), sizeof(float) * 2 * static_cast<std::size_t>(d)) != 0) return false;
   }
+  if (a.blocks() != b.blocks()) return false;
+  for (std::int64_t h = 0; h < a.blocks() * a.sections_per_block(); ++h) {
+    const auto ga = a.section(h), gb = b.section(h);
+    if (!std::equal(ga.begin(), ga.end(), gb.begin(), gb.end())) return false;
+    if (std::memcmp(a.section_box(h), b.section_box(h), sizeof(float) * 2 * static_cast<std::size_t>(d)) != 0 ||
+        std::memcmp(a.section_centre(h), b.section_centre(h), sizeof(float) * 2 * static_cast<std::size_t>(d)) != 0)
+      return false;
+  }
   return true;
 }
 
@@ -532,13 +540,14 @@ std::vector<std::int32_t> naive_cluster_top(const std::vector<float>& summaries,
   return best_of(scored);
 }
 
-/// The box-and-centre probe order stated directly: the covering segments' groups (a group of
-/// one cluster as that cluster) live, each with its box bound and its centre's score (NaN as
-/// +inf); turn by turn, box first: stop when nothing is live, when the best `wanted` found are
-/// complete and the k-th beats the best live box bound, or when `probe` chunks were scored;
-/// else take the best live entry by the turn's key (ties: groups, then larger segments, then
-/// the lower id), a group's clusters with a member >= first becoming live, a cluster's members
-/// >= first scored. The answer: the flat scan's ranking of everything scored.
+/// The box-and-centre probe order stated directly: the sections of the covering segments'
+/// whole blocks (8 segments from a multiple of 8) and the other covering segments' groups live
+/// (a section of one group as that group, a group of one cluster as that cluster), each with its
+/// box bound and its centre's score (NaN as +inf); turn by turn, box first: stop when nothing is
+/// live, when the best `wanted` found are complete and the k-th beats the best live box bound,
+/// or when `probe` chunks were scored; else take the best live entry by the turn's key (ties:
+/// sections, then groups, then larger segments, then the lower id), a section's groups or a
+/// group's clusters with a member >= first becoming live, a cluster's members >= first scored. The answer: the flat scan's ranking of everything scored.
 std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, int d, const std::vector<key_clusters>& levels, const float* q,
                                           std::int64_t first, std::int64_t end, std::size_t wanted, std::int64_t probe) {
   const flat_ranking ranking{summaries, d, q, wanted};
@@ -548,16 +557,25 @@ std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, i
     const float b = detail::bound_dot(q, box, box + d, d);
     return std::isnan(b) ? std::numeric_limits<float>::infinity() : b;
   };
+  enum kind { cluster, group, section };  // at equal keys the larger first
   struct item {
     float box, centre;
-    bool group;
+    kind what;
     int level;
     std::int64_t id;
   };
   std::vector<item> live;
-  auto add = [&](int l, std::int64_t id, bool group) {
+  auto add = [&](int l, std::int64_t id, kind what) {
     const key_clusters& level = levels[static_cast<std::size_t>(l)];
-    live.push_back({bound(group ? level.group_box(id) : level.box(id)), bound(group ? level.group_centre(id) : level.centre(id)), group, l, id});
+    const float* box = what == cluster ? level.box(id) : what == group ? level.group_box(id) : level.section_box(id);
+    const float* centre = what == cluster ? level.centre(id) : what == group ? level.group_centre(id) : level.section_centre(id);
+    live.push_back({bound(box), bound(centre), what, l, id});
+  };
+  auto add_group = [&](int l, std::int64_t e) {  // a group of one cluster as that cluster
+    const key_clusters& level = levels[static_cast<std::size_t>(l)];
+    const auto g = level.group(e);
+    if (g.size() == 1 && level.members(g[0]).back() >= first) add(l, g[0], cluster);
+    if (g.size() > 1) add(l, e, group);
   };
   std::vector<std::int32_t> scored;
   std::int64_t covered = 0;
@@ -565,10 +583,17 @@ std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, i
     const key_clusters& level = levels[static_cast<std::size_t>(l)];
     const std::int64_t size = level.segment_chunks();
     const std::int64_t from = covered / size, to = std::min(level.segments(), std::max<std::int64_t>(0, end - size / 8) / size);
-    for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e) {
-      const auto g = level.group(e);
-      if (g.size() == 1 && level.members(g[0]).back() >= first) add(l, g[0], false);
-      if (g.size() > 1) add(l, e, true);
+    for (std::int64_t s = from; s < to; ++s) {
+      const std::int64_t block = s / key_clusters::block_segments;
+      const bool whole_block = block * key_clusters::block_segments >= from && (block + 1) * key_clusters::block_segments <= to;
+      if (!whole_block) {
+        for (std::int64_t e = s * level.groups_per_segment(); e < (s + 1) * level.groups_per_segment(); ++e) add_group(l, e);
+      } else if (s % key_clusters::block_segments == 0) {  // a section of one group as that group
+        for (std::int64_t h = block * level.sections_per_block(); h < (block + 1) * level.sections_per_block(); ++h) {
+          if (level.section(h).size() == 1) add_group(l, level.section(h)[0]);
+          if (level.section(h).size() > 1) add(l, h, section);
+        }
+      }
     }
     covered = std::max(covered, to * size);
   }
@@ -578,7 +603,7 @@ std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, i
     for (std::size_t i = 1; i < live.size(); ++i) {
       const item &a = live[i], &b = live[best];
       const float ka = by_centre ? a.centre : a.box, kb = by_centre ? b.centre : b.box;
-      if (ka != kb ? ka > kb : a.group != b.group ? a.group : a.level != b.level ? a.level < b.level : a.id < b.id) best = i;
+      if (ka != kb ? ka > kb : a.what != b.what ? a.what > b.what : a.level != b.level ? a.level < b.level : a.id < b.id) best = i;
     }
     return best;
   };
@@ -590,9 +615,13 @@ std::vector<std::int32_t> naive_mixed_top(const std::vector<float>& summaries, i
     const item taken = live[at];
     live.erase(live.begin() + static_cast<std::ptrdiff_t>(at));
     const key_clusters& level = levels[static_cast<std::size_t>(taken.level)];
-    if (taken.group) {
+    if (taken.what == section) {
+      for (std::int32_t e : level.section(taken.id)) add_group(taken.level, e);
+      continue;
+    }
+    if (taken.what == group) {
       for (std::int32_t g : level.group(taken.id))
-        if (!level.members(g).empty() && level.members(g).back() >= first) add(taken.level, g, false);
+        if (!level.members(g).empty() && level.members(g).back() >= first) add(taken.level, g, cluster);
       continue;
     }
     for (std::int32_t c : level.members(taken.id))
@@ -608,13 +637,40 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
       for (int iterations : {0, 1, 6}) {
         if (clusters > segment) continue;
         const int d = 6;
-        const std::int64_t n = 4 * segment + segment / 8 + 3;  // 4 segments, the last clustered over the S / 8 after it
+        const std::int64_t n = 9 * segment + segment / 8 + 3;  // 9 segments (a block and one), the last clustered over the S / 8 after it
         const auto summaries = random_summaries(n, d, static_cast<std::uint32_t>(segment * 100 + clusters * 10 + iterations));
         CAPTURE(segment);
         CAPTURE(clusters);
         CAPTURE(iterations);
         const key_clusters index = clusters_of(summaries, d, n, segment, clusters, iterations);
-        REQUIRE(index.segments() == 4);
+        REQUIRE(index.segments() == 9);
+        REQUIRE(index.blocks() == 1);
+        // Sections: every non-empty group of the block in exactly one, its box inside the
+        // section's; the centre its groups' centres weighted by their members, in double.
+        std::vector<std::int32_t> sectioned, nonempty_groups;
+        for (std::int64_t e = 0; e < 8 * index.groups_per_segment(); ++e)
+          if (!index.group(e).empty()) nonempty_groups.push_back(static_cast<std::int32_t>(e));
+        for (int h = 0; h < index.sections_per_block(); ++h) {
+          const auto groups = index.section(h);
+          CHECK(std::is_sorted(groups.begin(), groups.end()));
+          std::vector<double> sum(static_cast<std::size_t>(2 * d), 0.0);
+          std::int64_t count = 0;
+          for (std::int32_t e : groups) {
+            sectioned.push_back(e);
+            std::int64_t weight = 0;
+            for (std::int32_t c : index.group(e)) weight += static_cast<std::int64_t>(index.members(c).size());
+            for (int j = 0; j < 2 * d; ++j) sum[static_cast<std::size_t>(j)] += static_cast<double>(weight) * index.group_centre(e)[j];
+            count += weight;
+            for (int i = 0; i < d; ++i) {
+              CHECK(index.section_box(h)[i] <= index.group_box(e)[i]);
+              CHECK(index.section_box(h)[d + i] >= index.group_box(e)[d + i]);
+            }
+          }
+          for (int j = 0; j < 2 * d; ++j)
+            CHECK(index.section_centre(h)[j] == (count == 0 ? 0.0f : static_cast<float>(sum[static_cast<std::size_t>(j)] / static_cast<double>(count))));
+        }
+        std::sort(sectioned.begin(), sectioned.end());
+        CHECK(sectioned == nonempty_groups);
         for (std::int64_t s = 0; s < index.segments(); ++s) {
           const std::vector<int> owner = naive_owners(summaries, d, s * segment, segment, clusters, iterations);
           std::int64_t seen = 0;
@@ -675,7 +731,8 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
         // before; truncated back into those chunks it is clustered again, to the same bits.
         const std::int64_t delay = index.clustering_delay();
         CHECK(delay == segment / 8);
-        for (std::int64_t at : {std::int64_t{2} * segment, 2 * segment + delay - 1, 2 * segment + delay}) {
+        // Into the block's last segment's delay: the block's sections go with it and come back.
+        for (std::int64_t at : {std::int64_t{2} * segment, 2 * segment + delay - 1, 2 * segment + delay, 8 * segment + delay - 1, 8 * segment + delay}) {
           CAPTURE(at);
           const key_clusters fed = clusters_of(summaries, d, at, segment, clusters, iterations);
           CHECK(fed.segments() == (at - delay) / segment);
@@ -692,14 +749,17 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
 TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, its probe rule stated directly otherwise, and causal") {
   std::mt19937 rng(29);
   auto uniform = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
-  int cases = 0, differed = 0, certified_early = 0, fewer_boxes = 0, mixed_differed = 0;
+  int cases = 0, differed = 0, certified_early = 0, fewer_boxes = 0, mixed_differed = 0, sections_of_several = 0;
   // Layouts of one level, of two ((32, 8) -> (4, 1)) and of three ((128, 16) -> (16, 2) -> (2, 0):
-  // two, the third has no cluster), and one whose second level cannot tile the first ((12, 8)).
-  for (auto [segment, clusters] : {std::pair{4, 1}, std::pair{32, 4}, std::pair{32, 8}, std::pair{128, 16}, std::pair{12, 8}})
+  // two, the third has no cluster), one whose second level cannot tile the first ((12, 8)), and
+  // one of two groups a segment and up to 5 blocks ((16, 16): sections of several groups).
+  for (auto [segment, clusters] : {std::pair{4, 1}, std::pair{32, 4}, std::pair{32, 8}, std::pair{128, 16}, std::pair{12, 8}, std::pair{16, 16}})
     for (std::int64_t n : {1, 9, 100, 700}) {
         const int d = 8;
         const auto summaries = random_summaries(n, d, static_cast<std::uint32_t>(1300 + n + segment + clusters));
         const std::vector<key_clusters> index = levels_of(summaries, d, n, segment, clusters, 4);
+        for (const key_clusters& level : index)
+          for (std::int64_t h = 0; h < level.blocks() * level.sections_per_block(); ++h) sections_of_several += level.section(h).size() > 1;
         const matrix_view<const float> rows{summaries.data(), n, 2 * d};
         bound_search_scratch scratch;
         scratch.reserve(n, 2);
@@ -743,11 +803,12 @@ TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, it
           CHECK(run(index, std::numeric_limits<std::int64_t>::max(), nullptr, cluster_probe::box_and_centre) == flat);
         }
       }
-  CHECK(cases == 5 * 4 * 20);
+  CHECK(cases == 6 * 4 * 20);
   CHECK(fewer_boxes > 0);  // groups spare bounding every cluster
   CHECK(differed > 0);         // a small probe misses chunks: the test tells the rule from the flat scan
   CHECK(certified_early > 0);  // and the certificate stops before every chunk is read
   CHECK(mixed_differed > 0);   // the centre turns open other clusters than the box order
+  CHECK(sections_of_several > 0);  // the searches went through sections of several groups
   MESSAGE(cases << " searches; unlimited, the certificate stopped early in " << certified_early << "; a limited probe differed from the flat scan in "
                 << differed << " of " << 3 * cases);
 }

@@ -577,6 +577,9 @@ int main(int argc, char** argv) {
   app.add_option("--probe-min", o.clusters.probe_min, "quest-clusters policy: ... and at least this many chunks")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--probe-max", o.clusters.probe_max, "quest-clusters policy: ... and at most this many chunks (>= --probe-min)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--probe-order", o.clusters.probe_order, "quest-clusters policy: the order clusters are opened in: mixed (box bound and centre "
                                                       "score in turn) or box (box bound alone)")
       ->transform(CLI::CheckedTransformer(std::map<std::string, longheads::cluster_probe>{{"mixed", longheads::cluster_probe::box_and_centre},

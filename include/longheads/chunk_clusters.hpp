@@ -30,6 +30,12 @@
 // usable segments, then the next level's, and scores only what is left (fewer than the smallest
 // segment and its delay). key_cluster_levels() says which levels a layout keeps.
 //
+// Above the segments: the C clusters of a segment are grouped (k-means over their boxes) into
+// G = C / 8 groups, and the 8 G groups of every 8 consecutive segments (a block) into G sections
+// the same way, each with a box and a centre. A query bounds the sections of the whole blocks
+// and the groups of the segments after them, and opens a section or group only when it ranks:
+// the boxes and centres read grow as n / (64 S) + the segments of one block, not n / S.
+//
 // The search (cluster_search) scores the tail, bounds every usable cluster by its box, and
 // opens clusters until either the k-th chunk found beats every box left (then the choice is the
 // flat scan's, certified) or it has read its probe budget of chunks (then it is approximate, by
@@ -71,9 +77,13 @@ class key_clusters {
     centres_.resize(static_cast<std::size_t>(clusters_) * r);
     sums_.resize(static_cast<std::size_t>(clusters_) * r);
     counts_.resize(static_cast<std::size_t>(clusters_));
-    owner_.resize(static_cast<std::size_t>(segment_));
+    owner_.resize(static_cast<std::size_t>(std::max(segment_, block_segments * groups_)));
     cluster_order_.resize(static_cast<std::size_t>(clusters_));
+    group_order_.resize(static_cast<std::size_t>(block_segments * groups_));
   }
+
+  /// Segments per block: the groups of a block's segments are grouped again into sections.
+  static constexpr int block_segments = 8;
 
   /// Chunks appended (sealed in segments or not yet).
   std::int64_t chunks() const noexcept { return chunks_; }
@@ -108,10 +118,25 @@ class key_clusters {
     const auto from = static_cast<std::size_t>(group_offsets_[static_cast<std::size_t>(e)]);
     return {group_clusters_.data() + from, static_cast<std::size_t>(group_offsets_[static_cast<std::size_t>(e) + 1]) - from};
   }
+  /// Blocks sealed: segments [0, blocks() 8) have sections (a block is sealed with its last segment).
+  std::int64_t blocks() const noexcept { return ready_ / block_segments; }
+  /// Sections per block: G (fewer in a block with fewer non-empty groups).
+  int sections_per_block() const noexcept { return groups_; }
+  /// Box of section h (block h / G): the [lo | hi] over its groups' boxes.
+  const float* section_box(std::int64_t h) const noexcept { return section_boxes_.data() + h * 2 * d_; }
+  /// Centre of section h: its groups' centres weighted by their members (sums in double, in
+  /// group order; zeros for an empty section): the mean of its members up to rounding.
+  const float* section_centre(std::int64_t h) const noexcept { return section_centres_.data() + h * 2 * d_; }
+  /// Groups (ids, ascending) of section h; empty for a section the block did not need.
+  std::span<const std::int32_t> section(std::int64_t h) const noexcept {
+    const auto from = static_cast<std::size_t>(section_offsets_[static_cast<std::size_t>(h)]);
+    return {section_groups_.data() + from, static_cast<std::size_t>(section_offsets_[static_cast<std::size_t>(h) + 1]) - from};
+  }
   /// Floats and ints held (capacity), counted as 4-byte words.
   std::size_t floats() const noexcept {
     return boxes_.capacity() + cluster_centres_.capacity() + group_centres_.capacity() + members_.capacity() + offsets_.capacity() + group_boxes_.capacity() + group_clusters_.capacity() +
-           group_offsets_.capacity() + cluster_order_.capacity() + centres_.capacity() + 2 * sums_.capacity() + counts_.capacity() + owner_.capacity();
+           group_offsets_.capacity() + cluster_order_.capacity() + centres_.capacity() + 2 * sums_.capacity() + counts_.capacity() + owner_.capacity() +
+           section_boxes_.capacity() + section_centres_.capacity() + section_groups_.capacity() + section_offsets_.capacity() + group_order_.capacity();
   }
 
   /// Room for `chunks` chunks: appends up to that many never allocate.
@@ -125,6 +150,11 @@ class key_clusters {
     group_centres_.reserve(group_boxes_.capacity());
     group_clusters_.reserve(segments * static_cast<std::size_t>(clusters_));
     group_offsets_.reserve(segments * static_cast<std::size_t>(groups_) + 1);
+    const auto blocks = segments / block_segments;
+    section_boxes_.reserve(blocks * static_cast<std::size_t>(groups_) * 2 * static_cast<std::size_t>(d_));
+    section_centres_.reserve(section_boxes_.capacity());
+    section_groups_.reserve(blocks * block_segments * static_cast<std::size_t>(groups_));
+    section_offsets_.reserve(blocks * static_cast<std::size_t>(groups_) + 1);
   }
 
   /// Takes the next chunk, whose representation is row chunks() of `summaries` (rows of [lo |
@@ -172,6 +202,15 @@ class key_clusters {
     std::fill(group_clusters_.begin() + static_cast<std::ptrdiff_t>(kept_listed), group_clusters_.end(), 0);
     group_clusters_.resize(kept_listed);
     group_offsets_.resize(keep == 0 ? 0 : kept_groups + 1);
+    const std::size_t kept_sections = static_cast<std::size_t>(blocks()) * static_cast<std::size_t>(groups_);
+    std::fill(section_boxes_.begin() + static_cast<std::ptrdiff_t>(kept_sections * 2 * static_cast<std::size_t>(d_)), section_boxes_.end(), 0.0f);
+    section_boxes_.resize(kept_sections * 2 * static_cast<std::size_t>(d_));
+    std::fill(section_centres_.begin() + static_cast<std::ptrdiff_t>(kept_sections * 2 * static_cast<std::size_t>(d_)), section_centres_.end(), 0.0f);
+    section_centres_.resize(section_boxes_.size());
+    const std::size_t kept_grouped = kept_sections == 0 ? 0 : static_cast<std::size_t>(section_offsets_[kept_sections]);
+    std::fill(section_groups_.begin() + static_cast<std::ptrdiff_t>(kept_grouped), section_groups_.end(), 0);
+    section_groups_.resize(kept_grouped);
+    section_offsets_.resize(kept_sections == 0 ? 0 : kept_sections + 1);
     chunks_ = chunks;
   }
 
@@ -318,6 +357,42 @@ class key_clusters {
       average_into(group_centres_.data() + (s * groups_ + g) * r, count);
       group_offsets_.push_back(static_cast<std::int32_t>(group_clusters_.size()));
     }
+    if ((s + 1) % block_segments == 0) seal_block(s / block_segments);
+  }
+
+  // Block b, its last segment's groups done: its non-empty groups k-means'd over their boxes
+  // into sections_per_block() sections (as finish() groups clusters), each a box over its
+  // groups' boxes and a centre weighted by their members.
+  void seal_block(std::int64_t b) {
+    const std::ptrdiff_t r = 2 * d_;
+    int used = 0;
+    for (std::int64_t e = b * block_segments * groups_; e < (b + 1) * block_segments * groups_; ++e)
+      if (!group(e).empty()) group_order_[static_cast<std::size_t>(used++)] = static_cast<std::int32_t>(e);
+    const int sections = std::min(groups_, used);
+    kmeans(used, sections, [&](int i) { return group_boxes_.data() + std::ptrdiff_t{group_order_[static_cast<std::size_t>(i)]} * r; });
+    if (section_offsets_.empty()) section_offsets_.push_back(0);
+    section_boxes_.resize(section_boxes_.size() + static_cast<std::size_t>(groups_) * static_cast<std::size_t>(r));
+    section_centres_.resize(section_boxes_.size());
+    for (int h = 0; h < groups_; ++h) {
+      float* box = section_boxes_.data() + (b * groups_ + h) * r;
+      std::fill_n(box, d_, std::numeric_limits<float>::infinity());
+      std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
+      std::fill_n(sums_.begin(), r, 0.0);
+      std::int64_t count = 0;
+      for (int i = 0; i < used; ++i)
+        if (h < sections && owner_[static_cast<std::size_t>(i)] == h) {
+          const std::int32_t e = group_order_[static_cast<std::size_t>(i)];
+          section_groups_.push_back(e);
+          widen(box, group_boxes_.data() + std::ptrdiff_t{e} * r);
+          std::int64_t weight = 0;  // the group's members
+          for (const std::int32_t c : group(e)) weight += static_cast<std::int64_t>(members(c).size());
+          const float* centre = group_centres_.data() + std::ptrdiff_t{e} * r;
+          for (std::ptrdiff_t j = 0; j < r; ++j) sums_[static_cast<std::size_t>(j)] += static_cast<double>(weight) * static_cast<double>(centre[j]);
+          count += weight;
+        }
+      average_into(section_centres_.data() + (b * groups_ + h) * r, count);
+      section_offsets_.push_back(static_cast<std::int32_t>(section_groups_.size()));
+    }
   }
   // sums_[0, 2d) += x (in double); average_into: out = sums_ / count (zeros for no rows).
   void add_row(const float* x) noexcept {
@@ -365,7 +440,12 @@ class key_clusters {
   std::vector<float> group_centres_;         // [segments G][2d]: members' mean
   std::vector<std::int32_t> group_clusters_;  // the groups' clusters (ids), group by group, ascending within each
   std::vector<std::int32_t> group_offsets_;   // [segments G + 1]
+  std::vector<float> section_boxes_;          // [blocks G][lo | hi]
+  std::vector<float> section_centres_;        // [blocks G][2d]: weighted group centres
+  std::vector<std::int32_t> section_groups_;  // the sections' groups (ids), section by section, ascending within each
+  std::vector<std::int32_t> section_offsets_;  // [blocks G + 1]
   std::vector<std::int32_t> cluster_order_;   // scratch [C]: the non-empty clusters of the segment being sealed
+  std::vector<std::int32_t> group_order_;     // scratch [8 G]: the non-empty groups of the block being sealed
   std::vector<float> centres_;         // k-means scratch: [C][2d]
   std::vector<double> sums_;           // [C][2d]
   std::vector<std::int32_t> counts_;   // [C]
@@ -397,12 +477,16 @@ enum class cluster_probe {
 
 /// The search over key_clusters (see the file comment).
 struct cluster_search {
+  /// Marks of one level: one per cluster, group and section.
+  static std::size_t marks_of(const key_clusters& level) noexcept {
+    return static_cast<std::size_t>(level.segments()) * static_cast<std::size_t>(level.clusters_per_segment() + level.groups_per_segment()) +
+           static_cast<std::size_t>(level.blocks()) * static_cast<std::size_t>(level.sections_per_block());
+  }
   /// Marks a search over `levels` needs in its scratch (bound_search_scratch::reserve_marks):
-  /// one per cluster and group of every level.
+  /// one per cluster, group and section of every level.
   static std::size_t marks_needed(std::span<const key_clusters> levels) noexcept {
     std::size_t n = 0;
-    for (const key_clusters& level : levels)
-      n += static_cast<std::size_t>(level.segments()) * static_cast<std::size_t>(level.clusters_per_segment() + level.groups_per_segment());
+    for (const key_clusters& level : levels) n += marks_of(level);
     return n;
   }
   /// The same for a layout of segments of `segment_chunks` chunks in `clusters` clusters over
@@ -410,7 +494,9 @@ struct cluster_search {
   static std::size_t marks_needed(int segment_chunks, int clusters, std::int64_t chunks) noexcept {
     std::size_t n = 0;
     for_each_cluster_level(segment_chunks, clusters, [&](int size, int count) {
-      n += static_cast<std::size_t>(chunks / size) * static_cast<std::size_t>(count + std::max(1, count / 8));
+      const int groups = std::max(1, count / 8);
+      n += static_cast<std::size_t>(chunks / size) * static_cast<std::size_t>(count + groups) +
+           static_cast<std::size_t>(chunks / size / key_clusters::block_segments) * static_cast<std::size_t>(groups);
     });
     return n;
   }
@@ -438,27 +524,47 @@ struct cluster_search {
       kept.offer(c, std::isnan(s) ? -std::numeric_limits<float>::infinity() : s);
       if (read) ++read->chunks;
     };
-    // Marks (box_and_centre): a cluster opened or a group expanded by one order is skipped when
-    // the other reaches it. Level l's clusters from mark_base[l], its groups after them.
+    // The tail, rows side by side: scored four at a time (bound_dot_rows: bound_dot's bits).
+    auto keep_run = [&](std::int64_t from, std::int64_t to) {
+      constexpr std::int64_t block = 64;
+      std::array<float, block> scores;
+      for (std::int64_t c0 = from; c0 < to; c0 += block) {
+        const std::int64_t n = std::min(block, to - c0);
+        detail::bound_dot_rows(q, summaries.row(c0), summaries.row_stride(), n, d, scores.data());
+        for (std::int64_t i = 0; i < n; ++i) {
+          const float s = scores[static_cast<std::size_t>(i)];
+          kept.offer(c0 + i, std::isnan(s) ? -std::numeric_limits<float>::infinity() : s);
+          if (read) ++read->chunks;
+        }
+      }
+    };
+    // Marks (box_and_centre): a cluster opened or a group or section expanded by one order is
+    // skipped when the other reaches it. Level l's clusters from mark_base[l], then its groups,
+    // then its sections.
     std::array<std::size_t, 16> mark_base{};  // levels shrink 8x from S < 2^31: at most 11
     if (centres) {
       std::size_t n = 0;
       for (std::size_t l = 0; l < levels.size() && l < mark_base.size(); ++l) {
         mark_base[l] = n;
-        n += static_cast<std::size_t>(levels[l].segments()) * static_cast<std::size_t>(levels[l].clusters_per_segment() + levels[l].groups_per_segment());
+        n += marks_of(levels[l]);
       }
       scratch.clear_marks(n);
     }
-    auto mark = [&](std::int32_t l, std::int64_t id, bool group) -> std::uint8_t& {
+    // Entries: `first` 0 a cluster, -1 a group, -2 a section (the order at equal bounds).
+    constexpr std::int32_t cluster = 0, group = -1, section = -2;
+    auto mark = [&](std::int32_t l, std::int64_t id, std::int64_t kind) -> std::uint8_t& {
       const key_clusters& level = levels[static_cast<std::size_t>(l)];
-      return scratch.mark(mark_base[static_cast<std::size_t>(l)] + static_cast<std::size_t>(group ? level.segments() * level.clusters_per_segment() + id : id));
+      const std::int64_t groups_from = level.segments() * level.clusters_per_segment();
+      const std::int64_t at = kind == cluster ? id : kind == group ? groups_from + id : groups_from + level.segments() * level.groups_per_segment() + id;
+      return scratch.mark(mark_base[static_cast<std::size_t>(l)] + static_cast<std::size_t>(at));
     };
     // [0, end) covered by the largest segments wholly before `end`, then the next level's, ...;
-    // the chunks after the smallest are scored one by one. The covering segments' groups go
-    // on the heap; a group popped puts its clusters there (its bound bounds theirs, and it is
-    // popped before a cluster of the same bound), so clusters come off the heap in the order
-    // of their own bounds, as if every cluster had been bounded: only the reads differ. With
-    // centres, a second heap holds the same entries by centre score.
+    // the chunks after the smallest are scored one by one. The covering blocks' sections and
+    // the other covering segments' groups go on the heap; a section popped puts its groups
+    // there, a group its clusters (a box bounds those inside it, and it is popped before them
+    // at the same bound), so clusters come off the heap in the order of their own bounds, as if
+    // every cluster had been bounded: only the reads differ. With centres, a second heap holds
+    // the same entries by centre score.
     auto& by_box = scratch.frontier_;
     auto& by_centre = scratch.centre_frontier_;
     by_box.clear();
@@ -468,17 +574,27 @@ struct cluster_search {
       if (a.first != b.first) return a.first > b.first;
       return a.level > b.level || (a.level == b.level && a.index > b.index);
     };
-    auto push_to = [&](std::vector<entry>& heap, std::size_t l, std::int64_t id, const float* box, bool group) {
+    auto push_to = [&](std::vector<entry>& heap, std::size_t l, std::int64_t id, const float* box, std::int32_t kind) {
       float bound = detail::bound_dot(q, box, box + d, d);
       if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
-      heap.push_back({bound, group ? -1 : 0, static_cast<std::int32_t>(l), id});  // first: -1 marks a group
+      heap.push_back({bound, kind, static_cast<std::int32_t>(l), id});
       std::push_heap(heap.begin(), heap.end(), worse);
       if (read) ++read->boxes;
     };
-    auto push = [&](std::size_t l, std::int64_t id, bool group) {
+    auto push = [&](std::size_t l, std::int64_t id, std::int32_t kind) {
       const key_clusters& level = levels[l];
-      push_to(by_box, l, id, group ? level.group_box(id) : level.box(id), group);
-      if (centres) push_to(by_centre, l, id, group ? level.group_centre(id) : level.centre(id), group);
+      push_to(by_box, l, id, kind == cluster ? level.box(id) : kind == group ? level.group_box(id) : level.section_box(id), kind);
+      if (centres) push_to(by_centre, l, id, kind == cluster ? level.centre(id) : kind == group ? level.group_centre(id) : level.section_centre(id), kind);
+    };
+    // A group of level l as it goes on the heap: none when empty, its cluster when it has one
+    // (with a member >= first; the box is the cluster's), else itself.
+    auto push_group = [&](std::size_t l, std::int64_t e) {
+      const auto clusters = levels[l].group(e);
+      if (clusters.size() == 1) {
+        if (levels[l].members(clusters[0]).back() >= first) push(l, clusters[0], cluster);
+      } else if (!clusters.empty()) {
+        push(l, e, group);
+      }
     };
     std::int64_t covered = 0;
     for (std::size_t l = 0; l < levels.size(); ++l) {
@@ -487,21 +603,24 @@ struct cluster_search {
       // after their last): what a query at `end` may use, however many chunks were fed since.
       const std::int64_t usable = std::max<std::int64_t>(0, end - level.clustering_delay()) / level.segment_chunks();
       const std::int64_t from = covered / level.segment_chunks(), to = std::min(level.segments(), usable);
-      for (std::int64_t e = from * level.groups_per_segment(); e < to * level.groups_per_segment(); ++e) {
-        const auto group = level.group(e);
-        if (group.size() == 1) {  // a group of one cluster: its box is the cluster's
-          const auto members = level.members(group[0]);
-          if (members.back() >= first) push(l, group[0], false);
-        } else if (!group.empty()) {
-          push(l, e, true);
-        }
+      // Whole blocks by their sections (a section of one group as that group), the segments
+      // before and after them by their groups.
+      constexpr std::int64_t b = key_clusters::block_segments;
+      const std::int64_t blocks_from = (from + b - 1) / b, blocks_to = std::max(blocks_from, to / b);
+      const std::int64_t g = level.groups_per_segment(), h = level.sections_per_block();
+      for (std::int64_t e = from * g; e < std::min(to, blocks_from * b) * g; ++e) push_group(l, e);
+      for (std::int64_t s = blocks_from * h; s < blocks_to * h; ++s) {
+        const auto groups = level.section(s);
+        if (groups.size() == 1) push_group(l, groups[0]);
+        else if (!groups.empty()) push(l, s, section);
       }
+      for (std::int64_t e = std::max(from, blocks_to * b) * g; e < to * g; ++e) push_group(l, e);
       covered = std::max(covered, to * level.segment_chunks());
     }
-    for (std::int64_t c = std::max(first, covered); c < end; ++c) keep(c);
+    keep_run(std::max(first, covered), end);
     // Drops the entries at the top of `heap` the other order has dealt with already.
     auto settle = [&](std::vector<entry>& heap) {
-      while (centres && !heap.empty() && mark(heap.front().level, heap.front().index, heap.front().first < 0) != 0) {
+      while (centres && !heap.empty() && mark(heap.front().level, heap.front().index, heap.front().first) != 0) {
         std::pop_heap(heap.begin(), heap.end(), worse);
         heap.pop_back();
       }
@@ -519,11 +638,15 @@ struct cluster_search {
       std::pop_heap(heap.begin(), heap.end(), worse);
       heap.pop_back();
       const key_clusters& level = levels[static_cast<std::size_t>(best.level)];
-      if (centres) mark(best.level, best.index, best.first < 0) = 1;
-      if (best.first < 0) {  // a group: its clusters with a member >= first
-        for (const std::int32_t g : level.group(best.index)) {
-          const auto members = level.members(g);
-          if (!members.empty() && members.back() >= first) push(static_cast<std::size_t>(best.level), g, false);
+      if (centres) mark(best.level, best.index, best.first) = 1;
+      if (best.first == section) {  // its groups
+        for (const std::int32_t e : level.section(best.index)) push_group(static_cast<std::size_t>(best.level), e);
+        continue;
+      }
+      if (best.first == group) {  // its clusters with a member >= first
+        for (const std::int32_t c : level.group(best.index)) {
+          const auto members = level.members(c);
+          if (!members.empty() && members.back() >= first) push(static_cast<std::size_t>(best.level), c, cluster);
         }
         continue;
       }

@@ -146,12 +146,15 @@ struct bound_tree_certified {
 /// chunks (and every segment of S / 8 chunks into C / 8, ..., so the chunks after the last whole
 /// segment are few), the k-means spread over the S / 8 chunks appended after the segment; a
 /// query scores the chunks after the last segment of the smallest level clustered by then,
-/// bounds every cluster of the segments covering the rest and opens clusters by box bound and
-/// centre score in turn (probe_order) until the k-th chunk found beats every box left (the flat
-/// scan's choice, certified) or it has scored `probe_share` of its candidates (at least
-/// `probe_min` chunks) in clusters. Exact while a query has at most `exact_below` candidates
-/// (the probe is then unlimited). Reads per query: the tail (< the smallest segment), about n C /
-/// segment_chunks boxes (and as many centres) and the probe; docs/results.md measures them and the loss.
+/// bounds the sections of the covering blocks (8 segments) and the groups of the other covering
+/// segments, and opens sections, groups and clusters by box bound and centre score in turn
+/// (probe_order) until the k-th chunk found beats every box left (the flat scan's choice,
+/// certified) or it has scored `probe_share` of its candidates (at least `probe_min`, at most
+/// `probe_max` chunks) in clusters. Exact while a query has at most `exact_below` candidates
+/// (the probe is then unlimited). Reads per query: the tail (< the smallest segment), a box and
+/// a centre per section (2 x 8 per 16,384 chunks at the defaults) and per group of the last
+/// block's segments, those of the sections and groups it opens, and the probe; docs/results.md
+/// measures them and the loss.
 struct key_cluster_index {
   static constexpr bool indexed = true;  ///< selection searches the cache's clusters
   static constexpr bool exact = false;   ///< may miss a chunk past exact_below (see above)
@@ -161,6 +164,8 @@ struct key_cluster_index {
   int iterations = 8;                    ///< k-means iterations per segment, >= 0
   float probe_share = 0.02f;             ///< chunks scored in clusters per query, share of the candidates
   int probe_min = 512;                   ///< ... and at least this many, >= 0
+  /// ... and at most this many, >= probe_min: a query's reads stop growing with the context.
+  int probe_max = 1024;
   /// The order clusters are opened in: box bound and centre score in turn (the default), or box
   /// bound alone (cluster_probe; docs/results.md measures both).
   cluster_probe probe_order = cluster_probe::box_and_centre;
@@ -174,17 +179,18 @@ struct key_cluster_index {
   /// @throws config_error if a field is out of its range.
   void validate() const {
     if (segment_chunks < 2 || clusters < 1 || clusters > segment_chunks || iterations < 0 || !(probe_share >= 0.0f) || !(probe_share <= 1.0f) ||
-        probe_min < 0 || exact_below < 0 || (probe_order != cluster_probe::box_bound && probe_order != cluster_probe::box_and_centre))
+        probe_min < 0 || probe_max < probe_min || exact_below < 0 || (probe_order != cluster_probe::box_bound && probe_order != cluster_probe::box_and_centre))
       detail::fail<config_error>("key_cluster_index: segment_chunks must be >= 2, clusters in [1, segment_chunks], iterations >= 0, probe_share in "
-                                 "[0, 1], probe_min >= 0, exact_below >= 0 and probe_order a cluster_probe, got segment_chunks " + std::to_string(segment_chunks) +
+                                 "[0, 1], probe_min >= 0, probe_max >= probe_min, exact_below >= 0 and probe_order a cluster_probe, got segment_chunks " + std::to_string(segment_chunks) +
                                  ", clusters " + std::to_string(clusters) + ", iterations " + std::to_string(iterations) + ", probe_share " +
-                                 std::to_string(probe_share) + ", probe_min " + std::to_string(probe_min) + ", exact_below " +
+                                 std::to_string(probe_share) + ", probe_min " + std::to_string(probe_min) + ", probe_max " + std::to_string(probe_max) + ", exact_below " +
                                  std::to_string(exact_below) + ", probe_order " + std::to_string(static_cast<int>(probe_order)));
   }
   /// Chunks a query with `candidates` candidates may score in clusters.
   std::int64_t probe(std::int64_t candidates) const noexcept {
     if (candidates <= exact_below) return std::numeric_limits<std::int64_t>::max();
-    return std::max<std::int64_t>(probe_min, static_cast<std::int64_t>(std::ceil(static_cast<double>(probe_share) * static_cast<double>(candidates))));
+    const auto share = static_cast<std::int64_t>(std::ceil(static_cast<double>(probe_share) * static_cast<double>(candidates)));
+    return std::clamp<std::int64_t>(share, probe_min, probe_max);
   }
   /// The `wanted` best chunks of [first, end) the probe reaches for the rotated query `q`
   /// (cluster_search::top).
