@@ -75,9 +75,9 @@ struct quest_beam : quest_index {
 struct quest_clusters : quest_index {
   using index = key_cluster_index;
 };
-/// Segments of 4 chunks in 2 clusters, searched from the first candidates on: the decodes below
-/// seal segments (a k-means each) and probe them.
-const attention<quest_clusters>::policy_set small_clusters{.index = {.segment_chunks = 4, .clusters = 2, .iterations = 3, .probe_share = 0.0f,
+/// Segments of 3 chunks in 2 clusters, searched from the first candidates on: the decodes below
+/// seal segments (a k-means each) and a block of 8 of them (its sections, at chunk 24) and probe them.
+const attention<quest_clusters>::policy_set small_clusters{.index = {.segment_chunks = 3, .clusters = 2, .iterations = 3, .probe_share = 0.0f,
                                                                       .probe_min = 3, .exact_below = 0}};
 struct pooled_quest_group : pooled {
   using encoder = key_bounds_encoder;
