@@ -359,6 +359,36 @@ def test_the_certified_policy_is_the_flat_scan_past_the_beams_exact_range():
         lh.Attention(config, rope, policy="quest-certified", epsilon=-1.0)
 
 
+def test_the_key_cluster_knobs_reach_the_index_and_a_whole_probe_is_the_flat_scan():
+    # 1,100 chunks of 4 tokens, past exact_below: with the probe unlimited (every candidate may
+    # be read) the cluster search certifies the flat scan's choice, so quest-clusters gives
+    # quest's selections and outputs bitwise; with a probe of 8 chunks it does not. Bad knobs,
+    # and cluster knobs on another policy, are named.
+    n = 4400
+    q, k, v = sequence(n, seed=25)
+    config = lh.AttentionConfig(n_q_heads=HQ, n_kv_heads=HKV, head_dim=D, chunk_size=4, budget_chunks=8)
+    rope = lh.Rope(D, 10000.0, "half")
+    flat = lh.Attention(config, rope, policy="quest")
+    whole = lh.Attention(config, rope, policy="quest-clusters", segment_chunks=256, segment_clusters=16, probe_share=1.0, probe_max=1 << 30)
+    narrow = lh.Attention(config, rope, policy="quest-clusters", segment_chunks=256, segment_clusters=16, probe_share=0.0, probe_min=8,
+                          probe_max=8, probe_order="box")
+    tail = slice(n - 8, n)
+    caches = [a.make_cache() for a in (flat, whole, narrow)]
+    results = []
+    for a, c in zip((flat, whole, narrow), caches):
+        a.prefill(c, q[:n - 8], k[:n - 8], v[:n - 8])
+        results.append(a.prefill(c, q[tail], k[tail], v[tail], selections=True))
+    (out, sel), (whole_out, whole_sel), (_, narrow_sel) = results
+    assert np.array_equal(whole_sel, sel) and np.array_equal(whole_out, out)
+    assert not np.array_equal(narrow_sel, sel)  # the knobs reached the index
+    with pytest.raises(lh.ConfigError, match="probe_max >= probe_min"):
+        lh.Attention(config, rope, policy="quest-clusters", probe_min=64, probe_max=8)
+    with pytest.raises(lh.ConfigError, match="probe_order must be 'mixed' or 'box'"):
+        lh.Attention(config, rope, policy="quest-clusters", probe_order="centre")
+    with pytest.raises(lh.ConfigError, match="only for policy 'quest-clusters'"):
+        lh.Attention(config, rope, policy="recommended", probe_share=0.5)
+
+
 def test_the_key_cluster_policy_gives_the_same_bits_in_one_prefill_and_token_by_token():
     # 1,100 chunks of 4 tokens: past exact_below (1024 candidates), where the segments of 256
     # and 32 chunks (the levels below the default's 2048) are clustered, so the last queries search
