@@ -335,63 +335,63 @@ class key_clusters {
       if (offsets_[first_cluster + static_cast<std::size_t>(c) + 1] > offsets_[first_cluster + static_cast<std::size_t>(c)]) counts_[static_cast<std::size_t>(used++)] = c;
     }
     // Groups: kmeans over the used clusters' boxes; a group lists its clusters ascending.
-    const int groups = std::min(groups_, used);
     std::copy_n(counts_.begin(), used, cluster_order_.begin());  // counts_ is k-means scratch below
-    kmeans(used, groups, [&](int i) { return boxes_.data() + (static_cast<std::ptrdiff_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)]) * r; });
-    if (group_offsets_.empty()) group_offsets_.push_back(0);
+    auto cluster_of = [&](int i) { return static_cast<std::int32_t>(static_cast<std::ptrdiff_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)]); };
     group_boxes_.resize(group_boxes_.size() + static_cast<std::size_t>(groups_) * static_cast<std::size_t>(r));
     group_centres_.resize(group_boxes_.size());
-    for (int g = 0; g < groups_; ++g) {
-      float* box = group_boxes_.data() + (s * groups_ + g) * r;
-      std::fill_n(box, d_, std::numeric_limits<float>::infinity());
-      std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
-      std::fill_n(sums_.begin(), r, 0.0);
-      std::int64_t count = 0;
-      for (int i = 0; i < used; ++i)
-        if (g < groups && owner_[static_cast<std::size_t>(i)] == g) {
-          const std::int64_t cluster = static_cast<std::int64_t>(first_cluster) + cluster_order_[static_cast<std::size_t>(i)];
-          group_clusters_.push_back(static_cast<std::int32_t>(cluster));
-          widen(box, boxes_.data() + cluster * r);
-          for (const std::int32_t m : members(cluster)) add_row(summaries.row(m)), ++count;
-        }
-      average_into(group_centres_.data() + (s * groups_ + g) * r, count);
-      group_offsets_.push_back(static_cast<std::int32_t>(group_clusters_.size()));
-    }
+    group_items(used, cluster_of, boxes_.data(), group_boxes_.data() + s * groups_ * r, group_centres_.data() + s * groups_ * r, group_clusters_,
+                group_offsets_, [&](std::int32_t cluster) {
+                  for (const std::int32_t m : members(cluster)) add_row(summaries.row(m));
+                  return static_cast<std::int64_t>(members(cluster).size());
+                });
     if ((s + 1) % block_segments == 0) seal_block(s / block_segments);
   }
 
-  // Block b, its last segment's groups done: its non-empty groups k-means'd over their boxes
-  // into sections_per_block() sections (as finish() groups clusters), each a box over its
-  // groups' boxes and a centre weighted by their members.
+  // Block b, its last segment's groups done: its non-empty groups grouped as finish() groups
+  // clusters into sections_per_block() sections, each a centre weighted by its groups' members.
   void seal_block(std::int64_t b) {
     const std::ptrdiff_t r = 2 * d_;
     int used = 0;
     for (std::int64_t e = b * block_segments * groups_; e < (b + 1) * block_segments * groups_; ++e)
       if (!group(e).empty()) group_order_[static_cast<std::size_t>(used++)] = static_cast<std::int32_t>(e);
-    const int sections = std::min(groups_, used);
-    kmeans(used, sections, [&](int i) { return group_boxes_.data() + std::ptrdiff_t{group_order_[static_cast<std::size_t>(i)]} * r; });
-    if (section_offsets_.empty()) section_offsets_.push_back(0);
     section_boxes_.resize(section_boxes_.size() + static_cast<std::size_t>(groups_) * static_cast<std::size_t>(r));
     section_centres_.resize(section_boxes_.size());
-    for (int h = 0; h < groups_; ++h) {
-      float* box = section_boxes_.data() + (b * groups_ + h) * r;
+    group_items(used, [&](int i) { return group_order_[static_cast<std::size_t>(i)]; }, group_boxes_.data(), section_boxes_.data() + b * groups_ * r,
+                section_centres_.data() + b * groups_ * r, section_groups_, section_offsets_, [&](std::int32_t e) {
+                  std::int64_t weight = 0;  // the group's members
+                  for (const std::int32_t c : group(e)) weight += static_cast<std::int64_t>(members(c).size());
+                  const float* centre = group_centres_.data() + std::ptrdiff_t{e} * r;
+                  for (std::ptrdiff_t j = 0; j < r; ++j) sums_[static_cast<std::size_t>(j)] += static_cast<double>(weight) * static_cast<double>(centre[j]);
+                  return weight;
+                });
+  }
+
+  // `used` items (ids id_of(i), boxes at item_boxes + id 2d) k-means'd over their boxes into
+  // min(G, used) of G slots; slot g: a box over its items' boxes (boxes + g 2d), its items
+  // listed ascending in `listed` and closed in `offsets`, and a centre (centres + g 2d): the
+  // sums add(id) puts in sums_ over the count it returns (zeros for an empty slot).
+  template <class IdOf, class Add>
+  void group_items(int used, IdOf id_of, const float* item_boxes, float* boxes, float* centres, std::vector<std::int32_t>& listed,
+                   std::vector<std::int32_t>& offsets, Add add) {
+    const std::ptrdiff_t r = 2 * d_;
+    const int k = std::min(groups_, used);
+    kmeans(used, k, [&](int i) { return item_boxes + std::ptrdiff_t{id_of(i)} * r; });
+    if (offsets.empty()) offsets.push_back(0);
+    for (int g = 0; g < groups_; ++g) {
+      float* box = boxes + g * r;
       std::fill_n(box, d_, std::numeric_limits<float>::infinity());
       std::fill_n(box + d_, d_, -std::numeric_limits<float>::infinity());
       std::fill_n(sums_.begin(), r, 0.0);
       std::int64_t count = 0;
       for (int i = 0; i < used; ++i)
-        if (h < sections && owner_[static_cast<std::size_t>(i)] == h) {
-          const std::int32_t e = group_order_[static_cast<std::size_t>(i)];
-          section_groups_.push_back(e);
-          widen(box, group_boxes_.data() + std::ptrdiff_t{e} * r);
-          std::int64_t weight = 0;  // the group's members
-          for (const std::int32_t c : group(e)) weight += static_cast<std::int64_t>(members(c).size());
-          const float* centre = group_centres_.data() + std::ptrdiff_t{e} * r;
-          for (std::ptrdiff_t j = 0; j < r; ++j) sums_[static_cast<std::size_t>(j)] += static_cast<double>(weight) * static_cast<double>(centre[j]);
-          count += weight;
+        if (g < k && owner_[static_cast<std::size_t>(i)] == g) {
+          const std::int32_t id = id_of(i);
+          listed.push_back(id);
+          widen(box, item_boxes + std::ptrdiff_t{id} * r);
+          count += add(id);
         }
-      average_into(section_centres_.data() + (b * groups_ + h) * r, count);
-      section_offsets_.push_back(static_cast<std::int32_t>(section_groups_.size()));
+      average_into(centres + g * r, count);
+      offsets.push_back(static_cast<std::int32_t>(listed.size()));
     }
   }
   // sums_[0, 2d) += x (in double); average_into: out = sums_ / count (zeros for no rows).
