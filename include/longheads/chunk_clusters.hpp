@@ -569,7 +569,7 @@ struct cluster_search {
     auto& by_centre = scratch.centre_frontier_;
     by_box.clear();
     by_centre.clear();
-    auto worse = [](const entry& a, const entry& b) {  // ties: groups first, then the larger segments, then the lower id
+    auto worse = [](const entry& a, const entry& b) {  // ties: sections, then groups, then the larger segments, then the lower id
       if (a.bound != b.bound) return a.bound < b.bound;
       if (a.first != b.first) return a.first > b.first;
       return a.level > b.level || (a.level == b.level && a.index > b.index);
