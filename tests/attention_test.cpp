@@ -1038,6 +1038,19 @@ TEST_CASE("the key-cluster index: the same bits in prefill, decode, any split, t
         CHECK(seq.run(by_box, split, &sel) == box_expected);
         CHECK(sel == box_sel);
       }
+      // A read budget that binds (12 summaries: fewer than the probe's chunks and their boxes):
+      // other chunks than without it, the same bits in every split.
+      key_cluster_index budget_index = narrow_index;
+      budget_index.read_max = 12;
+      attention<quest_cluster_policies> budgeted(c, r, {.index = budget_index});
+      std::vector<std::int32_t> budget_sel;
+      const auto budget_expected = seq.run(budgeted, 0, &budget_sel);
+      CHECK(budget_sel != expected_sel);
+      for (int split : {1, 37}) {
+        CAPTURE(split);
+        CHECK(seq.run(budgeted, split, &sel) == budget_expected);
+        CHECK(sel == budget_sel);
+      }
       // Truncated back into a segment, then the same tokens again: the same bits.
       const int prefix = 21 * w, more = 60;
       std::vector<float> again(static_cast<std::size_t>(more) * heads.hq * d);
@@ -1055,6 +1068,7 @@ TEST_CASE("the key-cluster index: the same bits in prefill, decode, any split, t
   CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.probe_share = 1.5f}}), config_error);
   CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.iterations = -1}}), config_error);
   CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.probe_min = 8, .probe_max = 4}}), config_error);
+  CHECK_THROWS_AS(attention<quest_cluster_policies>(c, r, {.index = {.read_max = -1}}), config_error);
 }
 
 TEST_CASE("spread encoding: the bits of encoding each chunk as it completes, in every split and thread count, a share of it per step") {

@@ -746,10 +746,10 @@ TEST_CASE("key clusters: each segment split by its plainly written k-means, boxe
       }
 }
 
-TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, its probe rule stated directly otherwise, and causal") {
+TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, its probe rule stated directly otherwise, causal, and held to a read budget") {
   std::mt19937 rng(29);
   auto uniform = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
-  int cases = 0, differed = 0, certified_early = 0, fewer_boxes = 0, mixed_differed = 0, sections_of_several = 0;
+  int cases = 0, differed = 0, certified_early = 0, fewer_boxes = 0, mixed_differed = 0, sections_of_several = 0, budget_bound = 0;
   // Layouts of one level, of two ((32, 8) -> (4, 1)) and of three ((128, 16) -> (16, 2) -> (2, 0):
   // two, the third has no cluster), one whose second level cannot tile the first ((12, 8)), and
   // one of two groups a segment and up to 5 blocks ((16, 16): sections of several groups).
@@ -801,6 +801,42 @@ TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, it
           }
           // Unlimited, the mixed order certifies the flat scan's choice too.
           CHECK(run(index, std::numeric_limits<std::int64_t>::max(), nullptr, cluster_probe::box_and_centre) == flat);
+          // A read budget: none binding (the unbudgeted search's reads) changes nothing; a
+          // smaller one reads no more than it plus one turn (a cluster's members or a group's or
+          // section's entries, box and centre each), beyond what is read before the first turn
+          // (the covering entries and the tail), and never more than a larger budget.
+          for (const cluster_probe order : {cluster_probe::box_bound, cluster_probe::box_and_centre}) {
+            const std::int64_t probe = 40;
+            auto budgeted = [&](std::int64_t budget, bound_search::stats& read) {
+              const std::size_t found = cluster_search::top(index, rows, q.data(), first, end, wanted, probe, out, scratch, &read, order, budget);
+              return std::vector<std::int32_t>(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(found));
+            };
+            bound_search::stats unbudgeted, at_zero;
+            const auto free = run(index, probe, &unbudgeted, order);
+            CHECK(budgeted(unbudgeted.boxes + unbudgeted.chunks, read = {}) == free);
+            CHECK(read.boxes == unbudgeted.boxes);
+            CHECK(read.chunks == unbudgeted.chunks);
+            budgeted(0, at_zero);  // no turn: what every search reads first
+            std::int64_t widest_turn = 0;  // a cluster's members, or two summaries per entry a group or section holds
+            for (const key_clusters& level : index) {
+              for (std::int64_t c = 0; c < level.segments() * level.clusters_per_segment(); ++c)
+                widest_turn = std::max<std::int64_t>(widest_turn, static_cast<std::int64_t>(level.members(c).size()));
+              for (std::int64_t e = 0; e < level.segments() * level.groups_per_segment(); ++e)
+                widest_turn = std::max<std::int64_t>(widest_turn, 2 * static_cast<std::int64_t>(level.group(e).size()));
+              for (std::int64_t h = 0; h < level.blocks() * level.sections_per_block(); ++h)
+                widest_turn = std::max<std::int64_t>(widest_turn, 2 * static_cast<std::int64_t>(level.section(h).size()));
+            }
+            std::int64_t previous = at_zero.boxes + at_zero.chunks;
+            for (const std::int64_t budget : {1, 7, 30, 100}) {
+              budgeted(budget, read = {});
+              const std::int64_t spent = read.boxes + read.chunks;
+              CHECK(spent <= std::max(budget, at_zero.boxes + at_zero.chunks) + widest_turn);
+              CHECK(spent >= previous);
+              CHECK(spent <= unbudgeted.boxes + unbudgeted.chunks);
+              budget_bound += spent < unbudgeted.boxes + unbudgeted.chunks;
+              previous = spent;
+            }
+          }
         }
       }
   CHECK(cases == 6 * 4 * 20);
@@ -809,6 +845,7 @@ TEST_CASE("key clusters: the search is the flat scan with an unlimited probe, it
   CHECK(certified_early > 0);  // and the certificate stops before every chunk is read
   CHECK(mixed_differed > 0);   // the centre turns open other clusters than the box order
   CHECK(sections_of_several > 0);  // the searches went through sections of several groups
+  CHECK(budget_bound > 0);         // and read budgets stopped searches short
   MESSAGE(cases << " searches; unlimited, the certificate stopped early in " << certified_early << "; a limited probe differed from the flat scan in "
                 << differed << " of " << 3 * cases);
 }

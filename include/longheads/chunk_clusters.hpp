@@ -508,11 +508,15 @@ struct cluster_search {
   /// `levels`: largest segments first, each level's segment size a multiple of the next's, all
   /// fed the same chunks. Returns how many. `summaries` holds the chunks' rows (at least
   /// levels[0].chunks()). Never allocates once `scratch` is reserved for the chunks, `wanted`
-  /// and (box_and_centre) the marks.
+  /// and (box_and_centre) the marks. `read_budget`: summaries (boxes, centres, chunks) after
+  /// which no turn starts (the covering entries and the tail are read first, a turn under way
+  /// completes).
   static std::size_t top(std::span<const key_clusters> levels, matrix_view<const float> summaries, const float* q, std::int64_t first,
                          std::int64_t end, std::size_t wanted, std::int64_t probe, std::span<std::int32_t> out, bound_search_scratch& scratch,
-                         bound_search::stats* read = nullptr, cluster_probe order = cluster_probe::box_bound) noexcept {
+                         bound_search::stats* read = nullptr, cluster_probe order = cluster_probe::box_bound,
+                         std::int64_t read_budget = std::numeric_limits<std::int64_t>::max()) noexcept {
     using entry = bound_search_scratch::entry;
+    std::int64_t spent = 0;  // summaries read: boxes, centres and chunks
     if (levels.empty()) return 0;
     end = std::min(end, levels.front().chunks());
     if (first >= end || wanted == 0) return 0;
@@ -522,6 +526,7 @@ struct cluster_search {
     auto keep = [&](std::int64_t c) {
       const float s = detail::bound_dot(q, summaries.row(c), summaries.row(c) + d, d);
       kept.offer(c, std::isnan(s) ? -std::numeric_limits<float>::infinity() : s);
+      ++spent;
       if (read) ++read->chunks;
     };
     // The tail, rows side by side: scored four at a time (bound_dot_rows: bound_dot's bits).
@@ -534,6 +539,7 @@ struct cluster_search {
         for (std::int64_t i = 0; i < n; ++i) {
           const float s = scores[static_cast<std::size_t>(i)];
           kept.offer(c0 + i, std::isnan(s) ? -std::numeric_limits<float>::infinity() : s);
+          ++spent;
           if (read) ++read->chunks;
         }
       }
@@ -579,6 +585,7 @@ struct cluster_search {
       if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
       heap.push_back({bound, kind, static_cast<std::int32_t>(l), id});
       std::push_heap(heap.begin(), heap.end(), worse);
+      ++spent;
       if (read) ++read->boxes;
     };
     auto push = [&](std::size_t l, std::int64_t id, std::int32_t kind) {
@@ -627,7 +634,7 @@ struct cluster_search {
     };
     std::int64_t probed = 0;
     bool centre_turn = false;
-    while (probed < probe) {
+    while (probed < probe && spent < read_budget) {
       settle(by_box);
       if (by_box.empty()) break;  // every cluster opened
       if (kept.full() && by_box.front().bound < kept.kth_score()) break;  // certified: no member left can reach the k-th

@@ -169,6 +169,9 @@ struct key_cluster_index {
   /// The order clusters are opened in: box bound and centre score in turn (the default), or box
   /// bound alone (cluster_probe; docs/results.md measures both).
   cluster_probe probe_order = cluster_probe::box_and_centre;
+  /// Summaries (boxes, centres and chunks) after which a query past exact_below opens nothing
+  /// more: the probe stops short there, so a query's reads stop growing with the context.
+  int read_max = std::numeric_limits<int>::max();
   int exact_below = 1024;                ///< up to this many candidates the search is exact (and the flat scan used), >= 0
   /// Chunks per box of a tree: none (it keeps no tree).
   int fanout() const noexcept { return 0; }
@@ -179,11 +182,11 @@ struct key_cluster_index {
   /// @throws config_error if a field is out of its range.
   void validate() const {
     if (segment_chunks < 2 || clusters < 1 || clusters > segment_chunks || iterations < 0 || !(probe_share >= 0.0f) || !(probe_share <= 1.0f) ||
-        probe_min < 0 || probe_max < probe_min || exact_below < 0 || (probe_order != cluster_probe::box_bound && probe_order != cluster_probe::box_and_centre))
+        probe_min < 0 || probe_max < probe_min || read_max < 0 || exact_below < 0 || (probe_order != cluster_probe::box_bound && probe_order != cluster_probe::box_and_centre))
       detail::fail<config_error>("key_cluster_index: segment_chunks must be >= 2, clusters in [1, segment_chunks], iterations >= 0, probe_share in "
-                                 "[0, 1], probe_min >= 0, probe_max >= probe_min, exact_below >= 0 and probe_order a cluster_probe, got segment_chunks " + std::to_string(segment_chunks) +
+                                 "[0, 1], probe_min >= 0, probe_max >= probe_min, read_max >= 0, exact_below >= 0 and probe_order a cluster_probe, got segment_chunks " + std::to_string(segment_chunks) +
                                  ", clusters " + std::to_string(clusters) + ", iterations " + std::to_string(iterations) + ", probe_share " +
-                                 std::to_string(probe_share) + ", probe_min " + std::to_string(probe_min) + ", probe_max " + std::to_string(probe_max) + ", exact_below " +
+                                 std::to_string(probe_share) + ", probe_min " + std::to_string(probe_min) + ", probe_max " + std::to_string(probe_max) + ", read_max " + std::to_string(read_max) + ", exact_below " +
                                  std::to_string(exact_below) + ", probe_order " + std::to_string(static_cast<int>(probe_order)));
   }
   /// Chunks a query with `candidates` candidates may score in clusters.
@@ -197,7 +200,11 @@ struct key_cluster_index {
   std::size_t search(const chunk_index_state& state, matrix_view<const float> summaries, const float* q, std::int64_t first, std::int64_t end,
                      std::size_t wanted, std::span<std::int32_t> out, bound_search_scratch& scratch,
                      bound_search::stats* read = nullptr) const noexcept {
-    return cluster_search::top(state.clusters(), summaries, q, first, end, wanted, probe(end - first), out, scratch, read, probe_order);
+    // Up to exact_below candidates neither the probe nor the read budget applies: the flat
+    // scan's choice, whichever of it and the search a caller takes there.
+    const bool exact = end - first <= exact_below;
+    return cluster_search::top(state.clusters(), summaries, q, first, end, wanted, probe(end - first), out, scratch, read, probe_order,
+                               exact ? std::numeric_limits<std::int64_t>::max() : std::int64_t{read_max});
   }
   /// Marks its searches over up to `chunks` chunks need in their scratch.
   std::size_t marks(std::int64_t chunks) const noexcept { return cluster_search::marks_needed(segment_chunks, clusters, chunks); }
