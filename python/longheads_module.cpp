@@ -415,21 +415,23 @@ PYBIND11_MODULE(longheads, m) {
       .def(py::init([](const attention_config& config, const rope& rotary, const std::string& policy, unsigned threads, int beam, int branching,
                        float epsilon, std::optional<py::function> scorer, std::optional<py::function> encoder, std::size_t representation_floats,
                        std::optional<int> segment_chunks, std::optional<int> segment_clusters, std::optional<float> probe_share,
-                       std::optional<int> probe_min, std::optional<int> probe_max, std::optional<std::string> probe_order) {
+                       std::optional<int> probe_min, std::optional<int> probe_max, std::optional<std::string> probe_order,
+                       std::optional<int> read_max) {
              llama2c::policies::knobs knobs;
              knobs.threads = threads;
              if (beam > 0) knobs.beam = beam;
              knobs.branching = branching;
              knobs.epsilon = epsilon;
              // The key-cluster index's knobs: only for the policy that has one (checked by its validate()).
-             if ((segment_chunks || segment_clusters || probe_share || probe_min || probe_max || probe_order) && policy != "quest-clusters")
-               throw config_error("segment_chunks, segment_clusters, probe_share, probe_min, probe_max and probe_order are the key-cluster index's: "
+             if ((segment_chunks || segment_clusters || probe_share || probe_min || probe_max || probe_order || read_max) && policy != "quest-clusters")
+               throw config_error("segment_chunks, segment_clusters, probe_share, probe_min, probe_max, probe_order and read_max are the key-cluster index's: "
                                   "only for policy 'quest-clusters', got policy '" + policy + "'");
              if (segment_chunks) knobs.clusters.segment_chunks = *segment_chunks;
              if (segment_clusters) knobs.clusters.clusters = *segment_clusters;
              if (probe_share) knobs.clusters.probe_share = *probe_share;
              if (probe_min) knobs.clusters.probe_min = *probe_min;
              if (probe_max) knobs.clusters.probe_max = *probe_max;
+             if (read_max) knobs.clusters.read_max = *read_max;
              if (probe_order) {
                if (*probe_order != "mixed" && *probe_order != "box") throw config_error("probe_order must be 'mixed' or 'box', got '" + *probe_order + "'");
                knobs.clusters.probe_order = *probe_order == "box" ? cluster_probe::box_bound : cluster_probe::box_and_centre;
@@ -475,11 +477,11 @@ PYBIND11_MODULE(longheads, m) {
            py::arg("config"), py::arg("rope"), py::kw_only(), py::arg("policy") = "paper", py::arg("threads") = 1, py::arg("beam") = 0,
            py::arg("branching") = 0, py::arg("epsilon") = 0.0f, py::arg("scorer") = py::none(), py::arg("encoder") = py::none(), py::arg("representation_floats") = 0,
            py::arg("segment_chunks") = py::none(), py::arg("segment_clusters") = py::none(), py::arg("probe_share") = py::none(),
-           py::arg("probe_min") = py::none(), py::arg("probe_max") = py::none(), py::arg("probe_order") = py::none(),
+           py::arg("probe_min") = py::none(), py::arg("probe_max") = py::none(), py::arg("probe_order") = py::none(), py::arg("read_max") = py::none(),
            "policy: a name from policies(); beam, branching: the index policies' (0: their defaults); epsilon: quest-certified's "
            "slack (0: exactly the flat scan's chunks); scorer: a Python function replacing the policy's scorer (its encoder kept, every chunk "
            "scored); encoder (with scorer and representation_floats): a Python function replacing the encoder too; segment_chunks, "
-           "segment_clusters, probe_share, probe_min, probe_max, probe_order ('mixed' or 'box'): quest-clusters' key_cluster_index "
+           "segment_clusters, probe_share, probe_min, probe_max, probe_order ('mixed' or 'box'), read_max: quest-clusters' key_cluster_index "
            "(None: its defaults).")
       .def_property_readonly("config", [](const py_attention& a) { return a.impl->config(); })
       .def_property_readonly("policy", [](const py_attention& a) { return a.policy; })

@@ -290,11 +290,11 @@ struct row {
       auto& key_recall = key[i].recall;
       auto& key_mass = key[i].mass;
       auto& key_difference = key[i].difference;
-      std::printf("%-12s key-cluster index (segments of %d chunks in %d clusters, probe %.1f%% in [%d, %d] chunks, %s order): reads %.0f / %.0f (med / p90, "
+      std::printf("%-12s key-cluster index (segments of %d chunks in %d clusters, probe %.1f%% in [%d, %d] chunks, %s order, read budget %d): reads %.0f / %.0f (med / p90, "
                   "%.2f%% / %.2f%% of the chunks), recall@k %.3f / %.3f, mass recall %.3f / %.3f (med / p10), output difference %.2g / %.2g "
                   "(med / p90)\n",
                   "", key_index->segment_chunks, key_index->clusters, 100.0 * key_index->probe_share, key_index->probe_min, key_index->probe_max,
-                  key_index->probe_order == longheads::cluster_probe::box_bound ? "box" : "box-and-centre", key_reads.at(0.5),
+                  key_index->probe_order == longheads::cluster_probe::box_bound ? "box" : "box-and-centre", key_index->read_max, key_reads.at(0.5),
                   key_reads.at(0.9), 100.0 * key_reads.at(0.5) / static_cast<double>(chunks), 100.0 * key_reads.at(0.9) / static_cast<double>(chunks),
                   key_recall.at(0.5), key_recall.at(0.1), key_mass.at(0.5), key_mass.at(0.1), key_difference.at(0.5), key_difference.at(0.9));
     }
@@ -372,12 +372,19 @@ int main(int argc, char** argv) {
   app.add_option("--key-clusters", key_specs,
                  "also measure key_cluster_index policies, each S:C:share:min[:max][:order] (segment chunks, clusters per segment, probe share, probe "
                  "minimum, probe maximum (default: none), probe order: mixed (box bound and centre score in turn, the default) or box), e.g. "
-                 "2048:64:0.02:512:1024 (the default's)")
+                 "2048:64:0.02:512:1024 (the default's); a suffix @R stops each query's search after R summaries read (boxes, centres, chunks)")
       ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
   std::vector<longheads::key_cluster_index> key_indexes;
-  for (const std::string& spec_text : key_specs) {
+  for (std::string spec_text : key_specs) {
     longheads::key_cluster_index index;
+    if (const auto at = spec_text.find('@'); at != std::string::npos) {  // ...@R: a read budget
+      if (std::sscanf(spec_text.c_str() + at + 1, "%d", &index.read_max) != 1) {
+        std::fprintf(stderr, "index_reads: --key-clusters wants a read budget after '@', got '%s'\n", spec_text.c_str());
+        return 2;
+      }
+      spec_text.resize(at);
+    }
     char order[16] = "mixed";
     index.probe_max = std::numeric_limits<int>::max();
     int fields = std::sscanf(spec_text.c_str(), "%d:%d:%f:%d:%d:%15s", &index.segment_chunks, &index.clusters, &index.probe_share, &index.probe_min,

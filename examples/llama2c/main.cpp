@@ -580,6 +580,10 @@ int main(int argc, char** argv) {
   app.add_option("--probe-max", o.clusters.probe_max, "quest-clusters policy: ... and at most this many chunks (>= --probe-min)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--read-max", o.clusters.read_max,
+                 "quest-clusters policy: a query's search opens nothing more after this many summaries read (boxes, centres, chunks)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--probe-order", o.clusters.probe_order, "quest-clusters policy: the order clusters are opened in: mixed (box bound and centre "
                                                       "score in turn) or box (box bound alone)")
       ->transform(CLI::CheckedTransformer(std::map<std::string, longheads::cluster_probe>{{"mixed", longheads::cluster_probe::box_and_centre},

@@ -372,15 +372,21 @@ def test_the_key_cluster_knobs_reach_the_index_and_a_whole_probe_is_the_flat_sca
     whole = lh.Attention(config, rope, policy="quest-clusters", segment_chunks=256, segment_clusters=16, probe_share=1.0, probe_max=1 << 30)
     narrow = lh.Attention(config, rope, policy="quest-clusters", segment_chunks=256, segment_clusters=16, probe_share=0.0, probe_min=8,
                           probe_max=8, probe_order="box")
+    # The whole probe held to 64 summaries read.
+    budgeted = lh.Attention(config, rope, policy="quest-clusters", segment_chunks=256, segment_clusters=16, probe_share=1.0, probe_max=1 << 30,
+                            read_max=64)
     tail = slice(n - 8, n)
-    caches = [a.make_cache() for a in (flat, whole, narrow)]
+    caches = [a.make_cache() for a in (flat, whole, narrow, budgeted)]
     results = []
-    for a, c in zip((flat, whole, narrow), caches):
+    for a, c in zip((flat, whole, narrow, budgeted), caches):
         a.prefill(c, q[:n - 8], k[:n - 8], v[:n - 8])
         results.append(a.prefill(c, q[tail], k[tail], v[tail], selections=True))
-    (out, sel), (whole_out, whole_sel), (_, narrow_sel) = results
+    (out, sel), (whole_out, whole_sel), (_, narrow_sel), (_, budget_sel) = results
     assert np.array_equal(whole_sel, sel) and np.array_equal(whole_out, out)
     assert not np.array_equal(narrow_sel, sel)  # the knobs reached the index
+    assert not np.array_equal(budget_sel, sel)
+    with pytest.raises(lh.ConfigError, match="read_max >= 0"):
+        lh.Attention(config, rope, policy="quest-clusters", read_max=-1)
     with pytest.raises(lh.ConfigError, match="probe_max >= probe_min"):
         lh.Attention(config, rope, policy="quest-clusters", probe_min=64, probe_max=8)
     with pytest.raises(lh.ConfigError, match="probe_order must be 'mixed' or 'box'"):
