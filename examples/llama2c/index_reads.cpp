@@ -26,6 +26,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <charconv>
 #include <limits>
 #include <numeric>
 #include <cstdio>
@@ -379,8 +380,10 @@ int main(int argc, char** argv) {
   for (std::string spec_text : key_specs) {
     longheads::key_cluster_index index;
     if (const auto at = spec_text.find('@'); at != std::string::npos) {  // ...@R: a read budget
-      if (std::sscanf(spec_text.c_str() + at + 1, "%d", &index.read_max) != 1) {
-        std::fprintf(stderr, "index_reads: --key-clusters wants a read budget after '@', got '%s'\n", spec_text.c_str());
+      const char* const budget_end = spec_text.data() + spec_text.size();
+      if (const auto [rest, error] = std::from_chars(spec_text.data() + at + 1, budget_end, index.read_max);
+          error != std::errc{} || rest != budget_end || index.read_max < 0) {
+        std::fprintf(stderr, "index_reads: --key-clusters wants a read budget (a whole number >= 0) after '@', got '%s'\n", spec_text.c_str());
         return 2;
       }
       spec_text.resize(at);
